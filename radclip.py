@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -712,16 +713,16 @@ def setup_distributed(device_name):
     return rank, world, device
 
 
-def all_reduce_grads(params, op):
-    """Sum (CLIP: each rank's loss already covers the global batch) or average (supervised:
-    each rank's loss is the mean over its shard) the gradients of all ranks, in one buffer."""
+def all_reduce_grads(params, averaged):
+    """Combine the gradients of all ranks in one buffer. A gradient in `averaged` is already
+    complete on every rank (from a loss of the local shard, or logit_scale, which sees the whole
+    gathered batch on every rank); the others are the rank's share of the global CLIP loss,
+    through its own embeddings, so they are summed."""
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
-    if op == "avg":
-        flat /= dist.get_world_size()
-    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(chunk.view_as(g))
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad.copy_(chunk.view_as(p.grad) / (dist.get_world_size() if any(p is a for a in averaged) else 1))
 
 
 def save_checkpoint(path, **state):
@@ -736,7 +737,7 @@ def load_checkpoint(path):
         raise RadclipError(f"{path}: no such checkpoint")
     try:  # weights_only: a checkpoint from the internet cannot run code on load
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise RadclipError(f"{path}: not a readable radclip checkpoint ({e})") from None
 
 
@@ -767,7 +768,8 @@ def embed(model, ds, fn, cfg, device, amp_dtype=None, channels_last=False, batch
     """fn(model, vol, ids) for every example of ds, concatenated (in ds order) on the CPU."""
     model.eval()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size or 2 * cfg.batch_size,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                         generator=torch.Generator())  # keeps training's RNG as is
     out = []
     for vol, ids, _ in loader:
         vol = vol.to(device, non_blocking=True)
@@ -860,7 +862,7 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
            f"parameters, {len(train_ds)} train / {len(valid_ds)} valid volumes, global batch "
            f"{batch}, {max_steps} steps, {device}, amp={amp_dtype or 'fp32'} (from --amp "
            f"{cfg.amp}), channels_last={channels_last} (from {cfg.channels_last}), world {world}")
-    provenance = {"torch": torch.__version__, "device": str(device), "seed": cfg.seed,
+    provenance = {"torch": str(torch.__version__), "device": str(device), "seed": cfg.seed,
                   "radclip_sha256": sha256_file(__file__), "world_size": world}
     log_path = out.with_suffix(".log.jsonl")
     metrics, batches = {}, iter(loader)
@@ -877,7 +879,7 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
                 loss = stage_loss(model, (vol, ids, labels), cfg, stage, modality, pos_weight)
             scaler.scale(loss / cfg.accum_steps).backward()
         if world > 1:
-            all_reduce_grads(params, "sum" if stage == "clip" else "avg")
+            all_reduce_grads(params, [model.logit_scale] if stage == "clip" else params)
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         scaler.step(opt)
