@@ -41,18 +41,27 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import sys
+import tempfile
+import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import requests
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from requests.adapters import HTTPAdapter
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------
 # ---- 1. Config and findings ----
@@ -304,7 +313,6 @@ def prep_split(data_dir, split, cfg, hu_mode="auto", workers=2):
     """Preprocess one split into cache_dir; returns (n_cached, n_skipped, failures). A rerun
     skips every finished file: each .npy is written atomically, so it is whole or absent."""
     from multiprocessing import get_context
-    from tqdm import tqdm
     root = Path(data_dir) / "dataset" / split
     if not root.is_dir():
         raise RadclipError(f"{root}: not found; --data must hold CT-RATE's dataset/{split}/ folder")
@@ -385,7 +393,6 @@ class Tokenizer:
 
     @classmethod
     def build(cls, texts, min_freq=2):
-        from collections import Counter
         counts = Counter(w for t in texts for w in words(t))
         return cls(cls.specials + sorted(w for w, c in counts.items() if c >= min_freq))
 
@@ -436,6 +443,595 @@ def augment_volume(vol, gen, max_shift=0.08):
     dst = [slice(max(0, s), n - max(0, -s)) for s, n in zip(shifts, vol.shape[1:])]
     out[(slice(None), *dst)] = vol[(slice(None), *src)]
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# ---- 4. Silver labels ----
+# The paper's first claim: an off-the-shelf LLM, given a report and the 18 finding names, returns
+# labels that agree with experts (>96% AUC) for about $3 per 50k reports. Here: the prompt file, a
+# raw-HTTP client for any OpenAI-compatible server with a cache that never pays twice, the offline
+# rule labeler the LLM is compared against, and the label-quality table that compares them.
+# ---------------------------------------------------------------------------------------
+def load_prompts(path=PROMPTS_PATH):
+    """prompts.txt as {'system', 'user', 'definitions', 'zero_shot'}. A line '### name' starts a
+    section; {findings} becomes one '- Name: definition' line per finding, in FINDINGS order."""
+    path, sections, name = Path(path), {}, None
+    if not path.is_file():
+        raise RadclipError(f"{path}: no such prompts file")
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("### "):
+            name = line[4:].strip()
+            sections[name] = []
+        elif name:  # the text before the first section is a note for whoever edits the file
+            sections[name].append(line)
+    missing = sorted({"system", "user", "findings", "zero-shot"} - set(sections))
+    if missing:
+        raise RadclipError(f"{path}: missing section(s) {missing}; each starts with a line '### <name>'")
+
+    def fields(section, n):
+        rows = [[c.strip() for c in line.split("|")] for line in sections[section] if line.strip()]
+        for row in rows:
+            if len(row) != n:
+                raise RadclipError(f"{path}: a '### {section}' line needs {n} fields split by '|': {row}")
+        return rows
+
+    definitions = dict(fields("findings", 2))
+    if set(definitions) != set(FINDINGS):
+        raise RadclipError(f"{path}: '### findings' must define exactly the 18 findings; missing "
+                           f"{sorted(set(FINDINGS) - set(definitions))}, "
+                           f"unknown {sorted(set(definitions) - set(FINDINGS))}")
+    finding_lines = "\n".join(f"- {f}: {definitions[f]}" for f in FINDINGS)
+    system, user = ("\n".join(sections[s]).strip().replace("{findings}", finding_lines)
+                    for s in ("system", "user"))
+    zero_shot = {name: (pos, neg) for name, pos, neg in fields("zero-shot", 3)}
+    if "{report}" not in user or not all("{finding}" in t for pair in zero_shot.values() for t in pair):
+        raise RadclipError(f"{path}: '### user' needs {{report}}; zero-shot templates need {{finding}}")
+    return {"system": system, "user": user, "definitions": definitions, "zero_shot": zero_shot}
+
+
+def zero_shot_prompts(prompts, template=None):
+    """[(positive, negative)] per finding from a zero-shot template pair (default: the file's first).
+    Names go in as written, capitals and all, as in CT-CLIP ("Lung nodule is present."): the default
+    pair is then exactly CT-CLIP's, and radclip's tokenizer lower-cases text anyway."""
+    template = template or next(iter(prompts["zero_shot"]))
+    if template not in prompts["zero_shot"]:
+        raise RadclipError(f"no zero-shot template {template!r}; prompts.txt has {list(prompts['zero_shot'])}")
+    pos, neg = prompts["zero_shot"][template]
+    return [(pos.replace("{finding}", f), neg.replace("{finding}", f)) for f in FINDINGS]
+
+
+# -- Rules: a lexicon per finding, with NegEx/CheXpert-style negation and uncertainty --
+# The offline baseline. A report is cut into sentences, and a sentence into phrases at clause words
+# ("but", "however") and after each predicate ("... was not detected"), so that a "no" or a "was not
+# observed" reaches only its own phrase. CT-RATE reports are translated Turkish: "LAP" is a lymph
+# node, "sequelae" is scarring, "natural" means normal.
+def near(a, b, chars=60):
+    """a and b, in either order, at most `chars` characters apart within one sentence."""
+    return rf"(?:{a})[^.;]{{0,{chars}}}?\b(?:{b})|(?:{b})[^.;]{{0,{chars}}}?\b(?:{a})"
+
+
+CALCIFIC = r"calcif\w*|(?<!pleural )plaques?|atheroscler\w*|atherom\w*"
+CORONARY = r"coronar\w*|lad|rca|circumflex|anterior descending"
+# Arterial wall calcification is CT-RATE's label for the thoracic aorta and its branches: not the
+# coronaries (their own finding), the aortic valve or the abdominal aorta.
+ARTERY = (r"(?<!abdominal )aort(?!ic valve|opulmonary)\w*|(?<!coronary )(?<!descending )arter(?:y|ies|ial)"
+          r"|(?<!coronary )vascular|(?<!coronary )vessels?|carotid|subclavian|brachiocephalic|truncus")
+# A sentence about another organ: its "nodule", "effusion" or "density" is not a lung finding.
+ELSEWHERE = (r"thyroid|adrenal|liver|hepat|renal|kidney|breast|spleen|splenic|pancrea|abdom|gall|bone"
+             r"|vertebra|\bribs?\b|fracture|soft tissue|subcutaneous|skin|muscle|axilla|perinephric|mediastin")
+LEXICON = [  # (finding, a mention, unless its sentence matches this)
+    ("Medical material", r"catheter\w*|ports?|stent\w*|pacemaker\w*|prosthe\w*|sternotomy|wires?|clips?"
+     r"|sutur\w*|tubes?|cannula\w*|grafts?|coils?|defibrillator|icd|cardiac device|drains?|bypass|cabg"
+     r"|valve replacement|osteosynthesis|screws?|(?:fixation|metallic) (?:plates?|material)|expander"
+     r"|(?:medical|surgical|foreign) material|foreign body", None),
+    ("Arterial wall calcification", near(CALCIFIC, ARTERY, 120), None),
+    ("Arterial wall calcification", r"atheroscler\w*|atherom\w*", CORONARY),  # no vessel named
+    ("Cardiomegaly", r"cardiomegal\w*|"
+     + near(r"heart|cardiac|cardiothoracic", r"increas\w*|enlarg\w*|larger", 30), None),
+    ("Pericardial effusion", near(r"effusion|fluid", r"pericardi\w*") + r"|hydropericard\w*", None),
+    ("Coronary artery wall calcification", near(CALCIFIC, CORONARY, 120), None),
+    ("Hiatal hernia", r"hiat\w* hernia\w*|hernia\w*(?: \w+){0,4} hiat\w*|gastric herniat\w*", None),
+    # CT-RATE's annotators mark any mediastinal or hilar node a report describes, enlarged or not.
+    ("Lymphadenopathy", r"lymph\s?nodes?(?! stations?)|lymphadenopath\w*|laps?|adenopath\w*",
+     r"(?:intrapulmonary|subpleural|perifissural) lymph|axilla|abdom|inguinal|mesenter|para-?aortic"),
+    ("Emphysema", r"emphysem\w*|bullae?|bullous|blebs?", None),
+    ("Atelectasis", r"atelecta\w*", None),
+    ("Atelectasis", r"collapse", ELSEWHERE),  # a vertebral collapse is not a lung's
+    ("Lung nodule", r"(?:micro)?nodules?|nodular (?:lesion|formation)s?|granulomas?"
+     r"|(?:intrapulmonary|subpleural|perifissural) lymph nodes?", ELSEWHERE + "|schmorl"),
+    ("Lung opacity", r"opacit\w*|ground[- ]glass(?![- ](?:density |opacity )?nodul)", None),
+    # "Density" is an opacity unless the sentence names what it is: scarring or consolidation.
+    ("Lung opacity", r"densities|density increases?|increases? in density|increased density",
+     ELSEWHERE + r"|sequel|fibro|pleuroparenchymal|band|consolidat"),
+    ("Pulmonary fibrotic sequela", r"sequel\w*|fibro\w*|scar\w*|(?:parenchymal|fibrotic) bands?"
+     r"|honeycomb\w*|reticula\w*", ELSEWHERE + "|fibrous dysplasia"),
+    ("Pleural effusion", r"pleural(?:[,/ ]+(?:or |and )?\w+)?[\s-]+effusion|hydro-?thora\w*"
+     r"|hydropn\w*thora\w*|fluid in the pleural", None),  # "pleural or pericardial effusion" too
+    ("Pleural effusion", r"effusions?", "pericardi|" + ELSEWHERE),
+    ("Mosaic attenuation pattern", r"mosaic", None),
+    ("Peribronchial thickening", r"peribronchial cuffing|"
+     + near(r"peribronch\w*|bronchial walls?", r"thicken\w*|thickness", 40), None),
+    ("Consolidation", r"consolidat\w*", None),  # not "pneumonia": a diagnosis, not a CT finding
+    ("Bronchiectasis", r"bronchiecta\w*|" + near(r"bronch\w*", r"dilat\w*|ectasi\w*", 20), None),
+    ("Interlobular septal thickening", r"interlobular septal|"
+     + near(r"\w*septa\w*|interstiti\w*", r"thicken\w*|thickness", 40), None),
+]
+LEXICON = [(f, re.compile(rf"\b(?:{p})\b"), unless and re.compile(unless)) for f, p, unless in LEXICON]
+
+SENTENCE = re.compile(r'(?<!\d)\.(?!\d)|[;:"•\n\u201c\u201d]|(?<=\?)')  # "2.3 mm" goes on; "?" stays
+CLAUSE = re.compile(r"\b(?:but|however|although|though|whereas|while|except|apart from|other than|yet)\b")
+PREDICATE = re.compile(r"\b(?:is|are|was|were|be|been|has|have)(?:\s+not)?(?:\s+\w+ly)?\s+"
+                       r"(?:\w+ed|seen|shown|present|absent|evident|visible|normal|natural|open|preserved)\b")
+# CheXpert's order: phrases that look negated but are hedges, then negation, then other hedges.
+PRE_NEGATION_UNCERTAINTY = re.compile(
+    r"\b(?:cannot|can not|could not|not) (?:be )?(?:excluded?|ruled? out|distinguished|differentiated)"
+    r"|\brule out|\br/o\b|\bunclear\b|\bnot clear|\bindistinguishable")
+NEGATION_BEFORE = re.compile(  # "no change in the nodule" still has a nodule
+    r"\b(?:no|not|without|absence of|negative for|free of|neither|nor|rather than|resolution of)\b"
+    r"(?!\s+(?:significant\s+)?(?:change|progression|difference))")
+NEGATION_AFTER = re.compile(  # "not observed in the previous examination" means new, not absent
+    r"\bnot\s+(?:been\s+)?(?:\w+ly\s+)?(?:observed|detected|seen|noted|identified|visuali[sz]ed|present"
+    r"|evident|found|demonstrated|monitored|encountered|shown|appreciated|visible)\b"
+    r"(?!\s+(?:in|on) the (?:previous|prior|old))"
+    r"|\b(?:absent|ruled out|excluded|resolved|disappeared|regressed|removed)\b")
+UNCERTAINTY_BEFORE = re.compile(
+    r"\b(?:possibl\w*|probabl\w*|likely|suspicio\w*|suspect\w*|questionabl\w*|question of|may|might|could"
+    r"|cannot|suggest\w*|concern\w* for|doubtful|equivocal|vs|versus|differential|presum\w*|favou?r\w*)\b")
+# After a mention only "X is suspected" or "X ...?" doubts X: in "consolidation, suspicious for
+# pneumonia" or "nodule (granuloma?)" the doubt is about the cause.
+UNCERTAINTY_AFTER = re.compile(r"\b(?:is|are|was|were) (?:\w+ly )?(?:suspected|possible|probable|likely"
+                               r"|questionable|considered|suggested)\b|^[\w\s-]*\?")
+
+
+def rules_label(text):
+    """{finding: 1 | 0 | -1} for one report. Each mention is uncertain (-1), negated (0) or positive
+    (1); a finding takes its strongest mention as CheXpert does ({0,-1} -> -1, {0,1} and {-1,1} -> 1),
+    and 0 when it is never mentioned."""
+    votes = {f: set() for f in FINDINGS}
+    for s in SENTENCE.split(text.lower()):
+        cuts = sorted({0, len(s), *(m.start() for m in CLAUSE.finditer(s)),
+                       *(m.end() for m in PREDICATE.finditer(s))})
+        for finding, pattern, unless in LEXICON:
+            if unless and unless.search(s):
+                continue
+            for m in pattern.finditer(s):
+                lo = max(c for c in cuts if c <= m.start())  # the mention's phrase is s[lo:hi]
+                hi = min(c for c in cuts if c >= m.end())
+                before, after = s[lo:m.start()], s[m.end():hi]
+                if PRE_NEGATION_UNCERTAINTY.search(s, lo, hi):
+                    votes[finding].add(-1)
+                elif NEGATION_BEFORE.search(before) or NEGATION_AFTER.search(after):
+                    votes[finding].add(0)
+                else:
+                    hedged = UNCERTAINTY_BEFORE.search(before) or UNCERTAINTY_AFTER.search(after)
+                    votes[finding].add(-1 if hedged else 1)
+    return {f: 1 if 1 in v else -1 if -1 in v else 0 for f, v in votes.items()}
+
+
+# -- The LLM over raw HTTP --
+RESPONSE_FORMATS = ["json_schema", "json_object", "none"]  # also the order of fallback
+LABEL_SCHEMA = {"type": "object", "required": FINDINGS, "additionalProperties": False,
+                "properties": {f: {"type": "integer", "enum": [-1, 0, 1]} for f in FINDINGS}}
+
+
+class LabelFailed(Exception):
+    """A report without a valid answer after --max-retries; it goes to the *.failed.csv."""
+
+
+def parse_labels(content):
+    """The labels in a model's reply, whatever the server promised: the first JSON object in it (bare,
+    fenced or amid prose), the 18 names matched case-insensitively, values -1/0/1. Else ValueError."""
+    decoder, reply = json.JSONDecoder(), content or ""
+    for brace in (m.start() for m in re.finditer(r"\{", reply)):
+        try:
+            labels = decoder.raw_decode(reply, brace)[0]
+        except ValueError:
+            continue
+        if isinstance(labels, dict):
+            break
+    else:
+        raise ValueError("no JSON object in the reply")
+    by_name = {k.strip().lower(): v for k, v in labels.items()}
+    names = {f.lower() for f in FINDINGS}
+    if set(by_name) != names:
+        raise ValueError(f"missing {sorted(names - set(by_name))}, unknown {sorted(set(by_name) - names)}")
+    if any(str(v) not in ("-1", "0", "1") for v in by_name.values()):  # refuses true, which == 1
+        raise ValueError(f"values must be -1, 0 or 1: {labels}")
+    return {f: int(by_name[f.lower()]) for f in FINDINGS}
+
+
+def retry_after_s(headers):
+    """The wait a server asks for in seconds (retry-after-ms, or Retry-After in seconds), or None.
+    A Retry-After given as an HTTP date is rare from these servers: backoff handles it."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return float(headers.get(name, "")) * scale
+        except ValueError:
+            continue
+    return None
+
+
+class LLMLabeler:
+    """An OpenAI-compatible chat endpoint as a labeler: one pooled session shared by the worker
+    threads, the retry policy, the response_format fallback and the usage counters."""
+    backoff_s = 0.5  # the first retry waits about this long, doubling up to 8 s; tests shrink it
+
+    def __init__(self, base_url, model, prompts, timeout=60.0, max_retries=5,
+                 response_format="json_schema", workers=8, seed=0, max_tokens=300):
+        if not re.match(r"https?://[^/\s]+", base_url or ""):
+            raise RadclipError(f"--base-url {base_url!r} is not a URL like http://localhost:8000/v1")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.prompts, self.timeout, self.max_retries = model, prompts, timeout, max_retries
+        self.response_format = response_format
+        self.params = {"temperature": 0, "seed": seed, "max_tokens": max_tokens}  # the answer needs ~150
+        self.key = os.environ.get("OPENAI_API_KEY", "")  # from the environment only; written nowhere
+        self.session = requests.Session()
+        for scheme in ("http://", "https://"):  # keep one connection alive per worker
+            self.session.mount(scheme, HTTPAdapter(pool_maxsize=workers))
+        if self.key:
+            self.session.headers["Authorization"] = f"Bearer {self.key}"
+        self.counts, self.retries, self.fallbacks = Counter(), Counter(), []
+        self.lock, self.stop = threading.Lock(), threading.Event()
+
+    def messages(self, text):
+        return [{"role": "system", "content": self.prompts["system"]},
+                {"role": "user", "content": self.prompts["user"].replace("{report}", text)}]
+
+    def cache_key(self, text):
+        """sha256 of what decides the answer: model, prompt and report, sampling parameters. Not the
+        response_format, so that a fallback mid-run leaves the cache valid. Never the key."""
+        blob = json.dumps([self.model, self.messages(text), self.params])
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def count(self, counter, name, n=1):
+        with self.lock:
+            counter[name] += n
+
+    def label(self, text):
+        """The 18 labels of one report. LabelFailed after max_retries retries; RadclipError for a
+        reply that no retry can mend (bad key, unknown model, no credit): it ends the whole run."""
+        failures = 0
+        while not self.stop.is_set():
+            labels, cause, retry_after = self.request(text)
+            if labels is not None:
+                return labels
+            if cause == "fallback":  # the server refused our response_format: ask again, more plainly
+                continue
+            failures += 1
+            if failures > self.max_retries:
+                raise LabelFailed(f"{cause} on all {failures} attempts")
+            self.count(self.retries, cause)
+            if retry_after is None or not 0 <= retry_after <= 60:  # jitter: workers do not retry in step
+                retry_after = random.uniform(0.5, 1.0) * min(8.0, self.backoff_s * 2 ** (failures - 1))
+            self.stop.wait(retry_after)
+        raise LabelFailed("the run stopped before this report was answered")
+
+    def request(self, text):
+        """One POST: (labels, None, None), or (None, cause, seconds the server asks us to wait)."""
+        fmt = self.response_format
+        payload = {"model": self.model, "messages": self.messages(text), **self.params}
+        if fmt == "json_schema":  # OpenAI's nested form
+            payload["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "ct_findings", "strict": True, "schema": LABEL_SCHEMA}}
+        elif fmt == "json_object":
+            payload["response_format"] = {"type": "json_object"}
+        self.count(self.counts, "requests")
+        try:
+            r = self.session.post(self.url, json=payload, timeout=self.timeout)
+        except requests.Timeout:
+            return None, "timeout", None
+        except requests.RequestException:
+            return None, "connection error", None
+        if r.status_code != 200:
+            return self.http_error(r, fmt)
+        try:  # validated here whatever the server promised: llama.cpp may ignore a schema
+            body = r.json()
+            usage = body.get("usage") or {}
+            self.count(self.counts, "prompt_tokens", int(usage.get("prompt_tokens") or 0))
+            self.count(self.counts, "completion_tokens", int(usage.get("completion_tokens") or 0))
+            choice = body["choices"][0]
+            if choice.get("finish_reason") == "length":
+                return None, "truncated reply", None
+            return parse_labels(choice["message"]["content"]), None, None
+        except (ValueError, LookupError, TypeError, AttributeError):
+            return None, "invalid reply", None
+
+    def http_error(self, r, fmt):
+        """A non-200 reply: step down from a refused response_format, retry, or end the run."""
+        try:
+            error = r.json()["error"]
+        except (ValueError, LookupError, TypeError):
+            error = r.text
+        message, code = (error.get("message"), error.get("code")) if isinstance(error, dict) else (error, "")
+        message = " ".join(str(message).split())[:200]
+        if self.key:  # OpenAI's 401 quotes the key it got
+            message = message.replace(self.key, "***")
+        status = r.status_code
+        if fmt != "none" and re.search(r"response_format|json_schema|json_object", message, re.I):
+            with self.lock:  # several workers may see it: the first steps down, once
+                if self.response_format == fmt:
+                    self.response_format = RESPONSE_FORMATS[RESPONSE_FORMATS.index(fmt) + 1]
+                    self.fallbacks.append(f"{fmt} -> {self.response_format} (HTTP {status}: {message})")
+            return None, "fallback", None
+        # OpenAI says "no credit" with a 429 too, and that one no retry mends.
+        if (status in (408, 409, 429) or status >= 500) and code != "insufficient_quota":
+            return None, f"HTTP {status}", retry_after_s(r.headers)
+        hint = {401: "set OPENAI_API_KEY to a valid key for this server",
+                402: "add credit to the account or use another key",
+                403: f"check that the key may use model {self.model!r}",
+                404: f"check --base-url (it ends in /v1) and --model {self.model!r}",
+                429: "add credit to the account or use another key"}
+        self.stop.set()  # no retry mends this: no worker sends another request
+        raise RadclipError(f"{self.url} answered HTTP {status} ({message}); "
+                           f"{hint.get(status, f'check --model {self.model!r} and --response-format')}")
+
+
+# -- The cached, parallel runner --
+def load_label_cache(path):
+    """{key: labels} from the JSONL cache. A line torn by a kill -9 is skipped (its report will be
+    asked again) and ended with a newline, so that the next append starts on a line of its own."""
+    path, cache = Path(path), {}
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            cache[record["key"]] = record["labels"]
+        except (ValueError, LookupError, TypeError):
+            continue
+    if text and not text.endswith("\n"):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n")
+    return cache
+
+
+def label_reports(ids, texts, labeler, cache_path, workers=8):
+    """Label reports through `labeler`, `workers` requests in flight, one request per distinct uncached
+    text (CT-RATE's reconstructions of one scan share a report); an empty text is all 0 without one.
+    Returns (labels aligned with texts, None for a report that failed; a summary dict)."""
+    start = time.time()
+    labeler.stop.clear()
+    cache = load_label_cache(cache_path)
+    keys = [labeler.cache_key(t) if t else None for t in texts]
+    cached = sum(k in cache for k in keys)
+    todo = {k: (i, t) for i, t, k in zip(ids, texts, keys) if k and k not in cache}
+    failed, pool = {}, ThreadPoolExecutor(max_workers=workers)
+    futures = {pool.submit(labeler.label, text): (key, i) for key, (i, text) in todo.items()}
+    try:
+        with open(cache_path, "a", encoding="utf-8") as f:
+            for future in tqdm(as_completed(futures), total=len(futures), desc="label", unit="report"):
+                key, i = futures[future]
+                try:
+                    cache[key] = future.result()
+                except LabelFailed as e:
+                    failed[key] = str(e)
+                    continue
+                f.write(json.dumps({"key": key, "id": i, "labels": cache[key]}) + "\n")
+                f.flush()  # in the file now: a kill -9 loses only the requests in flight
+    finally:  # after a fatal reply or Ctrl-C: no new requests, no more retries
+        labeler.stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+    labels = [dict.fromkeys(FINDINGS, 0) if k is None else cache.get(k) for k in keys]
+    return labels, {"reports": len(texts), "empty": keys.count(None), "cached": cached, "sent": len(todo),
+                    "failed": {i: failed[k] for i, k in zip(ids, keys) if k in failed},
+                    "seconds": time.time() - start}
+
+
+def tokens_line(counts, args):
+    line = f"tokens: prompt {counts['prompt_tokens']:,}, completion {counts['completion_tokens']:,}"
+    if args.price_in is None and args.price_out is None:
+        return line
+    usd = counts["prompt_tokens"] * (args.price_in or 0) + counts["completion_tokens"] * (args.price_out or 0)
+    return line + f", ${usd / 1e6:.4f} at ${args.price_in}/${args.price_out} per 1M tokens in/out"
+
+
+def write_labels(path, id_col, ids, labels):
+    write_csv(path, [{id_col: i, **y} for i, y in zip(ids, labels) if y is not None], [id_col, *FINDINGS])
+
+
+def cmd_label(args):
+    if args.eval:
+        return cmd_label_eval(args)
+    if not (args.reports and args.out):
+        raise RadclipError("label needs --reports CSV and --out CSV (or --eval --pred P.csv --gold G.csv)")
+    if args.workers < 1 or args.max_retries < 0 or args.timeout <= 0:
+        raise RadclipError("--workers must be >= 1, --max-retries >= 0 and --timeout > 0")
+    rows = read_csv(args.reports, (args.id_col, *args.text_cols))
+    ids, texts = [r[args.id_col] for r in rows], [report_text(r, args.text_cols) for r in rows]
+    twice = [i for i, n in Counter(ids).items() if n > 1]
+    if twice:
+        raise RadclipError(f"{args.reports}: {len(twice)} {args.id_col} values repeat, e.g. {twice[:3]}")
+    out, base_url = Path(args.out), args.base_url or os.environ.get("OPENAI_BASE_URL")
+    if args.backend == "rules" or not base_url:
+        if args.backend == "llm":
+            print("label: no endpoint (--base-url, OPENAI_BASE_URL): the rules label", file=sys.stderr)
+        if not args.dry_run:  # the rules cost nothing: there is nothing to estimate
+            write_labels(out, args.id_col, ids, [rules_label(t) for t in tqdm(texts, "rules", unit="report")])
+            print(f"label: {len(ids)} reports labelled by rules -> {out}")
+        return 0
+    model = args.model or os.environ.get("OPENAI_MODEL")
+    if not model:
+        raise RadclipError("no model: pass --model or set OPENAI_MODEL")
+    labeler = LLMLabeler(base_url, model, load_prompts(), timeout=args.timeout, max_retries=args.max_retries,
+                         response_format=args.response_format, workers=args.workers)
+    cache_path = Path(args.cache) if args.cache else out.with_suffix(".cache.jsonl")
+    if args.dry_run:
+        print_dry_run(labeler, texts, cache_path, args)
+        return 0
+    labels, summary = label_reports(ids, texts, labeler, cache_path, args.workers)
+    write_labels(out, args.id_col, ids, labels)
+    retries = ", ".join(f"{cause} {n}" for cause, n in sorted(labeler.retries.items())) or "none"
+    print(f"label: {len(ids)} reports ({summary['cached']} cached, {summary['sent']} sent, "
+          f"{summary['empty']} empty so all 0, {len(summary['failed'])} failed) -> {out}\n"
+          f"label: {labeler.counts['requests']} requests, retries: {retries}; "
+          f"{summary['sent'] / summary['seconds']:.1f} reports/s over {summary['seconds']:.1f} s\n"
+          f"label: {tokens_line(labeler.counts, args)}")
+    for fallback in labeler.fallbacks:
+        print(f"label: response_format fell back {fallback}")
+    failed_path = out.with_suffix(".failed.csv")
+    if not summary["failed"]:
+        failed_path.unlink(missing_ok=True)  # an earlier run's list is stale now
+        return 0
+    write_csv(failed_path, [{args.id_col: i, "reason": why} for i, why in summary["failed"].items()],
+              [args.id_col, "reason"])
+    print(f"label: {len(summary['failed'])} reports failed, listed in {failed_path} (the same command again "
+          f"retries just those): {', '.join(list(summary['failed'])[:10])}", file=sys.stderr)
+    return 1
+
+
+def print_dry_run(labeler, texts, cache_path, args):
+    """Requests and tokens a run would need. Tokens are estimated as characters / 4, the usual rule
+    of thumb for English with GPT-style tokenizers; the answer is about one JSON object of zeros."""
+    cache = load_label_cache(cache_path)
+    todo = {k: t for t in texts if t for k in [labeler.cache_key(t)] if k not in cache}
+    prompt = sum(len(m["content"]) for t in todo.values() for m in labeler.messages(t))
+    answer = len(json.dumps(dict.fromkeys(FINDINGS, 0)))
+    estimate = {"prompt_tokens": prompt // 4, "completion_tokens": len(todo) * answer // 4}
+    print(f"label --dry-run: {len(todo)} requests for {len(texts)} reports (the others are cached, empty "
+          f"or duplicates); estimated as characters / 4, {tokens_line(estimate, args)}")
+
+
+def add_label_parser(subparsers):
+    p = subparsers.add_parser("label", help="silver labels from reports (LLM or rules), or --eval them")
+    p.add_argument("--reports", help="CSV (default layout: CT-RATE's VolumeName, Findings_EN, Impressions_EN)")
+    p.add_argument("--out", help="labels CSV: the id + 18 findings as 1/0/-1 (with --eval: the table, JSON)")
+    p.add_argument("--backend", choices=["llm", "rules"], default="llm",
+                   help="llm: an OpenAI-compatible server; rules: offline, also when no server is set")
+    p.add_argument("--base-url", help="URL ending in /v1 (default $OPENAI_BASE_URL); key: $OPENAI_API_KEY")
+    p.add_argument("--model", help="model name (default $OPENAI_MODEL)")
+    p.add_argument("--workers", type=int, default=8, help="requests in flight (default 8)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    p.add_argument("--max-retries", type=int, default=5, help="retries after a report's first try (default 5)")
+    p.add_argument("--cache", help="JSONL cache of answers (default: --out with .cache.jsonl)")
+    p.add_argument("--response-format", choices=RESPONSE_FORMATS, default="json_schema",
+                   help="asked of the server; if refused, radclip falls back to json_object, then none")
+    p.add_argument("--id-col", default="VolumeName", help="id column of all the CSVs (default VolumeName)")
+    p.add_argument("--text-cols", nargs="+", default=["Findings_EN", "Impressions_EN"],
+                   help="columns joined into the report, 'Not given.' left out (default: these two)")
+    p.add_argument("--price-in", type=float, help="USD per 1M prompt tokens, for the cost")
+    p.add_argument("--price-out", type=float, help="USD per 1M completion tokens, for the cost")
+    p.add_argument("--dry-run", action="store_true", help="estimate requests, tokens and cost; send none")
+    p.add_argument("--eval", action="store_true", help="score --pred against --gold instead of labelling")
+    p.add_argument("--pred", help="with --eval: predicted labels CSV")
+    p.add_argument("--gold", help="with --eval: reference labels CSV (other columns are ignored)")
+    p.add_argument("--uncertain", choices=["zero", "one"], default="one",
+                   help="with --eval: what -1 counts as in F1, precision, recall (default one: present)")
+    p.set_defaults(func=cmd_label)
+
+
+# -- Label quality: the paper's label-extraction experiment --
+def label_quality(pred, gold, uncertain="one"):
+    """Per-finding AUC, F1, precision, recall and support of predicted against reference labels
+    ({id: (18,) labels}, as read_labels gives), over their shared ids, and the macro means. `uncertain`
+    says what -1 counts as, in both, for F1, precision and recall. AUC ranks by the predicted label
+    with uncertain between absent and present, so it needs no such choice. A finding without reference
+    positives (or negatives) has no AUC: NaN, left out of the macro mean and named, never 0.5."""
+    from sklearn.metrics import roc_auc_score  # ~1 s to import: only here, as in validate()
+    ids = match_ids("label --eval", gold=gold, pred=pred)
+    y, p = np.stack([gold[i] for i in ids]).astype(int), np.stack([pred[i] for i in ids]).astype(int)
+    present = 1 if uncertain == "one" else 0
+    y, hit, score = np.where(y == -1, present, y), np.where(p == -1, present, p), np.where(p == -1, 0.5, p)
+    table = {}
+    for k, f in enumerate(FINDINGS):
+        tp, fp, fn = (int(np.sum((hit[:, k] == a) & (y[:, k] == b))) for a, b in ((1, 1), (1, 0), (0, 1)))
+        defined = 0 < y[:, k].sum() < len(ids)
+        table[f] = {"auc": float(roc_auc_score(y[:, k], score[:, k])) if defined else math.nan,
+                    "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan,
+                    "precision": tp / (tp + fp) if tp + fp else math.nan,
+                    "recall": tp / (tp + fn) if tp + fn else math.nan, "support": tp + fn}
+    macro = {m: float(np.nanmean([t[m] for t in table.values()])) for m in ("auc", "f1", "precision", "recall")}
+    return {"reports": len(ids), "uncertain": uncertain, "findings": table, "macro": macro}
+
+
+def print_label_quality(quality):
+    print(f"{'finding':36} {'AUC':>6} {'F1':>6} {'prec':>6} {'recall':>6} {'support':>8}")
+    macro = (f"macro ({quality['reports']} reports)", quality["macro"])
+    for name, m in [*quality["findings"].items(), macro]:
+        print(f"{name:36} {m['auc']:6.3f} {m['f1']:6.3f} {m['precision']:6.3f} {m['recall']:6.3f} "
+              f"{m.get('support', ''):>8}")
+    undefined = [f for f, m in quality["findings"].items() if math.isnan(m["auc"])]
+    if undefined:
+        print(f"AUC undefined (no reference positive or negative), not in the macro: {', '.join(undefined)}")
+
+
+def cmd_label_eval(args):
+    if not (args.pred and args.gold):
+        raise RadclipError("label --eval needs --pred P.csv and --gold G.csv")
+    quality = label_quality(read_labels(args.pred, args.id_col), read_labels(args.gold, args.id_col),
+                            args.uncertain)
+    print_label_quality(quality)
+    if args.out:
+        atomic_write_bytes(args.out, json.dumps(quality, indent=2).encode())
+
+
+# -- A local OpenAI-compatible server, for the tests and `bench --labeler` --
+def chat_reply(content, finish_reason="stop"):
+    """A chat-completions response body, as OpenAI sends it."""
+    return {"object": "chat.completion", "usage": {"prompt_tokens": 400, "completion_tokens": 150},
+            "choices": [{"index": 0, "finish_reason": finish_reason,
+                         "message": {"role": "assistant", "content": content}}]}
+
+
+def rules_reply(request):
+    """The local server's default answer, (status, body, headers): the rule labels of the report."""
+    return 200, chat_reply(json.dumps(rules_label(request["messages"][-1]["content"]))), {}
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers do: each worker reuses its connection
+    disable_nagle_algorithm = True  # else the body waits for the headers' delayed ACK: +40 ms a request
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.requests.append({"headers": dict(self.headers), "body": request})
+        time.sleep(self.server.latency_s)
+        found = self.path == "/v1/chat/completions"
+        status, body, headers = self.server.reply(request) if found else (404, "", {})
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        try:
+            self.send_response(status)
+            headers = {"Content-Type": "application/json", "Content-Length": len(data), **headers}
+            for name, value in headers.items():
+                self.send_header(name, str(value))
+            self.end_headers()
+            self.wfile.write(data)
+        except ConnectionError:  # the client timed out and left: nobody to answer
+            self.close_connection = True
+
+    def log_message(self, *args):  # quiet: the tests and the bench print their own results
+        return
+
+
+def start_fake_llm(reply=rules_reply, latency_s=0.0):
+    """Serve chat completions on 127.0.0.1 from a thread: reply(request) -> (status, body, headers)
+    after latency_s. server.url is the base URL; server.requests keeps each request's headers and
+    body. Stop it with server.shutdown() and server.server_close()."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
+    server.daemon_threads = True
+    server.reply, server.latency_s, server.requests, server.lock = reply, latency_s, [], threading.Lock()
+    server.url = f"http://127.0.0.1:{server.server_port}/v1"
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # stops within 50 ms
+    return server
+
+
+def bench_labeler(n_reports=1000, latency_s=0.2, workers=16):
+    """Reports/s of label_reports against a local server that takes latency_s per request; then the
+    seconds and requests of the same run again, which the cache answers."""
+    texts = [f"Report {i}: no pleural effusion was detected. A {i % 9 + 2} mm nodule is seen."
+             for i in range(n_reports)]
+    server = start_fake_llm(latency_s=latency_s)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = lambda: label_reports(range(n_reports), texts, LLMLabeler(server.url, "fake", load_prompts(),
+                                        workers=workers), Path(tmp) / "c.jsonl", workers)[1]
+            first, sent = run(), len(server.requests)
+            again = run()  # a fresh labeler, as a rerun of the command would have
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {"reports": n_reports, "workers": workers, "latency_s": latency_s, "requests": sent,
+            "reports_per_s": n_reports / first["seconds"], "cached_rerun_s": again["seconds"],
+            "cached_rerun_requests": len(server.requests) - sent}
 
 
 # ---------------------------------------------------------------------------------------
@@ -656,19 +1252,20 @@ def resolve_amp(amp, device):
     return {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
 
-def resolve_channels_last(choice, cfg, device, amp_dtype):
-    """auto: whichever memory format trains faster here, measured once (as `bench` does) and
-    remembered per device and model size. On this 2-core CPU it wins at width 16, loses at 64."""
+def resolve_channels_last(choice, cfg, device, amp_dtype, measured=None):
+    """auto: whichever memory format trains faster here, as measured by `bench` (which passes
+    its {channels_last: volumes/s} as measured) or, failing that, by a quick measurement now;
+    remembered per device and model size. On a 2-core AVX2 CPU it won at width 16, lost at 64."""
     if choice != "auto":
         return choice == "on"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{os.cpu_count()}"
     key = f"{name}|{cfg.width}|{cfg.stem_kernel}/{cfg.stem_stride}|{cfg.input_shape}|{amp_dtype}"
     path = Path(os.environ.get("RADCLIP_CACHE", Path.home() / ".cache" / "radclip")) / "channels_last.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in known:
-        speed = {cl: time_train_step(cfg, device, amp_dtype, cl, steps=3)["volumes_per_s"]
-                 for cl in (False, True)}
-        known[key] = speed[True] > speed[False]
+    if measured or key not in known:
+        measured = measured or {cl: time_train_step(cfg, device, amp_dtype, cl, steps=3)["volumes_per_s"]
+                                for cl in (False, True)}
+        known[key] = measured[True] > measured[False]
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(known, indent=1).encode())
     return known[key]
@@ -782,7 +1379,6 @@ def embed(model, ds, fn, cfg, device, amp_dtype=None, channels_last=False, batch
 
 def print0(*args):
     if int(os.environ.get("RANK", 0)) == 0:
-        from tqdm import tqdm
         tqdm.write(" ".join(str(a) for a in args))
 
 
@@ -790,7 +1386,6 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
           init_text=None, resume=False, device="auto", stop_after=None):
     """Train one stage and save to `out`; returns the final validation metrics.
     stop_after ends the run early without changing its schedule (a time box; the resume test)."""
-    from tqdm import tqdm
     rank, world, device = setup_distributed(device)
     seed_everything(cfg.seed)
     out = Path(out)
@@ -799,9 +1394,11 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
     if ckpt and (ckpt["stage"], ckpt["modality"]) != (stage, modality):
         raise RadclipError(f"{out}: holds a {ckpt['stage']}/{ckpt['modality']} run; resume it "
                            "with the same --stage and --modality, or pick another --out")
+    if ckpt and ckpt["step"] >= ckpt["max_steps"]:
+        print0(f"{out}: already trained ({ckpt['step']} steps); delete it to train again")
+        return ckpt["metrics"]
     if ckpt:
         cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
-    if ckpt:
         tokenizer = Tokenizer(ckpt["vocab"])
     elif init_text:
         tokenizer = Tokenizer(load_checkpoint(init_text)["vocab"])
@@ -909,7 +1506,7 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
             if device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(device)
             save_checkpoint(out, model=model.state_dict(), optimizer=opt.state_dict(),
-                            scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=done,
+                            scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=done, max_steps=max_steps,
                             config=dataclasses.asdict(cfg), stage=stage, modality=modality,
                             vocab=tokenizer.vocab, rng=rng, provenance=provenance, metrics=metrics)
         if last:
@@ -982,6 +1579,8 @@ def cmd_train(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="radclip", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    add_label_parser(sub)
 
     p = sub.add_parser("prep", help="NIfTI -> HU -> spacing -> window -> float16 .npy cache")
     p.add_argument("--data", required=True, help="folder holding CT-RATE's dataset/")

@@ -6,12 +6,15 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import f1_score, roc_auc_score
 
 import radclip as rc
 
@@ -164,6 +167,396 @@ def test_dataset_reports_ids_missing_from_a_file(tmp_path, capsys):
     vol, ids, y = ds[1]
     assert vol.shape == (1, 32, 64, 64) and y.tolist() == [1] * 18
     assert ds.reports[1] == "Finding 1."  # 'Not given.' sections are dropped
+
+
+# ---- helpers for section 4 ----
+KEY = "sk-test-SECRET-0123456789"
+
+
+def ok(labels=None):
+    """A valid answer: all findings 0 except `labels`."""
+    return 200, rc.chat_reply(json.dumps({**dict.fromkeys(rc.FINDINGS, 0), **(labels or {})})), {}
+
+
+def in_order(*answers):
+    """A reply function that gives `answers` one per request, then repeats the last."""
+    answers, lock = list(answers), threading.Lock()
+
+    def reply(request):
+        with lock:
+            return answers.pop(0) if len(answers) > 1 else answers[0]
+    return reply
+
+
+@pytest.fixture
+def llm(monkeypatch):
+    """start(reply, latency_s) -> a local chat server, stopped after the test; the env is cleared."""
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    servers = []
+
+    def start(reply=rc.rules_reply, latency_s=0.0):
+        servers.append(rc.start_fake_llm(reply, latency_s))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def labeler(server, **kwargs):
+    labeler = rc.LLMLabeler(server.url, "test-model", rc.load_prompts(), **kwargs)
+    labeler.backoff_s = 0.01  # retries in milliseconds, not seconds
+    return labeler
+
+
+def write_reports(path, texts, impressions=None):
+    """A CT-RATE reports CSV: VolumeName, Findings_EN, Impressions_EN ("Not given." unless given)."""
+    rows = [{"VolumeName": f"valid_{i}_a_1.nii.gz", "Findings_EN": text,
+             "Impressions_EN": (impressions or {}).get(i, "Not given.")} for i, text in enumerate(texts)]
+    rc.write_csv(path, rows, ["VolumeName", "Findings_EN", "Impressions_EN"])
+    return path
+
+
+def sent_reports(server):
+    return [r["body"]["messages"][-1]["content"] for r in server.requests]
+
+
+# ---- 4. Silver labels ----
+def test_prompts_define_exactly_the_findings_in_code_order():
+    prompts = rc.load_prompts()
+    assert sorted(prompts["definitions"]) == sorted(rc.FINDINGS)
+    positions = [prompts["system"].index(f"- {f}: ") for f in rc.FINDINGS]
+    assert positions == sorted(positions)
+    assert "{report}" in prompts["user"] and "{findings}" not in prompts["system"]
+    assert next(iter(prompts["zero_shot"])) == "ctclip"
+    assert rc.zero_shot_prompts(prompts)[9] == ("Lung nodule is present.", "Lung nodule is not present.")
+    assert rc.zero_shot_prompts(prompts, "there-is")[0] == ("There is Medical material.", "There is no Medical material.")
+    with pytest.raises(rc.RadclipError, match="ctclip"):
+        rc.zero_shot_prompts(prompts, "is-present")
+
+
+def test_malformed_prompts_file_is_a_one_line_error(tmp_path):
+    text = rc.PROMPTS_PATH.read_text()
+    path = tmp_path / "prompts.txt"
+    path.write_text(text.replace("Cardiomegaly | ", "Cardiomegally | "))
+    with pytest.raises(rc.RadclipError, match="exactly the 18 findings.*Cardiomegaly.*Cardiomegally"):
+        rc.load_prompts(path)
+    path.write_text(text.replace("### zero-shot", "### zeroshot"))
+    with pytest.raises(rc.RadclipError, match="missing section"):
+        rc.load_prompts(path)
+
+
+@pytest.mark.parametrize("sentence, finding, label", [
+    ("No pleural effusion was detected.", "Pleural effusion", 0),
+    ("Pleural effusion-thickening was not observed in both hemithorax.", "Pleural effusion", 0),
+    ("No pleural or pericardial effusion was detected.", "Pericardial effusion", 0),
+    ("There is no evidence of consolidation.", "Consolidation", 0),
+    ("Bilateral pleural effusion is observed.", "Pleural effusion", 1),
+    ("Possible consolidation in the right lower lobe.", "Consolidation", -1),
+    ("Consolidation cannot be excluded.", "Consolidation", -1),
+    ("Findings suspicious for lymphadenopathy.", "Lymphadenopathy", -1),
+    ("A nodule in the left lung (granuloma?).", "Lung nodule", 1),
+    ("Consolidation in the left lower lobe, suspicious for pneumonia.", "Consolidation", 1),
+    ("Atelectasis is suspected in the right lower lobe.", "Atelectasis", -1),
+    ("Hiatal hernia?", "Hiatal hernia", -1),
+    ("Sequelae fibrotic changes? No coronary artery calcification.", "Pulmonary fibrotic sequela", -1),
+    ("No effusion, but a 5 mm nodule is seen in the right upper lobe.", "Lung nodule", 1),
+    ("Pleural effusion was not detected, atelectasis is present.", "Atelectasis", 1),
+    ("Nodules were observed in the right lung and pleural effusion was not detected.", "Lung nodule", 1),
+    ("No significant change in the previously described nodule.", "Lung nodule", 1),
+    ("The nodule seen on the previous examination has disappeared.", "Lung nodule", 0),
+    ("Ground glass areas, not observed in the previous examination, are present.", "Lung opacity", 1),
+    ("No pathological LAP was detected in the mediastinum.", "Lymphadenopathy", 0),
+    ("A 9 mm lymph node that did not reach pathological size in the paratracheal area.", "Lymphadenopathy", 1),
+    ("Heart contour and size are normal.", "Cardiomegaly", 0),
+    ("Heart size increased.", "Cardiomegaly", 1),
+    ("Calcific atheroma plaques in the coronary arteries.", "Arterial wall calcification", 0),
+    ("Calcific atheroma plaques in the coronary arteries.", "Coronary artery wall calcification", 1),
+    ("Atheromatous plaques in the aortic arch.", "Arterial wall calcification", 1),
+    ("A port catheter extends to the superior vena cava.", "Medical material", 1),
+    ("Findings are consistent with pneumonia.", "Consolidation", 0),
+    ("A hypodense nodule in the left thyroid lobe.", "Lung nodule", 0),
+    ("Pleuroparenchymal sequelae density increases in both apices.", "Lung opacity", 0),
+    ("Pleuroparenchymal sequelae density increases in both apices.", "Pulmonary fibrotic sequela", 1),
+    ("Mosaic perfusion and bronchial wall thickening in both lungs.", "Peribronchial thickening", 1),
+    ("Interlobular septal thickenings and traction bronchiectasis are present.", "Bronchiectasis", 1),
+    ("Bone structures in the study area are natural. Vertebral corpus heights are preserved.", "Atelectasis", 0),
+])
+def test_rules_negation_and_uncertainty(sentence, finding, label):
+    assert rc.rules_label(sentence)[finding] == label
+
+
+def test_rules_aggregate_mentions_as_chexpert_does():
+    assert rc.rules_label("Possible consolidation. No consolidation elsewhere.")["Consolidation"] == -1
+    assert rc.rules_label("No effusion on the left. Small effusion on the right.")["Pleural effusion"] == 1
+    assert rc.rules_label("Possible nodule. A 4 mm nodule is seen.")["Lung nodule"] == 1
+    assert rc.rules_label("Trachea and both main bronchi are open.") == dict.fromkeys(rc.FINDINGS, 0)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda j: j,
+    lambda j: f"```json\n{j}\n```",
+    lambda j: f"Here are the labels: {j} Hope this helps {{sic}}.",
+    lambda j: j.replace('"Lung nodule"', '"lung NODULE"'),
+])
+def test_replies_in_prose_fences_or_other_case_parse(wrap):
+    labels = {**dict.fromkeys(rc.FINDINGS, 0), "Lung nodule": 1, "Emphysema": -1}
+    assert rc.parse_labels(wrap(json.dumps(labels))) == labels
+
+
+@pytest.mark.parametrize("reply", [
+    "", "I cannot label this report.", '{"Lung nodule": 1}',
+    json.dumps({**dict.fromkeys(rc.FINDINGS, 0), "Lung nodule": 2}),
+    json.dumps({**dict.fromkeys(rc.FINDINGS, 0), "Lung nodule": "yes"}),
+    json.dumps({**dict.fromkeys(rc.FINDINGS, 0), "Lung nodule": True}),
+    json.dumps({**dict.fromkeys(rc.FINDINGS, 0), "Pneumothorax": 0}),
+])
+def test_invalid_replies_are_rejected(reply):
+    with pytest.raises(ValueError):
+        rc.parse_labels(reply)
+
+
+def test_label_writes_ct_rate_csv_in_input_order(llm, tmp_path):
+    server = llm()
+    texts = ["A 4 mm nodule in the right lung.", "", "No pleural effusion.", "Cardiomegaly. Possible consolidation."]
+    reports = write_reports(tmp_path / "reports.csv", texts, impressions={2: "Small left pleural effusion."})
+    out = tmp_path / "labels.csv"
+    assert rc.main(["label", "--reports", str(reports), "--out", str(out), "--base-url", server.url, "--model", "m"]) == 0
+    rows = rc.read_csv(out)
+    assert [r["VolumeName"] for r in rows] == [f"valid_{i}_a_1.nii.gz" for i in range(4)]
+    assert list(rows[0]) == ["VolumeName", *rc.FINDINGS]
+    assert rows[0]["Lung nodule"] == "1" and rows[2]["Pleural effusion"] == "1" and rows[3]["Consolidation"] == "-1"
+    assert set(rows[1].values()) == {"0", "valid_1_a_1.nii.gz"}  # the empty report, labelled without a request
+    assert len(server.requests) == 3 and not any("Not given." in s for s in sent_reports(server))
+    assert server.requests[0]["body"]["temperature"] == 0
+    assert server.requests[0]["body"]["response_format"]["json_schema"]["schema"]["required"] == rc.FINDINGS
+
+
+def test_retry_after_is_honoured(llm, tmp_path):
+    server = llm(in_order((429, {"error": {"message": "slow down"}}, {"Retry-After": "1"}), ok()))
+    lab = labeler(server)
+    start = time.time()
+    assert rc.label_reports(["a"], ["No effusion."], lab, tmp_path / "c.jsonl")[0] == [dict.fromkeys(rc.FINDINGS, 0)]
+    assert 0.95 < time.time() - start < 2 and lab.retries == {"HTTP 429": 1}
+
+
+def test_retry_after_ms_is_honoured_and_over_60_s_is_not(llm, tmp_path):
+    server = llm(in_order((429, "busy", {"retry-after-ms": "400", "Retry-After": "1"}),
+                          (503, "busy", {"Retry-After": "3600"}), ok()))
+    start = time.time()
+    rc.label_reports(["a"], ["No effusion."], labeler(server), tmp_path / "c.jsonl")
+    assert 0.4 < time.time() - start < 0.9  # 400 ms, then backoff (not an hour)
+
+
+def test_server_errors_are_retried_then_succeed(llm, tmp_path):
+    server = llm(in_order((503, "overloaded", {}), (500, {"error": {"message": "oops"}}, {}), ok({"Emphysema": 1})))
+    lab = labeler(server)
+    labels, summary = rc.label_reports(["a"], ["Emphysema."], lab, tmp_path / "c.jsonl")
+    assert labels[0]["Emphysema"] == 1 and lab.retries == {"HTTP 503": 1, "HTTP 500": 1} and not summary["failed"]
+
+
+def test_invalid_and_truncated_replies_are_retried(llm, tmp_path):
+    server = llm(in_order((200, rc.chat_reply("Sure! The report shows a nodule."), {}),
+                          (200, rc.chat_reply('{"Medical material": 0, "Arterial', "length"), {}),
+                          (200, "<html>proxy error</html>", {}), ok({"Lung nodule": 1})))
+    lab = labeler(server)
+    assert rc.label_reports(["a"], ["A nodule."], lab, tmp_path / "c.jsonl")[0][0]["Lung nodule"] == 1
+    assert lab.retries == {"invalid reply": 2, "truncated reply": 1}
+
+
+def test_unauthorized_stops_the_whole_run_at_once(llm, tmp_path):
+    server = llm(lambda request: (401, {"error": {"message": "Incorrect API key", "code": "invalid_api_key"}}, {}))
+    with pytest.raises(rc.RadclipError, match="401.*OPENAI_API_KEY"):
+        rc.label_reports([str(i) for i in range(40)], [f"Report {i}." for i in range(40)],
+                         labeler(server, workers=4), tmp_path / "c.jsonl", workers=4)
+    assert len(server.requests) <= 4  # only those already in flight, not 40 x 6
+
+
+def test_insufficient_quota_is_not_retried(llm, tmp_path):
+    server = llm(lambda request: (429, {"error": {"message": "quota", "code": "insufficient_quota"}}, {}))
+    with pytest.raises(rc.RadclipError, match="429.*add credit"):
+        rc.label_reports(["a", "b"], ["One.", "Two."], labeler(server), tmp_path / "c.jsonl", workers=1)
+    assert len(server.requests) == 1
+
+
+def test_timeouts_are_retried(llm, tmp_path):
+    calls = []
+
+    def slow_first(request):
+        calls.append(1)
+        time.sleep(1.0 if len(calls) == 1 else 0)
+        return ok()
+    lab = labeler(llm(slow_first), timeout=0.3)
+    start = time.time()
+    labels, summary = rc.label_reports(["a"], ["No effusion."], lab, tmp_path / "c.jsonl")
+    assert labels[0] is not None and lab.retries == {"timeout": 1} and time.time() - start < 1.0
+
+
+def test_rejected_response_format_falls_back_once_per_step(llm, tmp_path):
+    def picky(request):
+        kind = request.get("response_format", {}).get("type")
+        if kind:
+            return 500 if kind == "json_schema" else 400, {"error": {"message": f"response_format {kind} is not supported"}}, {}
+        return ok()
+    server = llm(picky)
+    lab = labeler(server)
+    labels, summary = rc.label_reports(list("abcde"), [f"Report {i}." for i in range(5)], lab, tmp_path / "c.jsonl", workers=1)
+    assert all(labels) and len(server.requests) == 5 + 2 and not lab.retries  # no retry storm
+    assert [f.split(" (")[0] for f in lab.fallbacks] == ["json_schema -> json_object", "json_object -> none"]
+
+
+def test_unreachable_server_fails_reports_without_a_traceback(llm, tmp_path, capsys):
+    reports = write_reports(tmp_path / "r.csv", ["A nodule.", "No effusion."])
+    out = tmp_path / "labels.csv"
+    code = rc.main(["label", "--reports", str(reports), "--out", str(out), "--base-url", "http://127.0.0.1:9/v1",
+                    "--model", "m", "--max-retries", "1", "--timeout", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and "valid_0_a_1.nii.gz" in err
+    assert [r["reason"] for r in rc.read_csv(tmp_path / "labels.failed.csv")] == ["connection error on all 2 attempts"] * 2
+
+
+def test_failed_reports_are_listed_and_a_rerun_completes_just_those(llm, tmp_path, capsys):
+    def choke_on_x(request):
+        return (200, rc.chat_reply("no idea"), {}) if "XYZ" in request["messages"][-1]["content"] else rc.rules_reply(request)
+    reports = write_reports(tmp_path / "r.csv", ["A nodule.", "XYZ cardiomegaly.", "Emphysema."])
+    out = tmp_path / "labels.csv"
+    args = ["label", "--reports", str(reports), "--out", str(out), "--model", "m", "--max-retries", "1"]
+    assert rc.main([*args, "--base-url", llm(choke_on_x).url]) == 1
+    assert "valid_1_a_1.nii.gz" in capsys.readouterr().err
+    assert [r["VolumeName"] for r in rc.read_csv(tmp_path / "labels.failed.csv")] == ["valid_1_a_1.nii.gz"]
+    assert len(rc.read_csv(out)) == 2
+    good = llm()
+    assert rc.main([*args, "--base-url", good.url]) == 0
+    assert sent_reports(good) == ["Report:\nXYZ cardiomegaly."] and not (tmp_path / "labels.failed.csv").exists()
+    assert [r["Cardiomegaly"] for r in rc.read_csv(out)] == ["0", "1", "0"]
+
+
+def test_interrupted_run_resumes_with_no_repeated_request(llm, tmp_path):
+    answered = []
+
+    def dies_after_5(request):
+        if len(answered) >= 5:
+            return 401, {"error": {"message": "key revoked"}}, {}
+        answered.append(request["messages"][-1]["content"])
+        return rc.rules_reply(request)
+    texts = [f"Report {i}: a {i} mm nodule." for i in range(20)]
+    ids = [str(i) for i in range(20)]
+    with pytest.raises(rc.RadclipError):
+        rc.label_reports(ids, texts, labeler(llm(dies_after_5)), tmp_path / "c.jsonl", workers=1)
+    second = llm()  # one worker, so no answer was in flight when the run died
+    labels, summary = rc.label_reports(ids, texts, labeler(second), tmp_path / "c.jsonl", workers=4)
+    assert all(labels) and summary["cached"] == 5
+    assert sorted(answered + sent_reports(second)) == sorted(f"Report:\n{t}" for t in texts)
+
+
+def test_cached_rerun_sends_zero_requests(llm, tmp_path):
+    server = llm()
+    texts = [f"Report {i}: emphysema." for i in range(30)] + ["Report 0: emphysema."]  # a duplicate text
+    first = rc.label_reports([str(i) for i in range(31)], texts, labeler(server), tmp_path / "c.jsonl")
+    assert len(server.requests) == 30  # the duplicate shares its twin's request
+    again = rc.label_reports([str(i) for i in range(31)], texts, labeler(server), tmp_path / "c.jsonl")
+    assert len(server.requests) == 30 and again[0] == first[0] and again[1]["cached"] == 31
+
+
+def test_cache_line_torn_by_a_kill_is_asked_again(llm, tmp_path):
+    server, cache = llm(), tmp_path / "c.jsonl"
+    rc.label_reports(["a", "b"], ["Emphysema.", "Cardiomegaly."], labeler(server), cache)
+    lines = cache.read_text().splitlines()
+    cache.write_text(lines[0] + "\n" + lines[1][:25])  # a kill -9 in the middle of the second line
+    labels, summary = rc.label_reports(["a", "b"], ["Emphysema.", "Cardiomegaly."], labeler(server), cache)
+    assert all(labels) and len(server.requests) == 3 and summary["cached"] == 1
+    assert all(json.loads(line) for line in cache.read_text().splitlines()[2:])
+
+
+def test_api_key_is_sent_but_never_written(llm, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = llm()
+    reports = write_reports(tmp_path / "r.csv", ["A nodule.", "No effusion."])
+    args = ["label", "--reports", str(reports), "--out", str(tmp_path / "labels.csv"), "--model", "m"]
+    assert rc.main([*args, "--base-url", server.url, "--price-in", "1", "--price-out", "2"]) == 0
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+    echo = llm(lambda request: (401, {"error": {"message": f"Incorrect API key provided: {KEY}"}}, {}))
+    assert rc.main([*args, "--base-url", echo.url, "--cache", str(tmp_path / "other.jsonl")]) == 1
+    printed = "".join(capsys.readouterr())
+    assert "401" in printed and KEY not in printed
+    assert all(KEY not in p.read_text() for p in tmp_path.iterdir())
+
+
+def test_workers_run_in_parallel(llm, tmp_path):
+    in_flight, lock = [0, 0], threading.Lock()  # now, most at once
+
+    def slow(request):
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+        time.sleep(0.3)
+        with lock:
+            in_flight[0] -= 1
+        return ok()
+    rc.label_reports([str(i) for i in range(8)], [f"Report {i}." for i in range(8)], labeler(llm(slow), workers=8),
+                     tmp_path / "c.jsonl", workers=8)
+    assert in_flight[1] >= 6  # one after another would be 1
+
+
+def test_without_an_endpoint_the_rules_label(llm, tmp_path, capsys):
+    reports = write_reports(tmp_path / "r.csv", ["A 4 mm nodule.", "No effusion."])
+    assert rc.main(["label", "--reports", str(reports), "--out", str(tmp_path / "l.csv")]) == 0
+    assert "rules" in capsys.readouterr().err
+    assert [r["Lung nodule"] for r in rc.read_csv(tmp_path / "l.csv")] == ["1", "0"]
+
+
+def test_dry_run_estimates_and_sends_nothing(llm, tmp_path, capsys):
+    server = llm()
+    reports = write_reports(tmp_path / "r.csv", ["A nodule.", "A nodule.", ""])
+    assert rc.main(["label", "--reports", str(reports), "--out", str(tmp_path / "l.csv"), "--base-url", server.url,
+                    "--model", "m", "--dry-run", "--price-in", "0.27", "--price-out", "1.1"]) == 0
+    assert "1 requests for 3 reports" in capsys.readouterr().out and not server.requests
+    assert not (tmp_path / "l.csv").exists()
+
+
+def test_bad_input_files_are_one_line_errors(tmp_path, capsys):
+    reports = write_reports(tmp_path / "r.csv", ["A.", "B."])
+    reports.write_text(reports.read_text().replace("valid_1_a_1", "valid_0_a_1"))
+    args = ["label", "--reports", str(reports), "--out", str(tmp_path / "l.csv"), "--backend", "rules"]
+    assert rc.main(args) == 1 and "repeat, e.g. ['valid_0_a_1.nii.gz']" in capsys.readouterr().err
+    assert rc.main([*args, "--text-cols", "report_text"]) == 1
+    assert "missing column(s) ['report_text']" in capsys.readouterr().err
+
+
+def test_label_quality_matches_sklearn_and_leaves_undefined_auc_nan(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    gold, pred = rng.integers(0, 2, (60, 18)), rng.integers(-1, 2, (60, 18))
+    gold[:, 3] = 0  # Pericardial effusion without positives: no AUC
+    ids = [f"r{i}" for i in range(60)]
+    quality = rc.label_quality(dict(zip(ids[::-1], pred[::-1])), dict(zip(ids, gold)), uncertain="one")
+    for k, f in enumerate(rc.FINDINGS):
+        assert quality["findings"][f]["f1"] == pytest.approx(f1_score(gold[:, k], pred[:, k] != 0, zero_division=0))
+        if k != 3:  # sklearn as the reference, uncertain ranked between absent and present
+            score = np.where(pred[:, k] < 0, 0.5, pred[:, k])
+            assert quality["findings"][f]["auc"] == pytest.approx(roc_auc_score(gold[:, k], score))
+    assert np.isnan(quality["findings"]["Pericardial effusion"]["auc"])
+    aucs = [m["auc"] for f, m in quality["findings"].items() if f != "Pericardial effusion"]
+    assert quality["macro"]["auc"] == pytest.approx(np.mean(aucs))
+    for name, y in (("pred.csv", pred), ("gold.csv", gold)):
+        rows = [{"AccessionNo": i, "report_text": "...", **dict(zip(rc.FINDINGS, v))} for i, v in zip(ids, y)]
+        rc.write_csv(tmp_path / name, rows, ["AccessionNo", "report_text", *rc.FINDINGS])
+    assert rc.main(["label", "--eval", "--pred", str(tmp_path / "pred.csv"), "--gold", str(tmp_path / "gold.csv"),
+                    "--id-col", "AccessionNo", "--out", str(tmp_path / "q.json")]) == 0
+    out = capsys.readouterr().out
+    assert "Pericardial effusion" in out and "nan" in out and "undefined" in out
+    assert json.loads((tmp_path / "q.json").read_text())["reports"] == 60
+
+
+def test_label_quality_names_ids_missing_from_the_predictions(capsys):
+    yes, no = np.ones(18, int), np.zeros(18, int)
+    quality = rc.label_quality({"a": yes, "b": no}, {"a": yes, "b": no, "c": yes})
+    assert quality["reports"] == 2 and quality["macro"]["f1"] == 1.0 and "1 of 3 IDs in gold" in capsys.readouterr().err
+
+
+def test_bench_labeler_counts_no_requests_on_the_cached_rerun():
+    result = rc.bench_labeler(n_reports=40, latency_s=0.01, workers=8)
+    assert result["requests"] == 40 and result["cached_rerun_requests"] == 0 and result["reports_per_s"] > 0
 
 
 # ---- 5. Models ----
