@@ -61,6 +61,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from requests.adapters import HTTPAdapter
+from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score, roc_curve
 from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------
@@ -925,7 +926,6 @@ def label_quality(pred, gold, uncertain="one"):
     says what -1 counts as, in both, for F1, precision and recall. AUC ranks by the predicted label
     with uncertain between absent and present, so it needs no such choice. A finding without reference
     positives (or negatives) has no AUC: NaN, left out of the macro mean and named, never 0.5."""
-    from sklearn.metrics import roc_auc_score  # ~1 s to import: only here, as in validate()
     ids = match_ids("label --eval", gold=gold, pred=pred)
     y, p = np.stack([gold[i] for i in ids]).astype(int), np.stack([pred[i] for i in ids]).astype(int)
     present = 1 if uncertain == "one" else 0
@@ -1518,7 +1518,6 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
 def validate(model, ds, cfg, stage, modality, device, amp_dtype, channels_last):
     """Supervised: macro AUC of the trained head on the valid split. CLIP: the InfoNCE loss
     of the whole split as one batch, and Recall@5 of reports retrieving their volume."""
-    from sklearn.metrics import roc_auc_score
     if stage == "supervised":
         head = (lambda m, v, t: m.visual_cls(m.visual(v))) if modality == "image" else \
                (lambda m, v, t: m.text_cls(m.text(t)))
@@ -1533,6 +1532,367 @@ def validate(model, ds, cfg, stage, modality, device, amp_dtype, channels_last):
     hits = (sim.topk(min(5, len(sim)), dim=1).indices == torch.arange(len(sim))[:, None]).any(1)
     loss = clip_loss(img, txt, model.logit_scale.detach().cpu().clamp(max=math.log(cfg.logit_scale_max)))
     return {"val_loss": loss.item(), "recall_at_5": hits.float().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------
+# ---- 7. Evaluation ----
+# The paper's three numbers on CT-RATE valid: zero-shot diagnosis macro AUC 83.8%,
+# image-image mAP@50 53.7% (CT-CLIP's label-overlap "MAP"), report-image Recall@100 52.2%.
+# Definitions follow CT-CLIP's scripts, corrected where they are wrong (each place says so),
+# with 95% bootstrap CIs. Everything is vectorised; retrieval runs over chunks of queries.
+# ---------------------------------------------------------------------------------------
+THRESHOLD_RULE = "Youden's J (max TPR - FPR) per finding, chosen on this same set"
+DIAGNOSIS_METRICS = ("auc", "f1", "f1_weighted", "accuracy", "precision")
+CHUNK = 256  # queries per similarity block: as fast as 1,024 and 35% less memory at N = 50k
+
+
+def _binary(labels):
+    labels = np.asarray(labels)
+    if not np.isin(labels, (0, 1)).all():
+        raise RadclipError("evaluation labels must be 0/1; map uncertain (-1) labels first")
+    return labels.astype(bool)
+
+
+def _unit_grid(x):
+    """Unit vectors (N, E) in float64, rounded to multiples of 2^-24. BLAS sums in an order
+    that depends on the matrix shape (MKL changes the last bit of most float32 similarities
+    for chunks under 16 rows), so the chunk size could reorder near-ties. On this grid every
+    product is an integer and every partial sum is at most |a||b| = 2^48 < 2^53: the matmul
+    is exact, whatever the chunking, and equal embeddings tie exactly."""
+    x = F.normalize(torch.as_tensor(x, dtype=torch.float64), dim=1)
+    return torch.round(x * 2.0**24)
+
+
+def zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale):
+    """P(finding present), (N, F) numpy: softmax over the pair of scaled cosine similarities
+    to the finding's positive and negative prompt, as in CT-CLIP's zero_shot.py.
+    image_emb (N, E), pos_emb and neg_emb (F, E): tensors or arrays; logit_scale: log(1/T),
+    as in clip_loss. AUC and the Youden threshold do not depend on it (the score is monotone
+    in the similarity gap). float64: in float32 the softmax is exactly 1.0 once the scaled
+    gap exceeds ~17, and such ties change the AUC."""
+    img, pos, neg = (F.normalize(torch.as_tensor(e, dtype=torch.float64), dim=1)
+                     for e in (image_emb, pos_emb, neg_emb))
+    logits = math.exp(float(logit_scale)) * torch.stack([img @ pos.T, img @ neg.T], dim=-1)
+    return logits.softmax(dim=-1)[..., 0].numpy()
+
+
+def diagnosis_metrics(labels, scores, names=FINDINGS):
+    """Per finding: ROC AUC (scikit-learn), and F1, weighted F1, accuracy and precision at the
+    threshold of maximal Youden's J; then macro means over the findings whose AUC is defined.
+    labels (N, F) 0/1, scores (N, F): arrays. Like CT-CLIP, the threshold is chosen on the set
+    it is scored on, so those four are optimistic. CT-CLIP takes the ROC point nearest (0, 1)
+    on a 100-step grid and reports only support-weighted F1, which rewards calling a rare
+    finding absent; we report the positive-class F1, and the weighted one for comparison."""
+    labels, scores = _binary(labels), np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape or labels.shape[1] != len(names):
+        raise RadclipError(f"labels {labels.shape} and scores {scores.shape} "
+                           f"must both be (N, {len(names)})")
+    per_finding = {}
+    for f, name in enumerate(names):
+        y, s = labels[:, f], scores[:, f]
+        row = dict(n_pos=int(y.sum()), threshold=math.nan,
+                   **dict.fromkeys(DIAGNOSIS_METRICS, math.nan))
+        if 0 < y.sum() < len(y):  # AUC needs both classes; otherwise NaN, never a silent 0.5
+            fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+            threshold = thresholds[np.argmax(tpr - fpr)]  # the highest threshold of maximal J
+            pred = s >= threshold
+            row.update(auc=roc_auc_score(y, s), threshold=threshold, f1=f1_score(y, pred),
+                       f1_weighted=f1_score(y, pred, average="weighted"),
+                       accuracy=accuracy_score(y, pred),
+                       precision=precision_score(y, pred, zero_division=np.nan))
+        per_finding[name] = row
+    undefined = [name for name, row in per_finding.items() if math.isnan(row["auc"])]
+    defined = [row for name, row in per_finding.items() if name not in undefined]
+    macro = {m: float(np.mean([row[m] for row in defined])) if defined else math.nan
+             for m in DIAGNOSIS_METRICS}
+    return dict(threshold_rule=THRESHOLD_RULE, per_finding=per_finding, macro=macro,
+                n_defined=len(defined), undefined=undefined)
+
+
+def _top_k(sim, k):
+    """Column indices of each row's k largest values, (C, k), ties to the lower column.
+    torch.topk orders ties arbitrarily, so its candidates are re-ranked stably; a row whose
+    k-th value recurs outside them is stable-sorted in full. Makes mAP@K at N = 50,000 4x
+    faster than stable-sorting every row (150 s -> 38 s on 2 cores)."""
+    values, idx = sim.topk(k, dim=1)
+    idx = idx.sort(dim=1).values
+    idx = idx.gather(1, sim.gather(1, idx).sort(dim=1, descending=True, stable=True).indices)
+    cut = values[:, -1:]
+    straddles = (sim == cut).sum(1) > (values == cut).sum(1)
+    if straddles.any():
+        idx[straddles] = sim[straddles].sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return idx
+
+
+def map_per_query(image_emb, labels, ks=(1, 5, 10, 50), chunk=CHUNK, ctclip_quirks=False):
+    """Every query's label-overlap score, (N, len(ks)) numpy. CT-CLIP's volume_to_volume: the
+    gallery is the volumes with a finding, every volume queries it by cosine similarity, a
+    retrieved volume's relevance is the Jaccard overlap of the 0/1 label vectors, and
+    score(q) = mean relevance of the top K. Not average precision, despite the name. A normal
+    query scores 0 by definition (it shares no finding with any gallery volume), there and
+    here. Ties go to the lower gallery index, like CT-CLIP's stable sorted(..., reverse=True).
+    ctclip_quirks=True reproduces CT-CLIP's two mistakes, to compare with published numbers."""
+    labels = _binary(labels)
+    emb = _unit_grid(image_emb)
+    if len(emb) != len(labels):
+        raise RadclipError(f"{len(emb)} embeddings but {len(labels)} label rows")
+    gallery = np.flatnonzero(labels.any(axis=1))
+    if max(ks) > len(gallery) - (not ctclip_quirks):
+        raise RadclipError(f"mAP@{max(ks)} needs more volumes with a finding than the "
+                           f"{len(gallery)} here; pass smaller ks")
+    y, gallery_emb = torch.as_tensor(labels), emb[gallery]
+    y_gallery = y[gallery]
+    slot = torch.full((len(y),), -1)  # each volume's position in the gallery; -1 if normal
+    slot[gallery] = torch.arange(len(gallery))
+    out = []
+    for a in range(0, len(emb), chunk):
+        sim = emb[a:a + chunk] @ gallery_emb.T  # (C, G)
+        if not ctclip_quirks:  # CT-CLIP leaves the query in its own gallery; we do not
+            rows = torch.nonzero(slot[a:a + chunk] >= 0).squeeze(1)
+            sim[rows, slot[a + rows]] = -math.inf
+        top = _top_k(sim, max(ks))
+        q, hit = y[a:a + chunk, None], y_gallery[top]  # (C, 1, F), (C, K, F)
+        relevance = (q & hit).sum(-1).double() / (q | hit).sum(-1)  # union > 0: hit has a finding
+        out.append(torch.stack([relevance[:, :k].mean(dim=1) for k in ks], dim=1))
+    scores = torch.cat(out).numpy()
+    if ctclip_quirks:  # CT-CLIP never resets its score list between K: "MAP@K" averages all K' <= K
+        scores = np.cumsum(scores, axis=1) / np.arange(1, len(ks) + 1)
+    return scores
+
+
+def map_at_k(image_emb, labels, ks=(1, 5, 10, 50), chunk=CHUNK, ctclip_quirks=False):
+    """{K: mAP@K}: map_per_query averaged over all N queries."""
+    scores = map_per_query(image_emb, labels, ks, chunk, ctclip_quirks)
+    return dict(zip(ks, scores.mean(axis=0).tolist()))
+
+
+def recall_per_query(text_emb, image_emb, ks=(5, 10, 50, 100), chunk=CHUNK):
+    """Hits, (N, len(ks)) 0/1 numpy: is volume i among the K of all N most similar to report
+    i? Ties go to the lower volume index, as in map_per_query. CT-CLIP's report_to_volume
+    ranks by the raw dot product; we use cosine. For the scan-level variant, pass one volume
+    (and its report) per scan."""
+    txt, img = _unit_grid(text_emb), _unit_grid(image_emb)
+    n = len(img)
+    if txt.shape != img.shape or max(ks) > n:
+        raise RadclipError(f"need paired (N, E) text and image embeddings with N >= {max(ks)}; "
+                           f"got {tuple(txt.shape)} and {tuple(img.shape)}")
+    out = []
+    for a in range(0, n, chunk):
+        sim = txt[a:a + chunk] @ img.T  # (C, N)
+        i = torch.arange(a, a + len(sim))[:, None]
+        own = sim.gather(1, i)
+        rank = (sim > own).sum(1) + ((sim == own) & (torch.arange(n) < i)).sum(1)
+        out.append(rank[:, None] < torch.tensor(ks))
+    return torch.cat(out).double().numpy()
+
+
+def recall_at_k(text_emb, image_emb, ks=(5, 10, 50, 100), chunk=CHUNK):
+    """{K: Recall@K} over all N reports; chance is K / N, so always state N beside it."""
+    return dict(zip(ks, recall_per_query(text_emb, image_emb, ks, chunk).mean(axis=0).tolist()))
+
+
+def resampled_auc(labels, scores, counts):
+    """ROC AUC of every finding on every resample, (B, F) numpy, NaN where undefined.
+    counts (B, N): how often each resample drew each volume. The Mann-Whitney statistic with
+    those weights (tied scores count 1/2) equals roc_auc_score on the resample itself."""
+    labels, out = _binary(labels), np.full((len(counts), labels.shape[1]), np.nan)
+    for f in range(labels.shape[1]):
+        order = np.argsort(scores[:, f], kind="stable")
+        s, y, w = scores[order, f], labels[order, f], counts[:, order]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
+        pos = np.add.reduceat(w * y, starts, axis=1)  # (B, groups) positive weight per score
+        neg = np.add.reduceat(w * ~y, starts, axis=1)
+        below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each score
+        with np.errstate(invalid="ignore"):
+            out[:, f] = (pos * (below + neg / 2)).sum(1) / (pos.sum(1) * neg.sum(1))
+    return out
+
+
+def bootstrap_ci(labels, scores, per_query, n_boot=1000, seed=0):
+    """95% percentile intervals, {"macro AUC" and each name in per_query: (point, lo, hi)}.
+    Every round resamples the N volumes with replacement, the same rounds for all metrics.
+    Macro AUC is recomputed on each resample (over the findings defined in it); a retrieval
+    metric resamples its per-query scores, per_query = {name: (N,) array}, keeping the
+    rankings of the full set (the usual cheap bootstrap for retrieval). CT-CLIP's
+    bootstrap_values.py draws indices, then scores the full set in every round anyway."""
+    labels, scores = _binary(labels), np.asarray(scores, dtype=np.float64)
+    n = len(labels)
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    counts = np.bincount((draws + n * np.arange(n_boot)[:, None]).ravel(),
+                         minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+    point = {"macro AUC": np.nanmean(resampled_auc(labels, scores, np.ones((1, n))))}
+    rounds = {"macro AUC": np.nanmean(resampled_auc(labels, scores, counts), axis=1)}
+    for name, values in per_query.items():
+        point[name], rounds[name] = np.mean(values), counts @ values / n
+    return {name: (float(point[name]), *np.percentile(rounds[name], [2.5, 97.5]).tolist())
+            for name in rounds}
+
+
+def evaluate(image_emb, text_emb, pos_emb, neg_emb, logit_scale, labels, map_ks=(1, 5, 10, 50),
+             recall_ks=(5, 10, 50, 100), ctclip_quirks=False, n_boot=1000, seed=0, chunk=CHUNK):
+    """Every number of the paper's evaluation, as one dict (format_results prints it).
+    Row i of image_emb, text_emb and labels is one volume, its report and its labels."""
+    labels = _binary(labels)
+    scores = zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale)
+    maps = map_per_query(image_emb, labels, map_ks, chunk, ctclip_quirks)
+    hits = recall_per_query(text_emb, image_emb, recall_ks, chunk)
+    per_query = {f"mAP@{map_ks[-1]}": maps[:, -1], f"Recall@{recall_ks[-1]}": hits[:, -1]}
+    return dict(n=len(labels), diagnosis=diagnosis_metrics(labels, scores),
+                map_definition="CT-CLIP's script, quirks included" if ctclip_quirks
+                else "query excluded from its gallery, each K on its own",
+                n_gallery=int(labels.any(axis=1).sum()),
+                map=dict(zip(map_ks, maps.mean(0).tolist())),
+                recall=dict(zip(recall_ks, hits.mean(0).tolist())), n_boot=n_boot, seed=seed,
+                ci=bootstrap_ci(labels, scores, per_query, n_boot, seed))
+
+
+def format_results(r):
+    """The results of evaluate() as an aligned text table."""
+    d = r["diagnosis"]
+    lines = [f"Zero-shot diagnosis, N = {r['n']} volumes; threshold: {d['threshold_rule']}",
+             f"{'finding':<36}{'n_pos':>6}{'AUC':>7}{'F1':>7}{'F1(w)':>7}{'acc':>7}{'prec':>7}"]
+    rows = [(name, m["n_pos"], m) for name, m in d["per_finding"].items()]
+    rows.append((f"macro over {d['n_defined']} defined", "", d["macro"]))
+    lines += [f"{name:<36}{n_pos:>6}" + "".join(f"{m[k]:>7.3f}" for k in DIAGNOSIS_METRICS)
+              for name, n_pos, m in rows]
+    if d["undefined"]:
+        lines.append("AUC undefined (one class only), not in the macro: "
+                     + ", ".join(d["undefined"]))
+    lines += ["", f"Image-image mAP@K ({r['map_definition']}): {r['n']} queries, "
+              f"gallery = the {r['n_gallery']} volumes with a finding"]
+    lines += [f"  mAP@{k:<4}{v:>7.3f}" for k, v in r["map"].items()]
+    lines += ["", f"Report-image Recall@K over N = {r['n']} volumes (chance = K/N)"]
+    lines += [f"  R@{k:<6}{v:>7.3f}   chance {k / r['n']:.4f}" for k, v in r["recall"].items()]
+    lines += ["", f"95% bootstrap CIs ({r['n_boot']} resamples of the volumes, seed {r['seed']})"]
+    lines += [f"  {name:<12}{p:>7.3f}  [{lo:.3f}, {hi:.3f}]"
+              for name, (p, lo, hi) in r["ci"].items()]
+    return "\n".join(lines)
+
+
+def results_to_json(r):
+    """The results of evaluate() as JSON: plain floats, NaN (and inf) as null."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, float):  # numpy float64 is a float too
+            return float(x) if math.isfinite(x) else None
+        return x
+    return json.dumps(plain(r), indent=2)
+
+
+def embed_split(ckpt_path, data_dir, split, device="auto", labels_csv=None):
+    """(model, cfg, dataset, image_emb (N, E), text_emb (N, E)) for a split. The embeddings are
+    cached beside the checkpoint and reused while checkpoint, volumes and reports are unchanged."""
+    model, cfg, tokenizer = model_from_checkpoint(ckpt_path)
+    ds = CTRateDataset(data_dir, split, cfg, tokenizer, labels_csv)
+    _, _, device = setup_distributed(device)
+    key = hashlib.sha256("|".join([sha256_file(ckpt_path), *ds.names, *ds.reports]).encode()).hexdigest()
+    cache = Path(ckpt_path).with_suffix(f".{split}.emb.pt")
+    if cache.is_file():
+        hit = torch.load(cache, weights_only=True)
+        if hit["key"] == key:
+            return model, cfg, ds, hit["image"], hit["text"]
+    model.to(device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    both = embed(model, ds, lambda m, v, t: torch.cat([m.encode_image(v), m.encode_text(t)], 1),
+                 cfg, device, amp_dtype)
+    image_emb, text_emb = both[:, :cfg.embed_dim], both[:, cfg.embed_dim:]
+    save_checkpoint(cache, key=key, image=image_emb, text=text_emb)
+    return model.cpu(), cfg, ds, image_emb, text_emb
+
+
+def run_eval(ckpt_path, data_dir, split="valid", prompt="ctclip", ctclip_quirks=False,
+             scan_level=False, n_boot=1000, device="auto", labels_csv=None):
+    """Embed a split once, then evaluate() it with the chosen zero-shot prompt pair."""
+    model, cfg, ds, image_emb, text_emb = embed_split(ckpt_path, data_dir, split, device, labels_csv)
+    pairs = zero_shot_prompts(load_prompts(), prompt)
+    tokenizer = Tokenizer(load_checkpoint(ckpt_path)["vocab"])
+    with torch.no_grad():
+        model.eval()
+        pos_emb, neg_emb = (model.encode_text(torch.stack([tokenizer.encode(pair[i], cfg.context_len)
+                                                           for pair in pairs])) for i in (0, 1))
+    labels = ds.labels.numpy()
+    if scan_level:  # one volume per scan: a sibling reconstruction is not a second answer
+        keep = sorted({n.rsplit("_", 1)[0]: i for i, n in reversed(list(enumerate(ds.names)))}.values())
+        image_emb, text_emb, labels = image_emb[keep], text_emb[keep], labels[keep]
+    results = evaluate(image_emb, text_emb, pos_emb, neg_emb,
+                       model.logit_scale.clamp(max=math.log(cfg.logit_scale_max)).item(), labels,
+                       ctclip_quirks=ctclip_quirks, n_boot=n_boot)
+    results.update(checkpoint=str(ckpt_path), split=split, prompt=prompt,
+                   retrieval_unit="scan" if scan_level else "volume")
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# ---- 8a. The demo: the paper's main result at toy scale ----
+# Synthetic CT-RATE -> silver labels -> supervised pre-training of both towers -> CLIP from those
+# towers, and the same CLIP from scratch (the paper's ablation) -> the evaluation of both.
+# Every stage reuses its output, so a rerun after an interruption continues where it stopped.
+# ---------------------------------------------------------------------------------------
+def demo(out="demo", seed=0, device="auto"):
+    t0, out = time.perf_counter(), Path(out)
+    data, silver = out / "data", out / "silver_train.csv"
+    cfg = make_config("tiny", seed=seed)
+    if not (data / "dataset").is_dir():
+        synthesize_ctrate(data, seed=seed, workers=cfg.workers)
+    for split in ("train", "valid"):
+        prep_split(data, split, cfg, workers=cfg.workers)
+    if not silver.is_file():
+        backend = "llm" if os.environ.get("OPENAI_BASE_URL") else "rules"
+        print(f"demo: labelling the train reports with the {backend} backend"
+              + ("" if backend == "llm" else " (set OPENAI_BASE_URL and OPENAI_MODEL for an LLM)"))
+        if main(["label", "--reports", str(ctrate_csv(data, "train", "reports")), "--out", str(silver),
+                 "--backend", backend]):
+            raise RadclipError("labelling failed; rerun the demo to retry just the failed reports")
+    quality = label_quality(read_labels(silver), read_labels(ctrate_csv(data, "train", "labels")))
+    init = {}
+    for modality in ("image", "text"):
+        init[modality] = out / f"supervised_{modality}.pt"
+        train(cfg, "supervised", init[modality], data, modality, silver, device=device)
+    runs = {"scratch": {}, "supervised": {"init_image": init["image"], "init_text": init["text"]}}
+    results = {}
+    for name, kwargs in runs.items():
+        train(cfg, "clip", out / f"clip_{name}.pt", data, labels_csv=silver, device=device, **kwargs)
+        results[name] = run_eval(out / f"clip_{name}.pt", data, device=device)
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"\nradclip demo: the paper's ablation on synthetic CT-RATE ({results['scratch']['n']} valid "
+          f"volumes; labels: silver vs truth macro AUC {quality['macro']['auc']:.3f}), {minutes:.1f} min")
+    print(f"{'CLIP initialised from':<24}{'zero-shot AUC [95% CI]':>26}{'mAP@50':>9}{'Recall@100':>12}")
+    for name, r in results.items():
+        p, lo, hi = r["ci"]["macro AUC"]
+        print(f"{name:<24}{p:>12.3f} [{lo:.3f}, {hi:.3f}]{r['map'][50]:>9.3f}{r['recall'][100]:>12.3f}")
+    print(f"Recall@100 chance = {100 / results['scratch']['n']:.3f}; mAP@50 with the query "
+          "excluded from its gallery")
+    summary = {"minutes": minutes, "label_quality": quality, "results": results}
+    atomic_write_bytes(out / "demo_results.json", results_to_json(summary).encode())
+    return summary
+
+
+# ---------------------------------------------------------------------------------------
+# ---- 8b. Benchmarks ----
+# Speed claims come from here, never from timed tests: medians of repeated steps, with every
+# variant measured side by side in one run, since a shared machine is noisy.
+# ---------------------------------------------------------------------------------------
+def bench(cfg, device, data_dir=None, steps=5, batch=8, amps=None):
+    """Rows of forward+backward volumes/s and peak memory for each amp x channels-last
+    combination, and data-loading volumes/s from the prep cache if data_dir is given."""
+    rows = []
+    amps = amps or (["off", "bf16"] if device.type == "cpu" else ["off", "fp16", "bf16"])
+    for amp in amps:
+        for cl in (False, True):
+            r = time_train_step(cfg, device, resolve_amp(amp, device), cl, steps, batch)
+            rows.append({"what": "train step", "amp": amp, "channels_last": cl, **r})
+    if data_dir:
+        ds = CTRateDataset(data_dir, "train", cfg, augment=cfg.augment)
+        loader = torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers)
+        t0, n = time.perf_counter(), 0
+        for vol, _, _ in loader:
+            n += len(vol)
+        rows.append({"what": f"data loading ({cfg.workers} workers)", "amp": "", "channels_last": "",
+                     "volumes_per_s": n / (time.perf_counter() - t0), "peak_gib": float("nan")})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -1574,6 +1934,40 @@ def cmd_train(args):
     metrics = train(cfg, args.stage, args.out, args.data, args.modality, args.labels,
                     args.init_image, args.init_text, args.resume, args.device)
     print(json.dumps(metrics))
+
+
+def cmd_eval(args):
+    results = run_eval(args.ckpt, args.data, args.split, args.prompt, args.ctclip_quirks,
+                       args.scan_level, args.n_boot, args.device, args.labels)
+    print(format_results(results))
+    out = Path(args.out or Path(args.ckpt).with_suffix(f".{args.split}.results.json"))
+    atomic_write_bytes(out, results_to_json(results).encode())
+    print(f"\nwrote {out}")
+
+
+def cmd_bench(args):
+    cfg = config_from_args(args)
+    _, _, device = setup_distributed(args.device)
+    if args.labeler:
+        r = bench_labeler(args.labeler_reports, args.latency, args.labeler_workers)
+        print(json.dumps(r, indent=1))
+        return
+    rows = bench(cfg, device, args.data, args.steps, args.batch)
+    print(f"bench: {device}, preset {args.preset}, width {cfg.width}, input {cfg.input_shape}, "
+          f"batch {args.batch}, median of {args.steps} steps, torch {torch.__version__}")
+    print(f"{'what':<28}{'amp':>6}{'channels_last':>15}{'volumes/s':>11}{'peak GiB':>10}")
+    for r in rows:
+        print(f"{r['what']:<28}{r['amp']:>6}{str(r['channels_last']):>15}"
+              f"{r['volumes_per_s']:>11.1f}{r['peak_gib']:>10.2f}")
+    amp_dtype = resolve_amp("auto", device)
+    auto_amp = {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]
+    speed = {r["channels_last"]: r["volumes_per_s"] for r in rows if r["amp"] == auto_amp}
+    cl = resolve_channels_last("auto", cfg, device, amp_dtype, measured=speed)
+    print(f"auto picks: amp={auto_amp}, channels_last={cl} (remembered for `train`)")
+
+
+def cmd_demo(args):
+    demo(args.out, args.seed, args.device)
 
 
 def build_parser():
@@ -1626,6 +2020,39 @@ def build_parser():
     p.add_argument("--eval-every", type=int)
     p.add_argument("--save-every", type=int)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="zero-shot AUC, image-image mAP@K, report-image Recall@K, CIs")
+    p.add_argument("--ckpt", required=True, help="a CLIP checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", choices=["train", "valid"], default="valid")
+    p.add_argument("--labels", help="labels CSV to score against; default: the split's own (gold)")
+    p.add_argument("--prompt", default="ctclip", help="zero-shot template pair from prompts.txt")
+    p.add_argument("--ctclip-quirks", action="store_true",
+                   help="mAP as CT-CLIP's script computes it (query in its own gallery, K mixed)")
+    p.add_argument("--scan-level", action="store_true",
+                   help="retrieval over one volume per scan (reconstructions share a report)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--out", help="results JSON (default: beside the checkpoint)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the whole paper on synthetic data, on a CPU, in minutes")
+    p.add_argument("--out", default="demo", help="working folder; a rerun reuses what is there")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="training volumes/s per amp x channels-last; labeler reports/s")
+    add_config_flags(p)
+    p.add_argument("--data", help="also time data loading from this folder's prep cache")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--labeler", action="store_true", help="time the LLM labeler against a local server")
+    p.add_argument("--latency", type=float, default=0.2, help="the local server's seconds per reply")
+    p.add_argument("--labeler-reports", type=int, default=1000)
+    p.add_argument("--labeler-workers", type=int, default=16)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,5 +1,4 @@
 """radclip's specification, in the order of radclip.py's sections. Run: python -m pytest -q"""
-import csv
 import gzip
 import json
 import math
@@ -14,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from numpy.linalg import norm
 from sklearn.metrics import f1_score, roc_auc_score
 
 import radclip as rc
@@ -571,7 +571,6 @@ def test_resnet18_matches_torchvision_r3d_18_parameter_count_and_shapes():
 
 
 def test_text_encoder_ignores_padding():
-    cfg = rc.make_config("tiny")
     enc = rc.TextEncoder(50, 16, 32, 2, 4).eval()
     ids = torch.tensor([[5, 6, 7] + [0] * 13])
     longer = torch.tensor([[5, 6, 7] + [0] * 5])
@@ -740,3 +739,198 @@ def test_torchrun_two_processes_equal_one_process_on_the_global_batch(tmp_path):
             assert torch.allclose(grad, ddp[stage]["grads"][n], atol=1e-5), (stage, n)
     ckpt = rc.load_checkpoint(tmp_path / "ddp.pt.ckpt")
     assert ckpt["provenance"]["world_size"] == 2 and ckpt["step"] == 6  # 4 epochs of 12, batch 2x4
+
+
+# ---- 7. Evaluation ----
+# helpers: independent references, written as plain loops
+def random_case(n, e=16, f=18, prevalence=0.08, seed=0):
+    """Embeddings and 0/1 labels with some normal volumes; rows 11 and 23 duplicate row 4,
+    so that exact similarity ties occur and the tie rule is exercised."""
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, e)).astype(np.float32)
+    emb[11] = emb[23] = emb[4]
+    labels = (rng.random((n, f)) < prevalence).astype(int)
+    return emb, labels
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / norm(x, axis=1, keepdims=True)
+
+
+def brute_force_map(emb, labels, ks):
+    e, y = unit(emb), labels.astype(bool)
+    gallery = [g for g in range(len(e)) if y[g].any()]
+    scores = []
+    for q in range(len(e)):
+        others = [g for g in gallery if g != q]
+        # Python's sort is stable: of equal similarities, the lower index comes first
+        ranked = sorted(others, key=lambda g: -float(np.dot(e[q], e[g])))
+        scores.append([np.mean([(y[q] & y[g]).sum() / (y[q] | y[g]).sum() for g in ranked[:k]])
+                       for k in ks])
+    return np.mean(scores, axis=0)
+
+
+def brute_force_recall(txt, img, ks):
+    t, v = unit(txt), unit(img)
+    hits = []
+    for i in range(len(t)):
+        ranked = sorted(range(len(v)), key=lambda j: -float(np.dot(t[i], v[j])))
+        hits.append([i in ranked[:k] for k in ks])
+    return np.mean(hits, axis=0)
+
+
+def ctclip_volume_to_volume(image_data, accs, label_rows):
+    """CT-CLIP scripts/volume_to_volume.py, line by line; a dict stands in for its DataFrame."""
+    def find_top_k_indices(values, k):
+        sorted_values_with_indices = sorted(enumerate(values), key=lambda x: x[1], reverse=True)
+        return [index for index, value in sorted_values_with_indices[:k]]
+
+    def calc_similarity(arr1, arr2):  # its zeroandzero counter is never used: left out
+        oneandone = 0
+        oneorzero = 0
+        for k in range(len(arr1)):
+            if arr1[k] == 1 and arr2[k] == 1:
+                oneandone = oneandone + 1
+            if arr1[k] == 0 and arr2[k] == 1:
+                oneorzero = oneorzero + 1
+            if arr1[k] == 1 and arr2[k] == 0:
+                oneorzero = oneorzero + 1
+        return oneandone / (oneandone + oneorzero)
+
+    ratios_external = []
+    image_data_for_second = []
+    accs_for_second = []
+    for k in range(image_data.shape[0]):
+        if np.sum(label_rows[accs[k]]) != 0:
+            image_data_for_second.append(image_data[k])
+            accs_for_second.append(accs[k])
+    image_data_for_second = np.array(image_data_for_second)
+    list_outs = []
+    for return_n in [1, 5, 10, 50]:
+        for i in range(image_data.shape[0]):
+            first = image_data[i]
+            row_first = label_rows[accs[i]]
+            crosses = []
+            ratios_internal = []
+            for k in range(image_data_for_second.shape[0]):
+                second = image_data_for_second[k]
+                cross = np.dot(first, second) / (norm(first) * norm(second))
+                crosses.append(cross)
+            for index in find_top_k_indices(crosses, return_n):
+                row_second = label_rows[accs_for_second[index]]
+                ratios_internal.append(calc_similarity(row_first, row_second))
+            ratios_external.append(np.mean(np.array(ratios_internal)))
+        list_outs.append(np.mean(np.array(ratios_external)))
+    return list_outs
+
+
+# ---- zero-shot diagnosis ----
+def test_zero_shot_auc_equals_sklearn():
+    rng = np.random.default_rng(1)
+    img, pos, neg = (rng.standard_normal(shape) for shape in [(80, 8), (18, 8), (18, 8)])
+    labels = (rng.random((80, 18)) < 0.3).astype(int)
+    scale = np.log(20.0)
+    gap = 20.0 * (unit(img) @ unit(pos).T - unit(img) @ unit(neg).T)
+    by_hand = 1 / (1 + np.exp(-gap))  # softmax over (positive, negative)
+    scores = rc.zero_shot_scores(img, pos, neg, scale)
+    np.testing.assert_allclose(scores, by_hand, rtol=1e-12)
+    result = rc.diagnosis_metrics(labels, scores)
+    aucs = [roc_auc_score(labels[:, f], by_hand[:, f]) for f in range(18)]
+    np.testing.assert_allclose([m["auc"] for m in result["per_finding"].values()], aucs, rtol=1e-12)
+    assert result["macro"]["auc"] == pytest.approx(np.mean(aucs), rel=1e-12)
+
+
+def test_finding_without_positives_has_nan_auc_and_is_counted():
+    rng = np.random.default_rng(2)
+    labels = (rng.random((60, 18)) < 0.3).astype(int)
+    labels[:, 5] = 0
+    scores = rng.random((60, 18))
+    result = rc.diagnosis_metrics(labels, scores)
+    assert np.isnan(result["per_finding"][rc.FINDINGS[5]]["auc"])
+    assert result["undefined"] == [rc.FINDINGS[5]] and result["n_defined"] == 17
+    others = [roc_auc_score(labels[:, f], scores[:, f]) for f in range(18) if f != 5]
+    assert result["macro"]["auc"] == pytest.approx(np.mean(others), rel=1e-12)
+    assert json.loads(rc.results_to_json(result))["per_finding"][rc.FINDINGS[5]]["auc"] is None
+
+
+# ---- image-image mAP@K and report-image Recall@K ----
+@pytest.mark.parametrize("ks, collapsed",
+                         [((1, 5, 10, 50), False), ((1,), False), ((1, 5, 10, 50), True)])
+def test_map_at_k_equals_brute_force_loop(ks, collapsed):
+    emb, labels = random_case(150)
+    if collapsed:  # a collapsed model: every similarity ties, so the tie rule alone decides
+        emb[:] = emb[0]
+    got = rc.map_at_k(emb, labels, ks, chunk=32)
+    np.testing.assert_allclose([got[k] for k in ks], brute_force_map(emb, labels, ks), rtol=1e-12)
+
+
+@pytest.mark.parametrize("collapsed", [False, True])
+def test_recall_at_k_equals_brute_force_loop(collapsed):
+    img, _ = random_case(120)
+    txt = img + 2 * np.random.default_rng(3).standard_normal(img.shape).astype(np.float32)
+    txt[23] = img[23]  # its own volume ties with volumes 4 and 11, which rank first
+    if collapsed:  # every similarity ties: report i's own volume ranks i-th
+        img[:] = img[0]
+    ks = (1, 5, 10, 50)
+    got = rc.recall_at_k(txt, img, ks, chunk=32)
+    np.testing.assert_array_equal([got[k] for k in ks], brute_force_recall(txt, img, ks))
+    if collapsed:
+        np.testing.assert_allclose([got[k] for k in ks], np.array(ks) / 120)
+
+
+def test_ctclip_quirks_equal_ctclip_loop():
+    emb, labels = random_case(120, seed=4)
+    accs = [f"valid_{i}_a_1.nii.gz" for i in range(len(emb))]
+    ctclip = ctclip_volume_to_volume(emb, accs, dict(zip(accs, labels)))
+    got = rc.map_at_k(emb, labels, (1, 5, 10, 50), chunk=32, ctclip_quirks=True)
+    np.testing.assert_allclose(list(got.values()), ctclip, rtol=1e-12)
+
+
+def test_query_is_excluded_from_its_own_gallery():
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((40, 16))
+    codes = rng.choice(2**18, size=40, replace=False)  # 40 distinct 18-bit label vectors
+    labels = (codes[:, None] >> np.arange(18)) & 1
+    labels[::7] = 0  # and some normal volumes
+    correct = rc.map_per_query(emb, labels, ks=(1,))
+    assert correct.max() < 1  # never retrieves itself, and no other volume has its labels
+    quirks = rc.map_at_k(emb, labels, ks=(1,), ctclip_quirks=True)
+    assert quirks[1] == labels.any(1).mean()  # CT-CLIP's MAP@1: the fraction of abnormal volumes
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_and_unchunked_results_are_identical(chunk):
+    emb, labels = random_case(200, e=32)
+    txt = emb + np.random.default_rng(6).standard_normal(emb.shape).astype(np.float32)
+    for quirks in (False, True):
+        chunked = rc.map_per_query(emb, labels, chunk=chunk, ctclip_quirks=quirks)
+        whole = rc.map_per_query(emb, labels, chunk=200, ctclip_quirks=quirks)
+        np.testing.assert_array_equal(chunked, whole)
+    np.testing.assert_array_equal(rc.recall_per_query(txt, emb, chunk=chunk),
+                                  rc.recall_per_query(txt, emb, chunk=200))
+
+
+# ---- bootstrap confidence intervals ----
+def test_resampled_auc_equals_sklearn_on_the_resample():
+    rng = np.random.default_rng(7)
+    labels = rng.random((300, 18)) < 0.2
+    scores = np.round(rng.random((300, 18)) + 0.3 * labels, 1)  # coarse: many tied scores
+    draw = rng.integers(0, 300, 300)
+    counts = np.bincount(draw, minlength=300)[None].astype(float)
+    expected = [roc_auc_score(labels[draw, f], scores[draw, f]) for f in range(18)]
+    np.testing.assert_allclose(rc.resampled_auc(labels, scores, counts)[0], expected, rtol=1e-12)
+
+
+def test_bootstrap_ci_contains_the_estimate_varies_and_is_seeded():
+    rng = np.random.default_rng(8)
+    labels = (rng.random((500, 18)) < 0.2).astype(int)
+    scores = rng.random((500, 18)) + 0.5 * labels
+    per_query = {"mAP@50": rng.random(500)}
+    ci = rc.bootstrap_ci(labels, scores, per_query, n_boot=300, seed=0)
+    for point, lo, hi in ci.values():
+        assert lo < point < hi  # a real resample has width; CT-CLIP's never resamples
+    assert ci["macro AUC"][0] == pytest.approx(rc.diagnosis_metrics(labels, scores)["macro"]["auc"])
+    assert ci["mAP@50"][0] == pytest.approx(per_query["mAP@50"].mean())
+    assert rc.bootstrap_ci(labels, scores, per_query, n_boot=300, seed=0) == ci
+    assert rc.bootstrap_ci(labels, scores, per_query, n_boot=300, seed=1) != ci
