@@ -1498,7 +1498,8 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
         if rank == 0 and (done % cfg.eval_every == 0 or last):
             metrics = validate(model, valid_ds, cfg, stage, modality, device, amp_dtype, channels_last)
             metrics["step"] = done
-            print0(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "step"))
+            print0(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                               if isinstance(v, float)))
             with open(log_path, "a") as f:
                 f.write(json.dumps({"eval": metrics}) + "\n")
         if rank == 0 and (done % cfg.save_every == 0 or last):
@@ -1522,9 +1523,9 @@ def validate(model, ds, cfg, stage, modality, device, amp_dtype, channels_last):
         head = (lambda m, v, t: m.visual_cls(m.visual(v))) if modality == "image" else \
                (lambda m, v, t: m.text_cls(m.text(t)))
         scores, y = embed(model, ds, head, cfg, device, amp_dtype, channels_last).numpy(), ds.labels.numpy()
-        aucs = [roc_auc_score(y[:, f] == 1, scores[:, f]) for f in range(len(FINDINGS))
-                if 0 < (y[:, f] == 1).sum() < len(y)]
-        return {"macro_auc": float(np.mean(aucs))}
+        auc = {f: roc_auc_score(y[:, k] == 1, scores[:, k]) if 0 < (y[:, k] == 1).sum() < len(y)
+               else math.nan for k, f in enumerate(FINDINGS)}  # undefined is NaN, never 0.5
+        return {"macro_auc": float(np.nanmean(list(auc.values()))), "auc": auc}
     both = embed(model, ds, lambda m, v, t: torch.cat([m.encode_image(v), m.encode_text(t)], 1),
                  cfg, device, amp_dtype, channels_last)
     img, txt = both.split(cfg.embed_dim, dim=1)
@@ -1804,7 +1805,8 @@ def embed_split(ckpt_path, data_dir, split, device="auto", labels_csv=None):
 
 
 def run_eval(ckpt_path, data_dir, split="valid", prompt="ctclip", ctclip_quirks=False,
-             scan_level=False, n_boot=1000, device="auto", labels_csv=None):
+             scan_level=False, n_boot=1000, device="auto", labels_csv=None,
+             map_ks=(1, 5, 10, 50), recall_ks=(5, 10, 50, 100)):
     """Embed a split once, then evaluate() it with the chosen zero-shot prompt pair."""
     model, cfg, ds, image_emb, text_emb = embed_split(ckpt_path, data_dir, split, device, labels_csv)
     pairs = zero_shot_prompts(load_prompts(), prompt)
@@ -1819,7 +1821,7 @@ def run_eval(ckpt_path, data_dir, split="valid", prompt="ctclip", ctclip_quirks=
         image_emb, text_emb, labels = image_emb[keep], text_emb[keep], labels[keep]
     results = evaluate(image_emb, text_emb, pos_emb, neg_emb,
                        model.logit_scale.clamp(max=math.log(cfg.logit_scale_max)).item(), labels,
-                       ctclip_quirks=ctclip_quirks, n_boot=n_boot)
+                       map_ks, recall_ks, ctclip_quirks, n_boot)
     results.update(checkpoint=str(ckpt_path), split=split, prompt=prompt,
                    retrieval_unit="scan" if scan_level else "volume")
     return results
@@ -1938,7 +1940,8 @@ def cmd_train(args):
 
 def cmd_eval(args):
     results = run_eval(args.ckpt, args.data, args.split, args.prompt, args.ctclip_quirks,
-                       args.scan_level, args.n_boot, args.device, args.labels)
+                       args.scan_level, args.n_boot, args.device, args.labels,
+                       sorted(args.map_k), sorted(args.recall_k))
     print(format_results(results))
     out = Path(args.out or Path(args.ckpt).with_suffix(f".{args.split}.results.json"))
     atomic_write_bytes(out, results_to_json(results).encode())
@@ -2032,6 +2035,8 @@ def build_parser():
     p.add_argument("--scan-level", action="store_true",
                    help="retrieval over one volume per scan (reconstructions share a report)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--map-k", type=int, nargs="+", default=[1, 5, 10, 50])
+    p.add_argument("--recall-k", type=int, nargs="+", default=[5, 10, 50, 100])
     p.add_argument("--out", help="results JSON (default: beside the checkpoint)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)

@@ -934,3 +934,21 @@ def test_bootstrap_ci_contains_the_estimate_varies_and_is_seeded():
     assert ci["mAP@50"][0] == pytest.approx(per_query["mAP@50"].mean())
     assert rc.bootstrap_ci(labels, scores, per_query, n_boot=300, seed=0) == ci
     assert rc.bootstrap_ci(labels, scores, per_query, n_boot=300, seed=1) != ci
+
+
+def test_eval_command_writes_table_and_json_and_reuses_embeddings(tmp_path, capsys):
+    cfg = tiny_training_data(tmp_path)
+    rc.train(cfg, "clip", tmp_path / "clip.pt", tmp_path)
+    args = ["eval", "--ckpt", str(tmp_path / "clip.pt"), "--data", str(tmp_path), "--map-k", "1", "2",
+            "--recall-k", "1", "5", "--n-boot", "50", "--out", str(tmp_path / "r.json")]
+    assert rc.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Zero-shot diagnosis, N = 6" in out and "chance 0.833" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["map_definition"].startswith("query excluded")
+    assert set(results["ci"]) == {"macro AUC", "mAP@2", "Recall@5"}
+    cache = tmp_path / "clip.valid.emb.pt"
+    stamp = cache.stat().st_mtime_ns
+    assert rc.main(args + ["--ctclip-quirks"]) == 0
+    assert cache.stat().st_mtime_ns == stamp  # same checkpoint and data: embeddings reused
+    assert "quirks included" in json.loads((tmp_path / "r.json").read_text())["map_definition"]
