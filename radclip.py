@@ -119,6 +119,7 @@ class Config:
     uncertain: str = "ignore"       # what -1 labels train as: ignore (masked) | zero | one
     pos_weight: bool = False        # weight positives by neg/pos prevalence in BCE
     augment: bool = True
+    max_train_volumes: int = 0      # 0: all; else the first N (the data-scaling ablation)
     # Runtime
     amp: str = "auto"               # auto: AMP on CUDA, fp32 on CPU (CPU bf16 is ~35x slower)
     channels_last: str = "auto"     # auto: whatever `bench` measured faster on this device
@@ -407,7 +408,7 @@ class Tokenizer:
 class CTRateDataset(torch.utils.data.Dataset):
     """(volume (1, D, H, W), token ids (L,), labels (18,)) for one split, from prep's cache."""
 
-    def __init__(self, data_dir, split, cfg, tokenizer=None, labels_csv=None, augment=False):
+    def __init__(self, data_dir, split, cfg, tokenizer=None, labels_csv=None, augment=False, limit=0):
         self.cfg, self.tokenizer, self.augment = cfg, tokenizer, augment
         self.cache = cache_dir(data_dir, cfg) / split
         if not (self.cache / "index.csv").is_file():
@@ -417,6 +418,7 @@ class CTRateDataset(torch.utils.data.Dataset):
         reports = read_reports(ctrate_csv(data_dir, split, "reports"))
         labels = read_labels(labels_csv or ctrate_csv(data_dir, split, "labels"))
         self.names = match_ids(f"{split} split", volumes=cached, reports=reports, labels=labels)
+        self.names = self.names[:limit or None]
         self.reports = [reports[n] for n in self.names]
         self.labels = torch.tensor(np.stack([labels[n] for n in self.names]))
 
@@ -1405,7 +1407,8 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
     else:  # deterministic, so every run on the same train split builds the same vocabulary
         tokenizer = Tokenizer.build(read_reports(ctrate_csv(data_dir, "train", "reports")).values(),
                                     cfg.vocab_min_freq)
-    train_ds = CTRateDataset(data_dir, "train", cfg, tokenizer, labels_csv, augment=cfg.augment)
+    train_ds = CTRateDataset(data_dir, "train", cfg, tokenizer, labels_csv, cfg.augment,
+                             cfg.max_train_volumes)
     valid_ds = CTRateDataset(data_dir, "valid", cfg, tokenizer)  # the split's own (gold) labels
 
     model = RadCLIP(cfg, len(tokenizer.vocab))
@@ -2016,6 +2019,7 @@ def build_parser():
     p.add_argument("--aux-cls", type=float, help="weight of a classifier loss during CLIP (GreenRFM)")
     p.add_argument("--learn-temperature", action=argparse.BooleanOptionalAction)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction)
+    p.add_argument("--max-train-volumes", type=int, help="train on the first N volumes only")
     p.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"],
                    help="auto: bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
     p.add_argument("--channels-last", choices=["auto", "on", "off"],
