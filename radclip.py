@@ -157,7 +157,6 @@ def make_config(preset="paper", **overrides):
 # ---- 2. Utilities ----
 # ---------------------------------------------------------------------------------------
 def seed_everything(seed):
-    import random
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -824,7 +823,7 @@ def tokens_line(counts, args):
     if args.price_in is None and args.price_out is None:
         return line
     usd = counts["prompt_tokens"] * (args.price_in or 0) + counts["completion_tokens"] * (args.price_out or 0)
-    return line + f", ${usd / 1e6:.4f} at ${args.price_in}/${args.price_out} per 1M tokens in/out"
+    return line + f", ${usd / 1e6:.4f} at ${args.price_in or 0}/${args.price_out or 0} per 1M tokens in/out"
 
 
 def write_labels(path, id_col, ids, labels):
@@ -847,7 +846,9 @@ def cmd_label(args):
     if args.backend == "rules" or not base_url:
         if args.backend == "llm":
             print("label: no endpoint (--base-url, OPENAI_BASE_URL): the rules label", file=sys.stderr)
-        if not args.dry_run:  # the rules cost nothing: there is nothing to estimate
+        if args.dry_run:
+            print("label: the rules backend sends no request and costs nothing")
+        else:
             write_labels(out, args.id_col, ids, [rules_label(t) for t in tqdm(texts, "rules", unit="report")])
             print(f"label: {len(ids)} reports labelled by rules -> {out}")
         return 0
@@ -896,7 +897,7 @@ def print_dry_run(labeler, texts, cache_path, args):
 def add_label_parser(subparsers):
     p = subparsers.add_parser("label", help="silver labels from reports (LLM or rules), or --eval them")
     p.add_argument("--reports", help="CSV (default layout: CT-RATE's VolumeName, Findings_EN, Impressions_EN)")
-    p.add_argument("--out", help="labels CSV: the id + 18 findings as 1/0/-1 (with --eval: the table, JSON)")
+    p.add_argument("--out", help="labels CSV: the id + 18 findings as 1/0/-1 (with --eval: the table as JSON)")
     p.add_argument("--backend", choices=["llm", "rules"], default="llm",
                    help="llm: an OpenAI-compatible server; rules: offline, also when no server is set")
     p.add_argument("--base-url", help="URL ending in /v1 (default $OPENAI_BASE_URL); key: $OPENAI_API_KEY")
@@ -1400,16 +1401,15 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
         print0(f"{out}: already trained ({ckpt['step']} steps); delete it to train again")
         return ckpt["metrics"]
     if ckpt:
+        print0(f"{out}: resuming at step {ckpt['step']} with the checkpoint's own config")
         cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
-        tokenizer = Tokenizer(ckpt["vocab"])
-    elif init_text:
-        tokenizer = Tokenizer(load_checkpoint(init_text)["vocab"])
-    else:  # deterministic, so every run on the same train split builds the same vocabulary
-        tokenizer = Tokenizer.build(read_reports(ctrate_csv(data_dir, "train", "reports")).values(),
-                                    cfg.vocab_min_freq)
-    train_ds = CTRateDataset(data_dir, "train", cfg, tokenizer, labels_csv, cfg.augment,
-                             cfg.max_train_volumes)
-    valid_ds = CTRateDataset(data_dir, "valid", cfg, tokenizer)  # the split's own (gold) labels
+    train_ds = CTRateDataset(data_dir, "train", cfg, None, labels_csv, cfg.augment, cfg.max_train_volumes)
+    valid_ds = CTRateDataset(data_dir, "valid", cfg)  # the split's own (gold) labels
+    if ckpt or init_text:
+        tokenizer = Tokenizer(ckpt["vocab"] if ckpt else load_checkpoint(init_text)["vocab"])
+    else:  # deterministic: every run on the same training reports builds the same vocabulary
+        tokenizer = Tokenizer.build(train_ds.reports, cfg.vocab_min_freq)
+    train_ds.tokenizer = valid_ds.tokenizer = tokenizer
 
     model = RadCLIP(cfg, len(tokenizer.vocab))
     if init_image and not ckpt:
@@ -1818,7 +1818,7 @@ def run_eval(ckpt_path, data_dir, split="valid", prompt="ctclip", ctclip_quirks=
         model.eval()
         pos_emb, neg_emb = (model.encode_text(torch.stack([tokenizer.encode(pair[i], cfg.context_len)
                                                            for pair in pairs])) for i in (0, 1))
-    labels = ds.labels.numpy()
+    labels = np.where(ds.labels.numpy() == -1, 1, ds.labels.numpy())  # silver "uncertain" counts as present
     if scan_level:  # one volume per scan: a sibling reconstruction is not a second answer
         keep = sorted({n.rsplit("_", 1)[0]: i for i, n in reversed(list(enumerate(ds.names)))}.values())
         image_emb, text_emb, labels = image_emb[keep], text_emb[keep], labels[keep]
@@ -1850,16 +1850,17 @@ def demo(out="demo", seed=0, device="auto"):
               + ("" if backend == "llm" else " (set OPENAI_BASE_URL and OPENAI_MODEL for an LLM)"))
         if main(["label", "--reports", str(ctrate_csv(data, "train", "reports")), "--out", str(silver),
                  "--backend", backend]):
-            raise RadclipError("labelling failed; rerun the demo to retry just the failed reports")
+            raise RadclipError("labelling failed (see above); fix that and rerun the demo")
     quality = label_quality(read_labels(silver), read_labels(ctrate_csv(data, "train", "labels")))
     init = {}
     for modality in ("image", "text"):
         init[modality] = out / f"supervised_{modality}.pt"
-        train(cfg, "supervised", init[modality], data, modality, silver, device=device)
+        train(cfg, "supervised", init[modality], data, modality, silver, resume=True, device=device)
     runs = {"scratch": {}, "supervised": {"init_image": init["image"], "init_text": init["text"]}}
     results = {}
     for name, kwargs in runs.items():
-        train(cfg, "clip", out / f"clip_{name}.pt", data, labels_csv=silver, device=device, **kwargs)
+        train(cfg, "clip", out / f"clip_{name}.pt", data, labels_csv=silver, resume=True,
+              device=device, **kwargs)
         results[name] = run_eval(out / f"clip_{name}.pt", data, device=device)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nradclip demo: the paper's ablation on synthetic CT-RATE ({results['scratch']['n']} valid "
@@ -1907,11 +1908,12 @@ def add_config_flags(p):
     """Flags that map one to one onto Config fields; None keeps the preset's value."""
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="paper: the paper's settings (GPU); tiny: a 2-core CPU (default)")
-    p.add_argument("--spacing-mm", type=float, nargs=3, metavar=("X", "Y", "Z"))
-    p.add_argument("--input-shape", type=int, nargs=3, metavar=("D", "H", "W"))
-    p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"))
-    p.add_argument("--workers", type=int, help="data-loading processes")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--spacing-mm", type=float, nargs=3, metavar=("X", "Y", "Z"), help="voxel size, mm")
+    p.add_argument("--input-shape", type=int, nargs=3, metavar=("D", "H", "W"), help="voxels")
+    p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="HU range mapped to [-1, 1]")
+    p.add_argument("--workers", type=int, help="worker processes (prep: volumes in parallel; "
+                   "train: data loading)")
 
 
 def config_from_args(args):
@@ -1934,11 +1936,11 @@ def cmd_prep(args):
 
 def cmd_train(args):
     cfg = config_from_args(args)
-    if args.stage == "supervised" and args.modality == "text" and args.init_image:
-        raise RadclipError("--init-image has no use when training the text tower")
+    if args.stage == "supervised" and (args.init_image or args.init_text):
+        raise RadclipError("--init-image/--init-text start the CLIP stage; supervised stages start from scratch")
     metrics = train(cfg, args.stage, args.out, args.data, args.modality, args.labels,
                     args.init_image, args.init_text, args.resume, args.device)
-    print(json.dumps(metrics))
+    print(results_to_json(metrics))
 
 
 def cmd_eval(args):
@@ -1977,7 +1979,8 @@ def cmd_demo(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="radclip", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="radclip", description="radclip: LLM silver labels, "
+                                     "supervised pre-training and CLIP for 3D chest CT (arXiv 2509.13175)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     add_label_parser(sub)
@@ -2004,28 +2007,32 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1")
     add_config_flags(p)
+    p.add_argument("--seed", type=int)
     p.add_argument("--width", type=int, help="channels of ResNet layer1 (64 = ResNet-18)")
-    p.add_argument("--stem-kernel", type=int)
-    p.add_argument("--stem-stride", type=int)
+    p.add_argument("--stem-kernel", type=int, help="the 1-channel stem's cube size, voxels")
+    p.add_argument("--stem-stride", type=int, help="2: the authors' standard stem; 4: their lite one")
+    p.add_argument("--context-len", type=int, help="report tokens the text tower reads; the rest is cut")
     p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--accum-steps", type=int)
-    p.add_argument("--epochs", type=float)
+    p.add_argument("--epochs", type=float, help="passes over the training split (sets the steps)")
     p.add_argument("--supervised-lr", type=float)
     p.add_argument("--clip-lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--warmup-steps", type=int, help="optimizer steps of linear warmup")
     p.add_argument("--uncertain", choices=["ignore", "zero", "one"],
                    help="how -1 (uncertain) labels train: masked out, as 0 or as 1")
-    p.add_argument("--pos-weight", action=argparse.BooleanOptionalAction)
+    p.add_argument("--pos-weight", action=argparse.BooleanOptionalAction,
+                   help="weight positives by the negative/positive ratio in BCE")
     p.add_argument("--aux-cls", type=float, help="weight of a classifier loss during CLIP (GreenRFM)")
-    p.add_argument("--learn-temperature", action=argparse.BooleanOptionalAction)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction)
+    p.add_argument("--learn-temperature", action=argparse.BooleanOptionalAction,
+                   help="--no-learn-temperature fixes CLIP's temperature at 0.07")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random shifts of up to 8%%")
     p.add_argument("--max-train-volumes", type=int, help="train on the first N volumes only")
     p.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"],
                    help="auto: bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
     p.add_argument("--channels-last", choices=["auto", "on", "off"],
                    help="auto: the faster one, measured once on this device")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--save-every", type=int)
+    p.add_argument("--eval-every", type=int, help="validate every N optimizer steps")
+    p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="zero-shot AUC, image-image mAP@K, report-image Recall@K, CIs")
@@ -2033,14 +2040,15 @@ def build_parser():
     p.add_argument("--data", required=True)
     p.add_argument("--split", choices=["train", "valid"], default="valid")
     p.add_argument("--labels", help="labels CSV to score against; default: the split's own (gold)")
-    p.add_argument("--prompt", default="ctclip", help="zero-shot template pair from prompts.txt")
+    p.add_argument("--prompt", default="ctclip", help="zero-shot template pair from prompts.txt "
+                   "(ctclip, there-is, plain, compatible)")
     p.add_argument("--ctclip-quirks", action="store_true",
                    help="mAP as CT-CLIP's script computes it (query in its own gallery, K mixed)")
     p.add_argument("--scan-level", action="store_true",
                    help="retrieval over one volume per scan (reconstructions share a report)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
-    p.add_argument("--map-k", type=int, nargs="+", default=[1, 5, 10, 50])
-    p.add_argument("--recall-k", type=int, nargs="+", default=[5, 10, 50, 100])
+    p.add_argument("--map-k", type=int, nargs="+", default=[1, 5, 10, 50], help="K values for mAP@K")
+    p.add_argument("--recall-k", type=int, nargs="+", default=[5, 10, 50, 100], help="K values for Recall@K")
     p.add_argument("--out", help="results JSON (default: beside the checkpoint)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
@@ -2055,7 +2063,7 @@ def build_parser():
     add_config_flags(p)
     p.add_argument("--data", help="also time data loading from this folder's prep cache")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="volumes per timed step")
     p.add_argument("--device", default="auto")
     p.add_argument("--labeler", action="store_true", help="time the LLM labeler against a local server")
     p.add_argument("--latency", type=float, default=0.2, help="the local server's seconds per reply")
