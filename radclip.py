@@ -45,6 +45,8 @@ import random
 import re
 import sys
 import tempfile
+import multiprocessing
+import zlib
 import threading
 import time
 from collections import Counter
@@ -52,6 +54,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from statistics import NormalDist
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -197,6 +201,677 @@ def write_csv(path, rows, columns):
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
+
+
+# <<SYNTH START>>
+# ---------------------------------------------------------------------------------------
+# ---- 3a. A synthetic miniature CT-RATE ----
+# No real CT can be had on our machines, so radclip draws its own CT-RATE: chest phantoms in HU with
+# the 18 findings painted as they look on CT, CT-RATE-style reports, labels and metadata, stored in
+# the release's layout and format, so that everything downstream reads it through the code path
+# real CT-RATE takes. Phantoms live in patient mm: x to the patient's left, y posterior, z up.
+# ---------------------------------------------------------------------------------------
+
+
+def unit(v):
+    return np.asarray(v, float) / np.linalg.norm(v)
+
+
+def box(ax, lo, hi):
+    """Index slices of the voxels whose centres lie in [lo, hi] mm, and their broadcastable x, y, z."""
+    s = tuple(slice(np.searchsorted(a, l), np.searchsorted(a, h, "right")) for a, l, h in zip(ax, lo, hi))
+    return s, ax[0][s[0], None, None], ax[1][None, s[1], None], ax[2][None, None, s[2]]
+
+
+def ellipsoid(ax, c, r):
+    """Slices around an axis-aligned ellipsoid and the normalised radius there (< 1 inside)."""
+    s, x, y, z = box(ax, np.subtract(c, r), np.add(c, r))
+    return s, np.sqrt(((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2)
+
+
+def blob(hu, ax, c, r, value, where=None):
+    """Paint an ellipsoid (r: half-axes or one radius in mm), only inside the mask where if given."""
+    s, rho = ellipsoid(ax, c, np.broadcast_to(r, 3))
+    hu[s][rho < 1 if where is None else (rho < 1) & where[s]] = value
+
+
+def disc(ax, p, normal, radius, half_thick):
+    """Slices around a flat disc (a plate or band of tissue) and the mask of the voxels inside it."""
+    s, x, y, z = box(ax, p - radius, p + radius)
+    h = (x - p[0]) * normal[0] + (y - p[1]) * normal[1] + (z - p[2]) * normal[2]
+    return s, (np.abs(h) < half_thick) & ((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2 - h ** 2 < radius ** 2)
+
+
+def draw_tubes(hu, ax, tubes, hu_lumen, wall_mm=0.0, hu_wall=40.0, where=None):
+    """Paint tubes (p0, p1, radius mm), all walls first so that no branch walls off its parent's lumen."""
+    for wall in (wall_mm, 0.0) if wall_mm else (0.0,):
+        for p0, p1, r in tubes:
+            s, x, y, z = box(ax, np.minimum(p0, p1) - r - wall, np.maximum(p0, p1) + r + wall)
+            d = p1 - p0
+            t = np.clip(((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / (d @ d), 0, 1)
+            dist2 = (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2
+            near = dist2 < (r + wall) ** 2
+            hu[s][near if where is None else near & where[s]] = hu_wall if wall else hu_lumen
+
+
+def lung_radius(L, x, y, z):
+    """Normalised radius in lung L (< 1 inside): an elliptic cylinder that tapers to the apex and
+    stands on a diaphragm dome that is highest under the lung's centre."""
+    rr2 = ((x - L.cx) / L.a) ** 2 + ((y - L.cy) / L.b) ** 2
+    taper = np.sqrt(1 - np.clip((z - L.mid) / (L.top - L.mid), 0, 0.999) ** 2)
+    return np.where(z > L.base + L.dome * (1 - rr2), np.sqrt(rr2) / taper, np.inf)
+
+
+def lung_point(rng, a, r=(0.0, 0.8), z=(-100.0, 115.0)):
+    """A random point in the lungs with normalised radius in r and height in z (mm), clear of the
+    heart and inside the 288 mm box that the tiny preset crops around the volume centre. Grid-free,
+    so that both reconstructions of a scan place their findings alike."""
+    while True:
+        L = a.lungs[rng.integers(2)]
+        p = np.array([L.cx + L.a * rng.uniform(-1, 1), L.cy + L.b * rng.uniform(-1, 1), rng.uniform(*z)])
+        in_heart = (((p - a.heart_c) / (a.heart_r + 25)) ** 2).sum() < 1
+        if r[0] <= lung_radius(L, *p) < r[1] and abs(p[0]) < 130 and not in_heart:
+            return p
+
+
+def lobe_name(a, p):
+    side, L = ("right", a.lungs[0]) if p[0] < 0 else ("left", a.lungs[1])
+    if p[2] > L.hilum[2] + 10:
+        return f"{side} upper lobe"
+    if p[1] < L.cy - 0.2 * L.b:
+        return "right middle lobe" if side == "right" else "lingula"
+    return f"{side} lower lobe"
+
+
+def paint_heart(hu, ax, a):
+    """The heart in its epicardial fat; where it lies, the lung is no longer lung."""
+    s, rho = ellipsoid(ax, a.heart_c, a.heart_r + 4)
+    a.lung[s] &= rho >= 1
+    hu[s][rho < 1] = a.fat
+    blob(hu, ax, a.heart_c, a.heart_r, a.tissue)
+
+
+def build_anatomy(rng, ax):
+    """A normal chest in HU on the grid ax (voxel centres in mm), and the landmarks that findings
+    are placed by. Sizes, positions and densities vary from patient to patient."""
+    U = rng.uniform
+    x, y, z = ax[0][:, None, None], ax[1][None, :, None], ax[2][None, None, :]
+    a = SimpleNamespace(bw=U(150, 175), bh=U(100, 130), fat=U(-110, -90), tissue=U(35, 50), lungs=[])
+    body = np.sqrt((x / a.bw) ** 2 + (y / a.bh) ** 2)                   # < 1 inside the body
+    wall = np.where((body > 0.84) & (body < 0.93), U(35, 55), a.fat).astype(np.float32)  # chest muscle in fat
+    for sgn, dome in ((-1, U(55, 75)), (1, U(40, 60))):                  # the liver lifts the right dome
+        la, lb, base, top = U(0.36, 0.41) * a.bw, U(0.75, 0.82) * a.bh, U(-115, -95), U(110, 135)
+        a.lungs.append(SimpleNamespace(cx=sgn * (0.84 * a.bw - la), cy=0.84 * a.bh - lb, a=la, b=lb,
+                                       base=base, dome=dome, top=top, mid=base + 0.45 * (top - base)))
+    diaphragm = np.maximum(*(L.base + L.dome * (1 - ((x - L.cx) / L.a) ** 2 - ((y - L.cy) / L.b) ** 2)
+                             for L in a.lungs))
+    abdomen = np.where(x < 0, U(50, 65), U(30, 45)).astype(np.float32)     # liver, spleen
+    hu = np.where(body < 1, np.where((z < diaphragm) & (body < 0.84), abdomen, wall), np.float32(-1000))
+    L = a.lungs[1]
+    blob(hu, ax, (0.45 * a.bw, -0.3 * a.bh, L.base + L.dome - 45), (35, 30, 25), -1000)   # stomach gas
+    a.lung_r, lung_hu = np.full(hu.shape, np.inf, np.float32), U(-880, -820)
+    for L in a.lungs:
+        s, xs, ys, zs = box(ax, (L.cx - L.a, L.cy - L.b, L.base), (L.cx + L.a, L.cy + L.b, L.top))
+        r = lung_radius(L, xs, ys, zs)
+        a.lung_r[s] = np.minimum(a.lung_r[s], r)
+        hu[s] = np.where(r < 1, lung_hu + 30 * (ys - L.cy) / L.b, hu[s])    # dependent lung is denser
+    a.lung, a.ctr = a.lung_r < 1, U(0.40, 0.48)                            # cardiothoracic ratio
+    a.heart_r = np.array([1, U(0.7, 0.8), U(0.75, 0.85)]) * a.ctr * 0.84 * a.bw
+    a.heart_c = np.array([U(0.2, 0.35) * a.heart_r[0], -0.82 * a.bh + a.heart_r[1] + U(0, 8),
+                          L.base + L.dome + a.heart_r[2] * U(0.4, 0.6)])   # on the left dome
+    paint_heart(hu, ax, a)
+    a.carina, a.aorta_r = np.array([0.0, U(0.0, 0.15) * a.bh, U(25, 45)]), U(12, 16)
+    arch, dx, dy = a.carina[2] + U(20, 35), U(22, 32), U(0.3, 0.4) * a.bh
+    a.aorta = [a.heart_c + a.heart_r * (-0.35, 0.2, 0.6), np.array([-U(10, 20), -0.3 * a.bh, arch - 15]),
+               np.array([U(10, 18), -0.2 * a.bh, arch]), np.array([dx, dy, arch - 15]), np.array([dx, dy, -110])]
+    for L, sgn in zip(a.lungs, (-1, 1)):
+        L.hilum = a.carina + (sgn * U(38, 48), U(5, 15), -U(15, 25))
+    trunk, svc = np.array([U(5, 12), a.carina[1] - 0.15 * a.bh, a.carina[2] - 12]), (-U(22, 30), -0.2 * a.bh)
+    draw_tubes(hu, ax, [(p, q, a.aorta_r) for p, q in zip(a.aorta, a.aorta[1:] + [np.array([dx, dy, -400])])]
+               + [(a.heart_c + a.heart_r * (0.15, -0.5, 0.75), trunk, 12.0)]           # pulmonary trunk,
+               + [(trunk, L.hilum, 9.0) for L in a.lungs]                               # arteries to the hila,
+               + [(np.array([*svc, 200]), np.array([*svc, a.heart_c[2] + 0.6 * a.heart_r[2]]), 9.0),  # SVC,
+                  (np.array([U(0, 8), a.carina[1] + 16, 200]), np.array([5, a.carina[1] + 20, -200]), 7.0)],
+               a.tissue)                                                                # esophagus
+    a.lung &= hu < -500                                   # lung that the vessels displace is no longer lung
+    # Lymph node stations: in mediastinal fat or at the hila, clear of the great vessels.
+    a.stations = {"right paratracheal": a.carina + (-17, -8, 22), "prevascular": a.carina + (0, -0.6 * a.bh, 20),
+                  "aortopulmonary window": a.carina + (22, -12, 6), "subcarinal": a.carina + (0, 0, -28),
+                  "right hilar": a.lungs[0].hilum + (0, -14, -6), "left hilar": a.lungs[1].hilum + (0, -14, -6)}
+    for station in rng.choice(list(a.stations.values()), 2, replace=False):       # normal small lymph nodes
+        blob(hu, ax, station, U(2, 3.5), a.tissue)
+    draw_bronchial_tree(rng, hu, ax, a)
+    draw_skeleton(rng, hu, x, y, z, body, a)
+    return hu, a
+
+
+# Lobar bronchus directions from the hilum, for the left lung (x is mirrored for the right).
+LOBE_DIRECTIONS = {"upper": (0.45, 0.05, 0.9), "lower": (0.3, 0.55, -0.8), "middle": (0.55, -0.7, -0.45)}
+
+
+def draw_bronchial_tree(rng, hu, ax, a):
+    """Trachea, main, lobar, segmental and subsegmental bronchi (air in a thin wall), each with its
+    artery alongside, and smaller vessels beyond them reaching out towards the pleura."""
+    a.bronchi, vessels = [], []                                          # bronchi: (p0, p1, radius, lobe)
+    for L, sgn, side in zip(a.lungs, (-1, 1), ("right", "left")):
+        for lobe, d in LOBE_DIRECTIONS.items():
+            name = "lingula" if (side, lobe) == ("left", "middle") else f"{side} {lobe} lobe"
+            d = unit(np.multiply(d, (sgn, 1, 1)) + rng.normal(0, 0.1, 3))
+            p1 = L.hilum + d * rng.uniform(20, 30)
+            a.bronchi.append((L.hilum, p1, 4.5, name))
+            for _ in range(2):
+                d2 = unit(d + rng.normal(0, 0.5, 3))
+                p2 = p1 + d2 * rng.uniform(25, 35)
+                p3 = p2 + unit(d2 + rng.normal(0, 0.4, 3)) * rng.uniform(20, 30)
+                a.bronchi += [(p1, p2, 3.0, name), (p2, p3, 2.0, name)]
+    for p0, p1, r, _ in a.bronchi:
+        o = unit(np.cross(p1 - p0, rng.normal(size=3))) * (2 * r + 2)
+        vessels.append((p0 + o, p1 + o, r * rng.uniform(0.9, 1.2)))
+        vessels += [(p1 + o, p1 + o + unit(p1 - p0 + rng.normal(0, 12, 3)) * rng.uniform(20, 35), 2.0)
+                    for _ in range(3 * (r < 3))]
+    draw_tubes(hu, ax, vessels, a.tissue, where=a.lung)
+    draw_tubes(hu, ax, [(p0, p1, r) for p0, p1, r, _ in a.bronchi], -1000, 1.0, a.tissue, a.lung)
+    draw_tubes(hu, ax, [(np.array([0, a.carina[1], 200]), a.carina, rng.uniform(8, 10))]
+               + [(a.carina, L.hilum, 6.5) for L in a.lungs], -1000, 2.0, a.tissue)
+
+
+def draw_skeleton(rng, hu, x, y, z, body, a):
+    """Vertebrae (cortex 450-700 HU, marrow 150-250, discs 80) around the spinal canal, ribs that
+    slope down to the front (400-600) and the sternum (300-450)."""
+    U = rng.uniform
+    yv, rv = a.bh - U(60, 70), U(15, 20)                           # vertebral body: centre and radius
+    dv, dc = np.hypot(x, y - yv), np.hypot(x, y - yv - rv - 10)
+    vertebra = (dv < rv) | (dc > 8) & (dc < 13) | (np.abs(x) < 5) & (y > yv + rv + 20) & (y < yv + rv + 40)
+    disc = (z - U(0, 28)) % U(26, 30) < 6
+    hu[vertebra & ~disc] = U(150, 250)
+    hu[vertebra & (dv > rv - 3) & ~disc] = U(450, 700)
+    hu[vertebra & disc] = 80
+    hu[dc[..., 0] < 8] = 20                                         # spinal canal
+    pitch, front = U(24, 30), (y < 0) & (np.abs(x) < 30)           # costal cartilages spare the front
+    hu[(body > 0.86) & (body < 0.91) & ~front & ((z - U(0.3, 0.5) * y + U(0, 30)) % pitch < U(9, 12))] = U(400, 600)
+    hu[(np.abs(x) < 14) & (y > -0.93 * a.bh) & (y < -0.85 * a.bh) & (z > -80) & (z < 100)] = U(300, 450)  # sternum
+
+
+# ---- The 18 findings, as they look on CT, at a random size, place and strength ----
+# Sizes and contrasts are generous enough to survive the tiny preset's 4.5 x 4.5 x 9 mm voxels and
+# [-1000, 200] HU window. Each returns a detail (where, how big) that the report quotes.
+def metal_streaks(rng, hu, ax):
+    """Streaks that metal casts across its axial slices (beam hardening, photon starvation): rays of
+    +-100..300 HU around the metal's centre, fading over ~15 cm, as on real CT."""
+    rays, amplitude, phase = rng.integers(6, 12), rng.uniform(100, 300), rng.uniform(0, 2 * np.pi)
+    for k in np.flatnonzero((hu > 2000).any((0, 1))):
+        i, j = np.nonzero(hu[:, :, k] > 2000)
+        dx, dy = ax[0][:, None] - ax[0][i].mean(), ax[1][None, :] - ax[1][j].mean()
+        streaks = np.cos(rays * np.arctan2(dy, dx) + phase) ** 9 * np.exp(-np.hypot(dx, dy) / 150)
+        hu[:, :, k] += amplitude * streaks * (hu[:, :, k] > -950)        # the air around the body stays air
+
+
+def draw_medical_material(rng, hu, ax, a):
+    """Metal (2500-3500 HU): sternotomy wires, a pacemaker and its lead, a port catheter or an aortic
+    stent, with the streaks metal casts."""
+    detail = draw_device(rng, hu, ax, a, metal=rng.uniform(2500, 3500), kind=rng.integers(4))
+    metal_streaks(rng, hu, ax)
+    return detail
+
+
+def draw_device(rng, hu, ax, a, metal, kind):
+    """Device kind 0: sternotomy wires, 1: pacemaker, 2: port catheter, 3: aortic stent; returns its description."""
+    if kind == 0:                   # wire loops around the sternum: inside the bone they would not show
+        loop = [np.array([x, f * a.bh]) for x, f in ((-18, -0.95), (18, -0.95), (18, -0.82), (-18, -0.82))]
+        loop.append(loop[0])
+        for z in np.arange(-60, 90, rng.uniform(22, 32)):
+            draw_tubes(hu, ax, [(np.append(p, z), np.append(q, z), 3.0) for p, q in zip(loop, loop[1:])], metal)
+        return "consistent with sternotomy wires"
+    if kind == 3:                   # a wire mesh lining the descending aorta
+        s, x, y, z = box(ax, a.aorta[4] - a.aorta_r - 2, a.aorta[3] + a.aorta_r + 2)
+        d = np.sqrt((x - a.aorta[4][0]) ** 2 + (y - a.aorta[4][1]) ** 2)
+        hu[s][(np.abs(d - a.aorta_r + 1) < 2) & (np.cos(z * 0.8) > 0)] = metal
+        return "consistent with a stent in the descending aorta"
+    c = np.array([rng.choice([-1, 1]) * rng.uniform(60, 80), -0.78 * a.bh, rng.uniform(60, 90)])  # chest wall
+    blob(hu, ax, c, (24, 8, 20) if kind == 1 else (12, 8, 12), metal)
+    tip = (-0.3, -0.6, -0.5) if kind == 1 else (-0.7, 0, 0.4)   # lead to the right ventricle, catheter to the atrium
+    path = [c, np.array([np.sign(c[0]) * 45, -0.45 * a.bh, 125]), np.array([-26, -0.2 * a.bh, a.carina[2] + 20]),
+            a.heart_c + a.heart_r * tip]                          # through the subclavian vein and the SVC
+    draw_tubes(hu, ax, [(p, q, 3.0) for p, q in zip(path, path[1:])], metal)
+    return "belonging to a pacemaker and its lead" if kind == 1 else "belonging to a port catheter"
+
+
+def draw_arterial_wall_calcification(rng, hu, ax, a):
+    """Calcified plaques (400-1200 HU): 15-40 streaks 10-30 mm long and 7-11 mm thick along the wall
+    of the aortic arch and descending aorta."""
+    for _ in range(rng.integers(15, 40)):
+        i = rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3])
+        axis = unit(a.aorta[i + 1] - a.aorta[i])
+        c = a.aorta[i] + rng.random() * (a.aorta[i + 1] - a.aorta[i])
+        c = c + a.aorta_r * unit(np.cross(axis, rng.normal(size=3)))         # a point on the wall
+        half = axis * rng.uniform(5, 15)
+        draw_tubes(hu, ax, [(c - half, c + half, rng.uniform(3.5, 5.5))], rng.uniform(400, 1200))
+    return "in the aortic arch and descending aorta"
+
+
+def draw_cardiomegaly(rng, hu, ax, a):
+    """The heart (35-50 HU) repainted larger, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48): it
+    grows left, back and up, still resting on the diaphragm and the anterior chest wall."""
+    ctr = rng.uniform(0.56, 0.68)
+    grow = a.heart_r * (ctr / a.ctr - 1)
+    a.heart_c, a.heart_r, a.ctr = a.heart_c + grow * (0.4, 1, 1), a.heart_r + grow, ctr
+    paint_heart(hu, ax, a)
+    return f"(cardiothoracic ratio {ctr:.2f})"
+
+
+def draw_pericardial_effusion(rng, hu, ax, a):
+    """Fluid (0-20 HU) 8-20 mm thick around the heart and its fat, thickest dependently (posterior)."""
+    t = rng.uniform(8, 20)
+    s, rho = ellipsoid(ax, a.heart_c + (0, t / 3, 0), a.heart_r + 4 + t)
+    a.lung[s] &= rho >= 1
+    hu[s][rho < 1] = rng.uniform(0, 20)
+    paint_heart(hu, ax, a)
+    return f"reaching {t:.0f} mm in thickness"
+
+
+# Courses on the heart's surface: azimuth from, to (degrees from the patient's left towards the
+# back) and height from, to (on the heart's normalised vertical axis).
+CORONARIES = {"LAD": (-80, -60, 0.5, -0.7), "circumflex": (-50, 60, 0.4, 0.3), "RCA": (-110, -230, 0.4, 0.2)}
+
+
+def coronary_point(a, name, t):
+    """The point a fraction t along a coronary artery's course, 3 mm out from the heart's surface."""
+    phi0, phi1, h0, h1 = CORONARIES[name]
+    phi, h = np.radians(phi0 + t * (phi1 - phi0)), h0 + t * (h1 - h0)
+    u = np.array([np.cos(phi) * np.sqrt(1 - h * h), np.sin(phi) * np.sqrt(1 - h * h), h])   # on a unit sphere
+    return a.heart_c + u * (a.heart_r + 3)
+
+
+def draw_coronary_artery_wall_calcification(rng, hu, ax, a):
+    """Calcified plaques (400-1200 HU): segments 7-10 mm thick along the coronary courses on the heart."""
+    names = sorted(rng.choice(list(CORONARIES), rng.integers(1, 4), replace=False))
+    for name in names:
+        for t in rng.random(rng.integers(3, 6)):
+            tubes = [(coronary_point(a, name, t), coronary_point(a, name, min(t + rng.uniform(0.2, 0.5), 1)),
+                      rng.uniform(3.5, 5))]
+            draw_tubes(hu, ax, tubes, rng.uniform(400, 1200))
+    return "(" + ", ".join(names) + ")"
+
+
+def draw_hiatal_hernia(rng, hu, ax, a):
+    """Stomach pulled above the diaphragm behind the heart: a walled sac of fluid (0-30 HU) under a gas cap."""
+    r, L = rng.uniform((28, 20, 25), (45, 30, 40)), a.lungs[1]
+    c = np.array([rng.uniform(5, 30), a.heart_c[1] + a.heart_r[1] + 0.6 * r[1], L.base + L.dome + 0.7 * r[2]])
+    blob(hu, ax, c, r + 4, a.tissue)
+    s, rho = ellipsoid(ax, c, r)
+    level = c[1] + rng.uniform(-0.5, 0.5) * r[1]                     # supine: the gas rises to the front
+    hu[s] = np.where(rho < 1, np.where(ax[1][None, s[1], None] > level, rng.uniform(0, 30), -1000), hu[s])
+    return f"measuring {2 * r[0]:.0f} mm"
+
+
+def draw_lymphadenopathy(rng, hu, ax, a):
+    """Enlarged nodes (18-32 mm short axis, 30-50 HU), one or two at each of 3-6 mediastinal and
+    hilar stations."""
+    names, short = rng.choice(list(a.stations), rng.integers(3, 7), replace=False), rng.uniform(18, 32, 6)
+    for name, d in zip(names, short):
+        for _ in range(rng.integers(1, 3)):
+            c = a.stations[name] + rng.normal(0, 6, 3)
+            blob(hu, ax, c, d / 2 * np.array([1, 1, rng.uniform(1.2, 1.6)]), rng.uniform(30, 50))
+    return f"in the {names[0]} region, the largest {short[:len(names)].max():.0f} mm in short axis"
+
+
+def draw_emphysema(rng, hu, ax, a):
+    """Wall-less holes (-1000 to -980 HU): 40-100 centrilobular ones 10-24 mm across in the upper lungs
+    and up to four 25-50 mm subpleural bullae; the vessels are spared."""
+    level, upper, bullae = rng.uniform(-1000, -980), (a.carina[2] - 30, 115), rng.integers(0, 5)
+    spots = [(lung_point(rng, a, z=upper), rng.uniform(5, 12)) for _ in range(rng.integers(40, 100))]
+    parenchyma_mask = a.lung & (hu < -600)
+    for p, r in spots + [(lung_point(rng, a, (0.8, 0.97), upper), rng.uniform(12, 25)) for _ in range(bullae)]:
+        blob(hu, ax, p, r, level, parenchyma_mask)
+    return ("with bullae, " if bullae else "") + "more prominent in the upper lobes"
+
+
+def draw_atelectasis(rng, hu, ax, a):
+    """Collapsed lung (10-60 HU) in the lower lobes: a plate 6-12 mm thick, or a wedge that points
+    to the hilum and lies dependently (posterior-basal)."""
+    if rng.random() < 0.5:
+        p = lung_point(rng, a, (0, 0.7), (-90, a.carina[2] - 30))
+        s, m = disc(ax, p, unit((*rng.normal(size=2), 0.3 * rng.normal())), rng.uniform(25, 40), rng.uniform(3, 6))
+    else:
+        L = a.lungs[rng.integers(2)]
+        d = unit((np.sign(L.cx) * rng.uniform(0, 0.4), rng.uniform(0.5, 0.9), -rng.uniform(0.4, 0.8)))
+        s, x, y, z = box(ax, (L.cx - L.a, L.cy, L.base), (L.cx + L.a, L.cy + L.b, L.hilum[2]))
+        x, y, z = x - L.hilum[0], y - L.hilum[1], z - L.hilum[2]
+        dist, cos_half_angle = np.sqrt(x ** 2 + y ** 2 + z ** 2), np.cos(np.radians(rng.uniform(15, 25)))
+        m, p = (x * d[0] + y * d[1] + z * d[2] > cos_half_angle * dist) & (dist > 25), L.hilum + 60 * d
+    hu[s][m & a.lung[s]] = rng.uniform(10, 60)
+    return f"in the {lobe_name(a, p)}"
+
+
+def draw_lung_nodule(rng, hu, ax, a):
+    """1-5 solid nodules (0-60 HU), 15-30 mm across, slightly lobulated, anywhere in the lungs."""
+    sizes = np.sort(rng.uniform(15, 30, rng.integers(1, 6)))[::-1]
+    points = [lung_point(rng, a, (0, 0.85)) for _ in sizes]
+    for size, p in zip(sizes, points):
+        blob(hu, ax, p, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(0, 60))
+    more = f", and {len(sizes) - 1} smaller" if len(sizes) > 1 else ""
+    return f"measuring {sizes[0]:.0f} mm in the {lobe_name(a, points[0])}{more}"
+
+
+def draw_lung_opacity(rng, hu, ax, a):
+    """Ground glass (-700 to -400 HU): 1-4 soft-edged patches 30-90 mm across; vessels show through."""
+    points = [lung_point(rng, a) for _ in range(rng.integers(1, 5))]
+    for p in points:
+        s, rho = ellipsoid(ax, p, rng.uniform(15, 45, 3))
+        hu[s] += np.clip((1 - rho) * 3, 0, 1) * a.lung[s] * np.maximum(rng.uniform(-700, -400) - hu[s], 0)
+    return "in both lungs" if len({p[0] < 0 for p in points}) == 2 else f"in the {lobe_name(a, points[0])}"
+
+
+def draw_pulmonary_fibrotic_sequela(rng, hu, ax, a):
+    """3-7 dense (-50 to +40 HU) bands 4-6 mm thick and 40-70 mm long reaching the pleura, mostly in
+    the upper lobes."""
+    points = [lung_point(rng, a, (0.7, 0.95), (a.carina[2] - 40, 115)) for _ in range(rng.integers(3, 8))]
+    for p in points:
+        normal = unit((*rng.normal(size=2), 0.3 * rng.normal()))     # bands, mostly seen edge-on in axial slices
+        s, m = disc(ax, p, normal, rng.uniform(20, 35), rng.uniform(2, 3))
+        hu[s][m & a.lung[s]] = rng.uniform(-50, 40)
+    return f"in the {lobe_name(a, points[0])}"
+
+
+def draw_pleural_effusion(rng, hu, ax, a):
+    """Fluid (0-20 HU) lying dependently in the pleural space (posterior: CT patients lie supine),
+    deepest at the base, with a meniscus climbing along the chest wall."""
+    sides, depth = [[0], [1], [0, 1]][rng.integers(3)], rng.uniform(0.12, 0.35)
+    for L in (a.lungs[i] for i in sides):
+        s, x, y, z = box(ax, (L.cx - L.a, L.cy - L.b, L.base), (L.cx + L.a, L.cy + L.b, L.top))
+        height = np.clip((z - L.base) / (L.top - L.base), 0, 1)
+        fluid = (y - L.cy) / L.b + 0.6 * ((x - L.cx) / L.a) ** 2 > 1 - 2 * depth * (1.2 - height)
+        hu[s] = np.where(fluid & (lung_radius(L, x, y, z) < 1), rng.uniform(0, 20), hu[s])
+    where = "in both hemithoraces, up to" if len(sides) == 2 else f"in the {['right', 'left'][sides[0]]} hemithorax,"
+    return f"{where} {2.4 * depth * a.lungs[sides[0]].b:.0f} mm thick"
+
+
+def parenchyma(hu, ax, where):
+    """Indices and (N, 3) mm coordinates of the lung parenchyma voxels (not vessels or airways) in where."""
+    idx = np.nonzero(where & (hu > -950) & (hu < -600))
+    return idx, np.stack([ax[k][idx[k]] for k in range(3)], 1).astype(np.float32)
+
+
+def draw_mosaic_attenuation_pattern(rng, hu, ax, a):
+    """A geographic patchwork of denser (+80..+150 HU) and darker (-60..-90 HU) lung in both lungs:
+    sharply bounded patches 20-40 mm across, where a sum of random plane waves crosses +-0.3."""
+    idx, p = parenchyma(hu, ax, a.lung)
+    waves = np.stack([unit(w) for w in rng.normal(size=(4, 3))]) * 2 * np.pi / rng.uniform(40, 80, (4, 1))
+    field = np.cos(p @ waves.T + rng.uniform(0, 2 * np.pi, 4)).sum(1)
+    hu[idx] += np.where(field > 0.3, rng.uniform(80, 150), np.where(field < -0.3, -rng.uniform(60, 90), 0))
+    return "in both lungs"
+
+
+def draw_peribronchial_thickening(rng, hu, ax, a):
+    """Bronchial walls thickened to 3-5 mm (normal: 1 mm) of 20-50 HU around lumens of normal size."""
+    bronchi = [(p0, p1, r) for p0, p1, r, _ in a.bronchi]
+    draw_tubes(hu, ax, bronchi, -1000, rng.uniform(3, 5), rng.uniform(20, 50), a.lung)
+    return "in both lungs"
+
+
+def draw_consolidation(rng, hu, ax, a):
+    """Dense airspace opacity (-100 to +50 HU), 40-100 mm, with air bronchograms branching through it."""
+    p, r = lung_point(rng, a, (0, 0.75)), rng.uniform(20, 50, 3)
+    s, rho = ellipsoid(ax, p, r)
+    hu[s] += np.clip((1 - rho) * 4, 0, 1) * a.lung[s] * (rng.uniform(-100, 50) - hu[s])
+    inside = np.zeros(hu.shape, bool)
+    inside[s] = rho < 0.8
+    hilum = a.lungs[int(p[0] >= 0)].hilum
+    start = p + unit(hilum - p) * r.min()                             # air bronchograms run from the hilar side
+    draw_tubes(hu, ax, [(start, start + unit(p - hilum + rng.normal(0, 15, 3)) * 2 * r.max(), rng.uniform(2, 3.5))
+                        for _ in range(rng.integers(2, 5))], -950, where=inside)
+    return f"in the {lobe_name(a, p)}"
+
+
+def draw_bronchiectasis(rng, hu, ax, a):
+    """Dilated bronchi: lumens of 6-10 mm radius (wider than the artery beside them), walls 2-3.5 mm
+    of 20-50 HU, reaching towards the pleura, in 1-3 lobes, mostly the lower ones."""
+    lobes = sorted({b[3] for b in a.bronchi})
+    weights = np.array([3.0 if "lower" in lobe else 1.0 for lobe in lobes])
+    chosen = rng.choice(lobes, rng.integers(1, 4), replace=False, p=weights / weights.sum())
+    tubes = [(p0, p0 + 1.5 * (p1 - p0), rng.uniform(6, 10)) for p0, p1, r, lobe in a.bronchi
+             if lobe in chosen and r < 4]                             # segmental and subsegmental
+    draw_tubes(hu, ax, tubes, -1000, rng.uniform(2, 3.5), rng.uniform(20, 50), a.lung)
+    return "in the " + " and ".join(chosen)
+
+
+def draw_interlobular_septal_thickening(rng, hu, ax, a):
+    """A polygonal network of thickened septa (3-5 mm lines, -250 to -50 HU) around 12-20 mm lobules
+    in the peripheral lung: three tilted families of parallel planes, 60 degrees apart."""
+    basal = rng.random() < 0.5
+    idx, p = parenchyma(hu, ax, (a.lung_r > 0.6) & (ax[2] < (a.carina[2] - 20 if basal else np.inf)))
+    cell, width, theta = rng.uniform(12, 20), rng.uniform(3, 5), rng.uniform(0, np.pi / 3) + np.arange(3) * np.pi / 3
+    t = p @ np.stack([np.cos(theta), np.sin(theta), np.full(3, 0.35)]) / cell + rng.random(3)
+    septa = (np.abs(t - np.round(t)) * cell < width / 2).any(1)
+    hu[idx] = np.where(septa, np.maximum(hu[idx], rng.uniform(-250, -50)), hu[idx])
+    return "in the peripheral lower zones of both lungs" if basal else "in the periphery of both lungs"
+
+
+DRAW = {  # painting order: the heart first (lung findings keep clear of it), the lungs, calcium, metal last
+    "Cardiomegaly": draw_cardiomegaly, "Pericardial effusion": draw_pericardial_effusion,
+    "Emphysema": draw_emphysema, "Mosaic attenuation pattern": draw_mosaic_attenuation_pattern,
+    "Lung opacity": draw_lung_opacity, "Interlobular septal thickening": draw_interlobular_septal_thickening,
+    "Pulmonary fibrotic sequela": draw_pulmonary_fibrotic_sequela, "Consolidation": draw_consolidation,
+    "Atelectasis": draw_atelectasis, "Lung nodule": draw_lung_nodule, "Bronchiectasis": draw_bronchiectasis,
+    "Peribronchial thickening": draw_peribronchial_thickening, "Pleural effusion": draw_pleural_effusion,
+    "Coronary artery wall calcification": draw_coronary_artery_wall_calcification,
+    "Arterial wall calcification": draw_arterial_wall_calcification, "Lymphadenopathy": draw_lymphadenopathy,
+    "Hiatal hernia": draw_hiatal_hernia, "Medical material": draw_medical_material,
+}
+
+
+def render_volume(rng, labels_row, scanner_rng=None):
+    """One chest CT: a patient drawn from rng with the findings marked in labels_row, imaged by a
+    scanner drawn from scanner_rng (default: rng); a second reconstruction reuses the patient's seed
+    with another scanner. Returns hu (x, y, z) float32 in LPS voxel order, spacing_mm (x, y, z),
+    the NIfTI affine (voxel -> RAS mm) and {finding: detail for the report}."""
+    scanner_rng = rng if scanner_rng is None else scanner_rng
+    sxy, sz = round(scanner_rng.uniform(3.4, 4.2), 3), float(scanner_rng.choice(np.arange(6.0, 7.6, 0.25)))
+    nxy, nz = round(scanner_rng.uniform(350, 400) / sxy), round(scanner_rng.uniform(280, 330) / sz)
+    shape, spacing_mm = (nxy, nxy, int(np.clip(nz, 40, 52))), (sxy, sxy, sz)   # field of view 350-400 mm
+    ax = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing_mm)]  # mm from the chest centre
+    hu, a = build_anatomy(rng, ax)
+    details = {f: draw(rng, hu, ax, a) for f, draw in DRAW.items() if labels_row[FINDINGS.index(f)]}
+    hu += scanner_rng.standard_normal(shape, dtype=np.float32) * scanner_rng.uniform(10, 25)
+    affine = np.diag([-sxy, -sxy, sz, 1.0])                              # LPS voxel order, RAS world
+    affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2) + scanner_rng.uniform(-100, 100, 3)  # table
+    return hu, spacing_mm, affine, details
+
+
+# ---- Labels with CT-RATE's prevalence and co-occurrence ----
+# Findings share causes (atherosclerosis, smoking, heart failure, infection) and so co-occur. A
+# Gaussian copula with latent factors reproduces that: a finding is present when its latent score
+# (loadings . factors + its own noise, unit variance) passes the quantile that gives its CT-RATE
+# prevalence. The "general" loading sets the share of scans with no finding (CT-RATE: 11%).
+PREVALENCE = [.15, .29, .12, .08, .22, .16, .34, .24, .28, .45, .31, .28, .15, .09, .10, .16, .10, .08]
+FACTORS = {
+    "general": dict.fromkeys(FINDINGS, 0.45),
+    "atherosclerosis": {"Arterial wall calcification": .6, "Coronary artery wall calcification": .6,
+                        "Cardiomegaly": .25, "Medical material": .25},
+    "smoking": {"Emphysema": .5, "Lung nodule": .3, "Peribronchial thickening": .35, "Bronchiectasis": .3,
+                "Pulmonary fibrotic sequela": .3},
+    "heart failure": {"Pleural effusion": .55, "Atelectasis": .45, "Pericardial effusion": .45,
+                      "Cardiomegaly": .4, "Interlobular septal thickening": .4},
+    "infection": {"Consolidation": .6, "Lung opacity": .5, "Lymphadenopathy": .3,
+                  "Mosaic attenuation pattern": .3, "Atelectasis": .2},
+}
+
+
+def sample_labels(rng, n):
+    """(n, 18) 0/1 labels with CT-RATE's prevalence and co-occurrence."""
+    loadings = np.array([[FACTORS[k].get(f, 0.0) for k in FACTORS] for f in FINDINGS])   # (18, factors)
+    own = np.sqrt(1 - (loadings ** 2).sum(1))
+    score = rng.standard_normal((n, len(FACTORS))) @ loadings.T + rng.standard_normal((n, len(FINDINGS))) * own
+    return (score > [NormalDist().inv_cdf(1 - p) for p in PREVALENCE]).astype(np.int8)
+
+
+# ---- Reports in CT-RATE's style (radiology English translated from Turkish) ----
+# TERMS: each finding's names when present | and when negated (a name, or a whole sentence). Most
+# negations name the finding, so a keyword match that ignores negation is fooled by them.
+TERMS = {f: tuple(names.split("|") for names in pair) for f, pair in {
+    "Medical material": ("medical material|metallic material|foreign material of medical origin",
+                         "medical material|foreign body"),
+    "Arterial wall calcification": ("atheromatous plaques in the aorta|calcified atherosclerotic plaques in the "
+                                    "aortic wall|arterial wall calcification",
+                                    "atheromatous plaque in the aorta|arterial wall calcification"),
+    "Cardiomegaly": ("cardiomegaly|increased heart size|enlarged heart",
+                     "cardiomegaly|Mediastinal main vascular structures, heart contour, size are normal."),
+    "Pericardial effusion": ("pericardial effusion|pericardial fluid",
+                             "pericardial effusion|Pericardial effusion-thickening was not observed."),
+    "Coronary artery wall calcification": ("calcified plaques in the coronary arteries|coronary artery "
+                                           "calcification|coronary atherosclerosis",
+                                           "coronary artery calcification"),
+    "Hiatal hernia": ("hiatal hernia|hiatus hernia|sliding hiatal hernia", "hiatal hernia|Thoracic esophagus "
+                      "calibration was normal and no significant tumoral wall thickening was detected."),
+    "Lymphadenopathy": ("lymphadenopathy|enlarged lymph nodes|lymph nodes of pathological size",
+                        "lymphadenopathy|No enlarged lymph nodes in pathological size and appearance were "
+                        "detected in mediastinal and bilateral hilar regions."),
+    "Emphysema": ("emphysema|centrilobular emphysematous changes|emphysematous areas", "emphysema"),
+    "Atelectasis": ("atelectasis|subsegmental atelectasis|atelectatic changes", "atelectasis"),
+    "Lung nodule": ("a nodule|a pulmonary nodule|a solid nodule", "mass or nodule|pulmonary nodule"),
+    "Lung opacity": ("ground glass opacities|ground-glass density increase|patchy ground glass opacity",
+                     "ground glass opacity|pulmonary opacity"),
+    "Pulmonary fibrotic sequela": ("sequelae fibrotic changes|fibrotic bands|linear sequelae fibrotic densities",
+                                   "fibrotic sequela|fibrotic band"),
+    "Pleural effusion": ("pleural effusion|pleural fluid", "pleural effusion|pleural effusion-thickening"),
+    "Mosaic attenuation pattern": ("mosaic attenuation pattern|mosaic attenuation|mosaic perfusion pattern",
+                                   "mosaic attenuation"),
+    "Peribronchial thickening": ("peribronchial thickening|bronchial wall thickening|peribronchial cuffing",
+                                 "peribronchial thickening|bronchial wall thickening"),
+    "Consolidation": ("consolidation|consolidation with air bronchograms|pneumonic consolidation",
+                      "consolidation|pneumonic consolidation"),
+    "Bronchiectasis": ("bronchiectasis|cylindrical bronchiectasis|bronchiectatic changes", "bronchiectasis"),
+    "Interlobular septal thickening": ("interlobular septal thickening|thickening of the interlobular septa|"
+                                       "septal thickening", "interlobular septal thickening"),
+}.items()}
+PRESENT = ["{S}{d}.", "There are findings consistent with {s}{d}.", "Appearance compatible with {s}{d} was seen."]
+HEDGED = ["Possible {s}{d}.", "Findings suspicious for {s}{d}.", "{S}{d} cannot be excluded.", "{S}{d}?"]
+NEGATED = ["No {s} was detected.", "No {s} was observed.", "There is no {s}.", "{S} was not observed."]
+OPENING = ["Trachea and both main bronchi are open.", "Trachea and both main bronchi are in the midline and open."]
+CLOSING = [["Upper abdominal organs included in the sections are normal.",
+            "No space-occupying lesion was detected in the liver that entered the cross-sectional area."],
+           ["Bone structures in the study area are natural.",
+            "No lytic-destructive lesions were detected in the bone structures within the sections."]]
+CLINICAL = ["Cough.", "Dyspnea.", "Chest pain.", "Fever.", "Control.", "Shortness of breath.", "Not given."]
+TECHNIQUE = ["Non-contrast thorax CT images were obtained in the axial plane.",
+             "Thorax CT was performed without contrast.", "Not given."]
+NORMAL = ["No significant pathology was detected.", "Thorax CT within normal limits."]
+
+
+def write_report(rng, labels_row, hedged_mask, details=None):
+    """A CT-RATE style report: the present findings (hedged where hedged_mask: a labeler should read
+    -1 there) with details from the rendered volume, negations of about two thirds of the absent
+    ones, and normal-anatomy sentences."""
+    def sentence(templates, names, detail=""):
+        s = str(rng.choice(names))
+        return s if s.endswith(".") else str(rng.choice(templates)).format(
+            s=s, S=s[0].upper() + s[1:], d=" " + detail if detail else "")
+
+    findings, impressions = [str(rng.choice(OPENING))], []
+    for i, f in enumerate(FINDINGS):
+        present, negated = TERMS[f]
+        if labels_row[i]:
+            findings.append(sentence(HEDGED if hedged_mask[i] else PRESENT, present, (details or {}).get(f, "")))
+            impressions.append(sentence(HEDGED[-1:] if hedged_mask[i] else PRESENT[:1], present[:1]))
+        elif rng.random() < 0.65:
+            findings.append(sentence(NEGATED, negated))
+    findings += [str(rng.choice(group)) for group in CLOSING]
+    return {"ClinicalInformation_EN": str(rng.choice(CLINICAL)), "Technique_EN": str(rng.choice(TECHNIQUE)),
+            "Findings_EN": " ".join(findings), "Impressions_EN": " ".join(impressions) or str(rng.choice(NORMAL))}
+
+
+# ---- Writing the dataset in CT-RATE's layout ----
+SPLITS = {"train": ("train", "train"), "valid": ("validation", "valid")}  # CSV prefixes: reports, labels
+REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
+METADATA_COLUMNS = ["VolumeName", "Manufacturer", "PatientSex", "PatientAge", "Rows", "Columns", "XYSpacing",
+                    "ZSpacing", "RescaleIntercept", "RescaleSlope", "RescaleType", "NumberofSlices"]
+
+
+def store_volume(path, hu, affine, rng, store):
+    """Save as the CT-RATE release does: int16 with identity header scaling, holding HU - intercept
+    (store="raw"; the metadata CSV gives the intercept) or HU (store="hu", the corrected release),
+    in one of the voxel orders DICOM converters write. Returns the intercept."""
+    affine = affine.copy()
+    for axis in ((), (0, 1), (2,))[rng.choice(3, p=[0.7, 0.15, 0.15])]:   # LPS; RAS; slices reversed
+        hu = np.flip(hu, axis)
+        affine[:3, 3] += affine[:3, axis] * (hu.shape[axis] - 1)
+        affine[:3, axis] *= -1
+    intercept = -8192.0 if rng.random() < 0.1 else -1024.0
+    stored = np.clip(hu, -1024, 3071) - (intercept if store == "raw" else 0)
+    img = nib.Nifti1Image(np.rint(stored).astype(np.int16), affine)
+    img.set_qform(affine, code=1)
+    img.header.set_slope_inter(1.0, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gz = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)  # gzip; RLE: 2x faster than level 1 on noisy CT
+    path.write_bytes(gz.compress(img.to_bytes()) + gz.flush())     # (7% larger), and no timestamp in the bytes
+    return intercept
+
+
+def synthesize_scan(job):
+    """Render, store and report every reconstruction of one scan: a (report, labels, metadata) row each."""
+    root, split, patient, n_recons, labels_row, seed, store = job
+    key = [seed, list(SPLITS).index(split), patient]          # seeds from (seed, split, patient): order-free
+    rng = np.random.default_rng(key + [0])
+    sex, age, maker = rng.choice(["M", "F"]), rng.integers(20, 90), rng.choice(["SIEMENS", "PHILIPS", "TOSHIBA"])
+    rows = []
+    for recon in range(1, n_recons + 1):
+        scanner = np.random.default_rng(key + [recon])
+        hu, (sxy, _, sz), affine, details = render_volume(np.random.default_rng(key + [99]), labels_row, scanner)
+        name = f"{split}_{patient}_a_{recon}.nii.gz"             # CT-RATE's VolumeName keeps the suffix
+        intercept = store_volume(root / split / f"{split}_{patient}" / f"{split}_{patient}_a" / name,
+                                 hu, affine, scanner, store)
+        rows.append(dict(VolumeName=name, Manufacturer=maker, PatientSex=sex, PatientAge=f"{age:03d}Y",
+                         Rows=hu.shape[1], Columns=hu.shape[0], XYSpacing=str([sxy, sxy]), ZSpacing=sz,
+                         RescaleIntercept=intercept, RescaleSlope=1.0, RescaleType="HU", NumberofSlices=hu.shape[2]))
+    report = write_report(rng, labels_row, labels_row.astype(bool) & (rng.random(len(FINDINGS)) < 0.1), details)
+    labels = dict(zip(FINDINGS, labels_row.tolist()))
+    return [(dict(VolumeName=m["VolumeName"], **report), dict(VolumeName=m["VolumeName"], **labels), m)
+            for m in rows]
+
+
+def synthesize_ctrate(out, n_train=600, n_valid=200, seed=0, store="raw", workers=2):
+    """Write a miniature CT-RATE under out/dataset: n_train and n_valid volumes (one scan per patient;
+    ~20% of scans have a second reconstruction) with their reports, labels and metadata."""
+    root = Path(out) / "dataset"
+    if store not in ("raw", "hu") or min(n_train, n_valid) < 0 or workers < 1:
+        raise RadclipError(f"need --store raw|hu (got {store!r}), --n-train/--n-valid >= 0 and --workers >= 1")
+    if root.exists() and any(root.iterdir()):
+        raise RadclipError(f"{root} already exists; choose a new --out or delete it")
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        rng, recons = np.random.default_rng([seed, list(SPLITS).index(split)]), []
+        while sum(recons) < n:                                   # reconstructions per patient, n in all
+            recons.append(min(1 + int(rng.random() < 0.2), n - sum(recons)))
+        labels, rows = sample_labels(rng, len(recons)), []
+        jobs = [(root, split, i + 1, r, labels[i], seed, store) for i, r in enumerate(recons)]
+        with multiprocessing.get_context("fork").Pool(workers) as pool, \
+                tqdm(total=n, desc=f"synth {split}", unit="vol") as bar:
+            for scan_rows in pool.imap(synthesize_scan, jobs, chunksize=4):
+                rows += scan_rows
+                bar.update(len(scan_rows))
+        reports, labels_prefix = SPLITS[split]
+        for folder, name, columns, i in (("radiology_text_reports", f"{reports}_reports", REPORT_COLUMNS, 0),
+                                         ("multi_abnormality_labels", f"{labels_prefix}_predicted_labels",
+                                          ["VolumeName"] + FINDINGS, 1),
+                                         ("metadata", f"{reports}_metadata", METADATA_COLUMNS, 2)):
+            write_csv(root / folder / f"{name}.csv", [r[i] for r in rows], columns)
+
+
+def add_synth_parser(subparsers):
+    p = subparsers.add_parser("synth", help="write a miniature synthetic CT-RATE (volumes, reports, labels)")
+    p.add_argument("--out", type=Path, required=True, help="output folder; the dataset goes to OUT/dataset")
+    p.add_argument("--n-train", type=int, default=600, help="training volumes (default 600)")
+    p.add_argument("--n-valid", type=int, default=200, help="validation volumes (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
+    p.add_argument("--store", choices=["raw", "hu"], default="raw",
+                   help="raw: int16 HU - RescaleIntercept, as CT-RATE's first release; hu: HU, as its corrected "
+                        "release (the metadata keeps its Rescale columns either way)")
+    p.add_argument("--workers", type=int, default=2, help="processes rendering volumes in parallel (default 2)")
+    p.set_defaults(func=cmd_synth)
+
+
+def cmd_synth(args):
+    synthesize_ctrate(args.out, args.n_train, args.n_valid, args.seed, args.store, args.workers)
+# <<SYNTH END>>
 
 
 # ---------------------------------------------------------------------------------------
@@ -1983,6 +2658,7 @@ def build_parser():
                                      "supervised pre-training and CLIP for 3D chest CT (arXiv 2509.13175)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    add_synth_parser(sub)
     add_label_parser(sub)
 
     p = sub.add_parser("prep", help="NIfTI -> HU -> spacing -> window -> float16 .npy cache")
