@@ -27,6 +27,7 @@ The CLI:
     python radclip.py train --stage supervised|clip ...
     python radclip.py eval  --ckpt C.pt --data data
     python radclip.py demo                        # all of the above on a laptop CPU
+    python radclip.py bench [--labeler]           # volumes/s per amp x channels-last; reports/s
 
 Sections: 1 config and findings, 2 utilities, 3 data (synthetic CT-RATE, NIfTI, prep,
 dataset), 4 silver labels, 5 models, 6 training, 7 evaluation, 8 demo and bench, 9 CLI.
@@ -39,16 +40,16 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
 import re
 import sys
 import tempfile
-import multiprocessing
-import zlib
 import threading
 import time
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -988,7 +989,6 @@ def _prep_one(job):
 def prep_split(data_dir, split, cfg, hu_mode="auto", workers=2):
     """Preprocess one split into cache_dir; returns (n_cached, n_skipped, failures). A rerun
     skips every finished file: each .npy is written atomically, so it is whole or absent."""
-    from multiprocessing import get_context
     root = Path(data_dir) / "dataset" / split
     if not root.is_dir():
         raise RadclipError(f"{root}: not found; --data must hold CT-RATE's dataset/{split}/ folder")
@@ -1002,7 +1002,7 @@ def prep_split(data_dir, split, cfg, hu_mode="auto", workers=2):
     todo = [(p, meta.get(volume_name(p)), o, cfg, hu_mode) for p, o in zip(paths, outs)
             if not o.exists()]
     failures = []
-    with get_context("fork").Pool(max(1, workers)) as pool:
+    with multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
         for err in tqdm(pool.imap_unordered(_prep_one, todo), total=len(todo),
                         desc=f"prep {split}", unit="vol", disable=not todo):
             if err:
@@ -2640,8 +2640,8 @@ def cmd_bench(args):
           f"batch {args.batch}, median of {args.steps} steps, torch {torch.__version__}")
     print(f"{'what':<28}{'amp':>6}{'channels_last':>15}{'volumes/s':>11}{'peak GiB':>10}")
     for r in rows:
-        print(f"{r['what']:<28}{r['amp']:>6}{str(r['channels_last']):>15}"
-              f"{r['volumes_per_s']:>11.1f}{r['peak_gib']:>10.2f}")
+        peak = "n/a" if math.isnan(r["peak_gib"]) else f"{r['peak_gib']:.2f}"  # CUDA only
+        print(f"{r['what']:<28}{r['amp']:>6}{str(r['channels_last']):>15}{r['volumes_per_s']:>11.1f}{peak:>10}")
     amp_dtype = resolve_amp("auto", device)
     auto_amp = {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]
     speed = {r["channels_last"]: r["volumes_per_s"] for r in rows if r["amp"] == auto_amp}
