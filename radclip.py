@@ -204,7 +204,6 @@ def write_csv(path, rows, columns):
     os.replace(tmp, path)
 
 
-# <<SYNTH START>>
 # ---------------------------------------------------------------------------------------
 # ---- 3a. A synthetic miniature CT-RATE ----
 # No real CT can be had on our machines, so radclip draws its own CT-RATE: chest phantoms in HU with
@@ -322,7 +321,7 @@ def build_anatomy(rng, ax):
                           L.base + L.dome + a.heart_r[2] * U(0.4, 0.6)])   # on the left dome
     paint_heart(hu, ax, a)
     a.carina, a.aorta_r = np.array([0.0, U(0.0, 0.15) * a.bh, U(25, 45)]), U(12, 16)
-    arch, dx, dy = a.carina[2] + U(20, 35), U(22, 32), U(0.3, 0.4) * a.bh
+    arch, dx, dy = a.carina[2] + U(20, 35), U(28, 36), U(0.3, 0.4) * a.bh   # descending aorta left of the spine
     a.aorta = [a.heart_c + a.heart_r * (-0.35, 0.2, 0.6), np.array([-U(10, 20), -0.3 * a.bh, arch - 15]),
                np.array([U(10, 18), -0.2 * a.bh, arch]), np.array([dx, dy, arch - 15]), np.array([dx, dy, -110])]
     for L, sgn in zip(a.lungs, (-1, 1)):
@@ -438,15 +437,16 @@ def draw_device(rng, hu, ax, a, metal, kind):
 
 
 def draw_arterial_wall_calcification(rng, hu, ax, a):
-    """Calcified plaques (400-1200 HU): 15-40 streaks 10-30 mm long and 7-11 mm thick along the wall
-    of the aortic arch and descending aorta."""
-    for _ in range(rng.integers(15, 40)):
-        i = rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3])
+    """Calcified plaques (400-1200 HU): 8-25 curved plates, 10-30 mm long, 6-9 mm thick and up to a
+    quarter of the circumference wide, on the wall of the aortic arch and descending aorta."""
+    for _ in range(rng.integers(8, 25)):
+        i = rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2])
         axis = unit(a.aorta[i + 1] - a.aorta[i])
         c = a.aorta[i] + rng.random() * (a.aorta[i + 1] - a.aorta[i])
-        c = c + a.aorta_r * unit(np.cross(axis, rng.normal(size=3)))         # a point on the wall
-        half = axis * rng.uniform(5, 15)
-        draw_tubes(hu, ax, [(c - half, c + half, rng.uniform(3.5, 5.5))], rng.uniform(400, 1200))
+        u = unit(np.cross(axis, rng.normal(size=3)))
+        v, half, r = np.cross(axis, u), axis * rng.uniform(5, 15), rng.uniform(3, 4.5)
+        wall = [c + a.aorta_r * (np.cos(t) * u + np.sin(t) * v) for t in np.linspace(0, rng.uniform(0, 1.6), 3)]
+        draw_tubes(hu, ax, [(w - half, w + half, r) for w in wall], rng.uniform(400, 1200))
     return "in the aortic arch and descending aorta"
 
 
@@ -484,13 +484,14 @@ def coronary_point(a, name, t):
 
 
 def draw_coronary_artery_wall_calcification(rng, hu, ax, a):
-    """Calcified plaques (400-1200 HU): segments 7-10 mm thick along the coronary courses on the heart."""
+    """Calcified plaques (400-1200 HU): segments 7-10 mm thick, covering 30-80% of the course of 1-3
+    coronary arteries on the heart surface."""
     names = sorted(rng.choice(list(CORONARIES), rng.integers(1, 4), replace=False))
     for name in names:
-        for t in rng.random(rng.integers(3, 6)):
-            tubes = [(coronary_point(a, name, t), coronary_point(a, name, min(t + rng.uniform(0.2, 0.5), 1)),
-                      rng.uniform(3.5, 5))]
-            draw_tubes(hu, ax, tubes, rng.uniform(400, 1200))
+        t0 = rng.uniform(0, 0.5)
+        ts = np.linspace(t0, t0 + rng.uniform(0.3, 0.5), 5)                 # a curved course, in 4 pieces
+        draw_tubes(hu, ax, [(coronary_point(a, name, p), coronary_point(a, name, q), rng.uniform(3.5, 5))
+                            for p, q in zip(ts, ts[1:])], rng.uniform(400, 1200))
     return "(" + ", ".join(names) + ")"
 
 
@@ -545,11 +546,16 @@ def draw_atelectasis(rng, hu, ax, a):
 
 
 def draw_lung_nodule(rng, hu, ax, a):
-    """1-5 solid nodules (0-60 HU), 15-30 mm across, slightly lobulated, anywhere in the lungs."""
+    """1-5 solid nodules (20-60 HU), 15-30 mm across, slightly lobulated, in the lungs away from the
+    hila (where vessels look much the same)."""
     sizes = np.sort(rng.uniform(15, 30, rng.integers(1, 6)))[::-1]
-    points = [lung_point(rng, a, (0, 0.85)) for _ in sizes]
+    points = []
+    while len(points) < len(sizes):
+        p = lung_point(rng, a, (0.3, 0.85))
+        if abs(p[0]) > 55:                                              # lateral to the hila
+            points.append(p)
     for size, p in zip(sizes, points):
-        blob(hu, ax, p, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(0, 60))
+        blob(hu, ax, p, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(20, 60))
     more = f", and {len(sizes) - 1} smaller" if len(sizes) > 1 else ""
     return f"measuring {sizes[0]:.0f} mm in the {lobe_name(a, points[0])}{more}"
 
@@ -872,7 +878,6 @@ def add_synth_parser(subparsers):
 
 def cmd_synth(args):
     synthesize_ctrate(args.out, args.n_train, args.n_valid, args.seed, args.store, args.workers)
-# <<SYNTH END>>
 
 
 # ---------------------------------------------------------------------------------------

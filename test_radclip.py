@@ -1,8 +1,12 @@
 """radclip's specification, in the order of radclip.py's sections. Run: python -m pytest -q"""
+import argparse
+import csv
+import functools
 import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -13,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from numpy.linalg import norm
 from sklearn.metrics import f1_score, roc_auc_score
 
@@ -80,6 +85,219 @@ def test_synth_prep_dataset_round_trip(tmp_path, capsys):
     assert -1 <= vol.min() < -0.9 and vol.max() <= 1  # air at -1 after the window
     assert y.tolist() == truth[ds.names[0]].tolist()
     assert len(ds.reports[0].split()) > 20
+
+
+# ---- 3a. The synthetic CT-RATE generator ----
+# What each finding paints (HU), as documented in its draw_ function.
+FINDING_HU = {
+    "Arterial wall calcification": (400, 1200), "Cardiomegaly": (35, 50),
+    "Pericardial effusion": (0, 20), "Coronary artery wall calcification": (400, 1200), "Lymphadenopathy": (30, 50),
+    "Emphysema": (-1000, -980), "Atelectasis": (10, 60), "Lung nodule": (20, 60), "Lung opacity": (-700, -400),
+    "Pulmonary fibrotic sequela": (-50, 40), "Pleural effusion": (0, 20), "Consolidation": (-100, 50),
+    "Interlobular septal thickening": (-250, -50),
+}
+
+
+def one_hot(name):
+    row = np.zeros(len(rc.FINDINGS), np.int8)
+    if name:
+        row[rc.FINDINGS.index(name)] = 1
+    return row
+
+
+@functools.lru_cache(maxsize=None)
+def render(seed, name=None):
+    """A volume with one finding (or none); the same seed gives the same patient, scanner and noise.
+    Cached: callers must not modify the arrays."""
+    return rc.render_volume(np.random.default_rng(seed), one_hot(name), np.random.default_rng(seed + 1000))
+
+
+def tiny_view(hu, spacing_mm):
+    """What the tiny preset sees: 4.5 x 4.5 x 9 mm voxels, centre crop/pad to 64 x 64 x 32, window [-1000, 200]."""
+    size = [round(n * s / t) for n, s, t in zip(hu.shape, spacing_mm, (4.5, 4.5, 9.0))]
+    v = F.interpolate(torch.from_numpy(np.ascontiguousarray(hu))[None, None], size=size, mode="trilinear")
+    v = v[0, 0].numpy()
+    out = np.full((64, 64, 32), -1000, np.float32)
+    src = tuple(slice(max(0, (n - m) // 2), max(0, (n - m) // 2) + min(n, m)) for n, m in zip(v.shape, out.shape))
+    dst = tuple(slice(max(0, (m - n) // 2), max(0, (m - n) // 2) + min(n, m)) for n, m in zip(v.shape, out.shape))
+    out[dst] = v[src]
+    return np.clip(out, -1000, 200)
+
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mini")
+    rc.synthesize_ctrate(out, n_train=12, n_valid=5, seed=3, workers=2)
+    return out / "dataset"
+
+
+def test_every_finding_is_drawn_and_named_once():
+    assert sorted(rc.DRAW) == sorted(rc.TERMS) == sorted(rc.FINDINGS)
+    assert len(rc.PREVALENCE) == len(rc.FINDINGS)
+
+
+def test_render_is_deterministic_for_a_seed():
+    a, b = render.__wrapped__(5, "Lung nodule"), render.__wrapped__(5, "Lung nodule")
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and np.array_equal(a[2], b[2]) and a[3] == b[3]
+
+
+def test_second_reconstruction_shares_patient_and_findings():
+    row = one_hot("Lung nodule")
+    first = rc.render_volume(np.random.default_rng(7), row, np.random.default_rng(1))
+    second = rc.render_volume(np.random.default_rng(7), row, np.random.default_rng(2))
+    assert first[1] != second[1]                      # another spacing ...
+    assert first[3] == second[3]                      # ... the same nodule, size and lobe
+
+
+def test_hu_ranges_of_anatomy():
+    hu, spacing, _, _ = render(0)
+    assert abs(np.median(hu[:4, :4]) + 1000) < 10                      # air in the corners
+    lung = tiny_view(hu, spacing)
+    assert ((lung > -900) & (lung < -780)).mean() > 0.15                # lungs near -850
+    assert hu.max() > 400 and hu.min() > -1150                          # bone; no HU below air
+    assert render(0, "Medical material")[0].max() > 2000 > hu.max()     # metal only with the finding
+
+
+@pytest.mark.parametrize("name", FINDING_HU)
+def test_finding_reaches_its_documented_hu(name):
+    normal, finding = render(11)[0], render(11, name)[0]
+    lo, hi = FINDING_HU[name]
+    assert lo - 40 < np.percentile(finding[np.abs(finding - normal) > 30], 90) < hi + 40
+
+
+@pytest.mark.parametrize("name", rc.FINDINGS)
+def test_each_finding_is_visible_at_tiny_resolution_and_moves(name):
+    centres = []
+    for seed in (0, 1, 2):
+        hu0, spacing, _, _ = render(seed)
+        diff = np.abs(tiny_view(render(seed, name)[0], spacing) - tiny_view(hu0, spacing))
+        assert (diff > 50).sum() >= 4, f"{name} (seed {seed}) is barely visible after tiny preprocessing"
+        centres.append(np.argwhere(diff > 50).mean(0))
+    assert np.ptp(centres, axis=0).max() > 1.0, f"{name} sits in the same place in every volume"
+
+
+def lung_share_of_change(name, seed=2):
+    """Of the voxels that a finding changes (by > 30 HU), the share that was lung (< -500 HU) before."""
+    normal, finding = render(seed)[0], render(seed, name)[0]
+    return (normal[np.abs(finding - normal) > 30] < -500).mean()
+
+
+@pytest.mark.parametrize("name", rc.FINDINGS[rc.FINDINGS.index("Emphysema"):])
+def test_lung_findings_change_the_lungs(name):
+    assert lung_share_of_change(name) > 0.75
+
+
+@pytest.mark.parametrize("name", ["Arterial wall calcification", "Coronary artery wall calcification"])
+def test_calcium_sits_outside_the_lungs(name):
+    assert lung_share_of_change(name) < 0.4
+
+
+def test_store_volume_orientations_round_trip(tmp_path):
+    hu = np.random.default_rng(0).normal(0, 200, (6, 7, 8)).astype(np.float32)
+    affine = np.diag([-2.0, -2.0, 3.0, 1.0])
+    affine[:3, 3] = (5, 6, -10)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(np.rint(hu), affine))
+    for seed in range(12):                           # covers LPS, RAS and reversed-slice storage
+        path = tmp_path / f"v{seed}.nii.gz"
+        intercept = rc.store_volume(path, hu, affine, np.random.default_rng(seed), "raw")
+        img = nib.load(path)
+        assert img.dataobj.slope == 1 and img.dataobj.inter == 0 and img.get_data_dtype() == np.int16
+        stored = nib.as_closest_canonical(img)
+        assert np.allclose(stored.affine, canonical.affine)
+        assert np.array_equal(np.asarray(stored.dataobj) + intercept, np.rint(canonical.get_fdata()))
+
+
+def test_dataset_layout_and_csv_columns(dataset):
+    for split, reports, labels, meta, n in (("train", "train", "train", "train", 12),
+                                           ("valid", "validation", "valid", "validation", 5)):
+        files = sorted(dataset.glob(f"{split}/*/*/*.nii.gz"))
+        assert len(files) == n
+        for f in files:
+            m = re.fullmatch(rf"{split}_(\d+)_([a-z])_(\d+)\.nii\.gz", f.name)
+            assert m and f.parent.name == f"{split}_{m[1]}_{m[2]}" and f.parent.parent.name == f"{split}_{m[1]}"
+        names = {f.name for f in files}
+        report_rows = read_rows(dataset / "radiology_text_reports" / f"{reports}_reports.csv")
+        label_rows = read_rows(dataset / "multi_abnormality_labels" / f"{labels}_predicted_labels.csv")
+        meta_rows = read_rows(dataset / "metadata" / f"{meta}_metadata.csv")
+        assert list(report_rows[0]) == rc.REPORT_COLUMNS
+        assert list(label_rows[0]) == ["VolumeName"] + rc.FINDINGS
+        assert {"VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept",
+                "RescaleType", "NumberofSlices"} <= set(meta_rows[0])
+        for rows in (report_rows, label_rows, meta_rows):
+            assert {r["VolumeName"] for r in rows} == names and all(all(r.values()) for r in rows)
+        assert all(r[f] in ("0", "1") for r in label_rows for f in rc.FINDINGS)
+
+
+def test_raw_storage_needs_the_metadata_rescale(dataset):
+    meta = {r["VolumeName"]: r for r in read_rows(dataset / "metadata" / "train_metadata.csv")}
+    for path in dataset.glob("train/*/*/*.nii.gz"):
+        img, m = nib.load(path), meta[path.name]
+        raw = np.asarray(img.dataobj)
+        hu = float(m["RescaleSlope"]) * raw + float(m["RescaleIntercept"])
+        assert abs(np.median(hu[:3, :3]) + 1000) < 30, path.name
+        assert raw.shape == (int(m["Columns"]), int(m["Rows"]), int(m["NumberofSlices"]))
+        assert np.allclose(img.header.get_zooms(), [*json.loads(m["XYSpacing"]), float(m["ZSpacing"])])
+
+
+def test_store_hu_writes_hu_but_keeps_the_rescale_columns(tmp_path):
+    rc.synthesize_ctrate(tmp_path, n_train=2, n_valid=0, workers=1, store="hu")
+    (row,) = read_rows(tmp_path / "dataset" / "metadata" / "train_metadata.csv")[:1]
+    raw = np.asarray(nib.load(next((tmp_path / "dataset").glob(f"train/*/*/{row['VolumeName']}"))).dataobj)
+    assert abs(np.median(raw[:3, :3]) + 1000) < 30 and float(row["RescaleIntercept"]) in (-1024, -8192)
+
+
+def test_dataset_is_deterministic_for_a_seed_whatever_the_workers(tmp_path):
+    for out, workers in (("a", 1), ("b", 2)):
+        rc.synthesize_ctrate(tmp_path / out, n_train=5, n_valid=1, seed=9, workers=workers)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_labels_have_ctrate_prevalence_and_cooccurrence():
+    y = rc.sample_labels(np.random.default_rng(0), 20000)
+    assert y.shape == (20000, 18) and set(np.unique(y)) == {0, 1}
+    assert np.abs(y.mean(0) - rc.PREVALENCE).max() < 0.02
+    assert abs((y.sum(1) == 0).mean() - 0.11) < 0.02
+    col = {f: y[:, i].astype(bool) for i, f in enumerate(rc.FINDINGS)}
+    for a, b in (("Arterial wall calcification", "Coronary artery wall calcification"), ("Emphysema", "Lung nodule"),
+                 ("Pleural effusion", "Atelectasis"), ("Consolidation", "Lung opacity")):
+        assert col[b][col[a]].mean() > col[b].mean() + 0.1, (a, b)
+
+
+def test_reports_need_negation_handling():
+    rng = np.random.default_rng(0)
+    y = rc.sample_labels(rng, 400)
+    hedged = y.astype(bool) & (rng.random(y.shape) < 0.1)
+    reports = [rc.write_report(rng, row, h) for row, h in zip(y, hedged)]
+    terms = {f: [t.lower().removeprefix("a ") for t in sum(rc.TERMS[f], []) if not t.endswith(".")]
+             for f in rc.FINDINGS}
+
+    def mentioned(text, f, negation_aware):
+        sentences = re.split(r"(?<=[.?])\s+", text.lower())
+        return any(any(t in s for t in terms[f]) and not (negation_aware and re.search(r"\b(no|not)\b", s))
+                   for s in sentences)
+
+    for negation_aware, lo, hi in ((False, 0.0, 0.7), (True, 0.95, 1.0)):
+        pred = np.array([[mentioned(r["Findings_EN"], f, negation_aware) for f in rc.FINDINGS] for r in reports])
+        assert lo <= (pred == y.astype(bool)).mean() <= hi
+    hedge = re.compile(r"possible|cannot be excluded|suspicious for|\?", re.I)
+    assert all(hedge.search(r["Findings_EN"]) for r, h in zip(reports, hedged) if h.any())
+    assert all(r[k] for r in reports for k in rc.REPORT_COLUMNS[1:])
+
+
+def test_cli_writes_and_refuses_to_overwrite(tmp_path):
+    parser = argparse.ArgumentParser()
+    rc.add_synth_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["synth", "--out", str(tmp_path), "--n-train", "1", "--n-valid", "1", "--workers", "1"])
+    args.func(args)
+    assert len(list(tmp_path.glob("dataset/*/*/*/*.nii.gz"))) == 2
+    with pytest.raises(rc.RadclipError, match="already exists"):
+        args.func(args)
 
 
 # ---- 3b. NIfTI to model input ----
