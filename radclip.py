@@ -392,7 +392,7 @@ def draw_skeleton(rng, hu, x, y, z, body, a):
     hu[(np.abs(x) < 14) & (y > -0.93 * a.bh) & (y < -0.85 * a.bh) & (z > -80) & (z < 100)] = U(300, 450)  # sternum
 
 
-# ---- The 18 findings, as they look on CT, at a random size, place and strength ----
+# -- The 18 findings, as they look on CT, at a random size, place and strength --
 # Sizes and contrasts are generous enough to survive the tiny preset's 4.5 x 4.5 x 9 mm voxels and
 # [-1000, 200] HU window. Each returns a detail (where, how big) that the report quotes.
 def metal_streaks(rng, hu, ax):
@@ -685,7 +685,7 @@ def render_volume(rng, labels_row, scanner_rng=None):
     return hu, spacing_mm, affine, details
 
 
-# ---- Labels with CT-RATE's prevalence and co-occurrence ----
+# -- Labels with CT-RATE's prevalence and co-occurrence --
 # Findings share causes (atherosclerosis, smoking, heart failure, infection) and so co-occur. A
 # Gaussian copula with latent factors reproduces that: a finding is present when its latent score
 # (loadings . factors + its own noise, unit variance) passes the quantile that gives its CT-RATE
@@ -712,7 +712,7 @@ def sample_labels(rng, n):
     return (score > [NormalDist().inv_cdf(1 - p) for p in PREVALENCE]).astype(np.int8)
 
 
-# ---- Reports in CT-RATE's style (radiology English translated from Turkish) ----
+# -- Reports in CT-RATE's style (radiology English translated from Turkish) --
 # TERMS: each finding's names when present | and when negated (a name, or a whole sentence). Most
 # negations name the finding, so a keyword match that ignores negation is fooled by them.
 TERMS = {f: tuple(names.split("|") for names in pair) for f, pair in {
@@ -787,7 +787,7 @@ def write_report(rng, labels_row, hedged_mask, details=None):
             "Findings_EN": " ".join(findings), "Impressions_EN": " ".join(impressions) or str(rng.choice(NORMAL))}
 
 
-# ---- Writing the dataset in CT-RATE's layout ----
+# -- Writing the dataset in CT-RATE's layout --
 SPLITS = {"train": ("train", "train"), "valid": ("validation", "valid")}  # CSV prefixes: reports, labels
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 METADATA_COLUMNS = ["VolumeName", "Manufacturer", "PatientSex", "PatientAge", "Rows", "Columns", "XYSpacing",
