@@ -1187,3 +1187,22 @@ def test_eval_command_writes_table_and_json_and_reuses_embeddings(tmp_path, caps
     assert rc.main(args + ["--ctclip-quirks"]) == 0
     assert cache.stat().st_mtime_ns == stamp  # same checkpoint and data: embeddings reused
     assert "quirks included" in json.loads((tmp_path / "r.json").read_text())["map_definition"]
+
+
+# ---- The tutorial ----
+def test_tutorial_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    """tutorial.ipynb runs top to bottom as saved (offline: no LLM endpoint), writing only to its
+    working folder. nbformat, nbclient and ipykernel are test dependencies: a missing one fails here."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)       # the LLM cell must skip, not call out
+    monkeypatch.setenv("RADCLIP_TUTORIAL_DIR", str(tmp_path / "work"))
+    listing = lambda: sorted(p.name for p in HERE.iterdir() if p.name not in ("__pycache__", ".pytest_cache"))
+    before = listing()
+    nb = nbformat.read(HERE / "tutorial.ipynb", as_version=4)
+    assert not any(cell.get("outputs") for cell in nb.cells), "save tutorial.ipynb with its outputs cleared"
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(HERE)}}).execute()   # raises on any failing cell
+    assert (tmp_path / "work" / "runs" / "clip_supervised.pt").is_file()
+    assert listing() == before
