@@ -788,7 +788,6 @@ def write_report(rng, labels_row, hedged_mask, details=None):
 
 
 # -- Writing the dataset in CT-RATE's layout --
-SPLITS = {"train": ("train", "train"), "valid": ("validation", "valid")}  # CSV prefixes: reports, labels
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 METADATA_COLUMNS = ["VolumeName", "Manufacturer", "PatientSex", "PatientAge", "Rows", "Columns", "XYSpacing",
                     "ZSpacing", "RescaleIntercept", "RescaleSlope", "RescaleType", "NumberofSlices"]
@@ -817,7 +816,7 @@ def store_volume(path, hu, affine, rng, store):
 def synthesize_scan(job):
     """Render, store and report every reconstruction of one scan: a (report, labels, metadata) row each."""
     root, split, patient, n_recons, labels_row, seed, store = job
-    key = [seed, list(SPLITS).index(split), patient]          # seeds from (seed, split, patient): order-free
+    key = [seed, ("train", "valid").index(split), patient]          # seeds from (seed, split, patient): order-free
     rng = np.random.default_rng(key + [0])
     sex, age, maker = rng.choice(["M", "F"]), rng.integers(20, 90), rng.choice(["SIEMENS", "PHILIPS", "TOSHIBA"])
     rows = []
@@ -845,7 +844,7 @@ def synthesize_ctrate(out, n_train=600, n_valid=200, seed=0, store="raw", worker
     if root.exists() and any(root.iterdir()):
         raise RadclipError(f"{root} already exists; choose a new --out or delete it")
     for split, n in (("train", n_train), ("valid", n_valid)):
-        rng, recons = np.random.default_rng([seed, list(SPLITS).index(split)]), []
+        rng, recons = np.random.default_rng([seed, ("train", "valid").index(split)]), []
         while sum(recons) < n:                                   # reconstructions per patient, n in all
             recons.append(min(1 + int(rng.random() < 0.2), n - sum(recons)))
         labels, rows = sample_labels(rng, len(recons)), []
@@ -855,12 +854,9 @@ def synthesize_ctrate(out, n_train=600, n_valid=200, seed=0, store="raw", worker
             for scan_rows in pool.imap(synthesize_scan, jobs, chunksize=4):
                 rows += scan_rows
                 bar.update(len(scan_rows))
-        reports, labels_prefix = SPLITS[split]
-        for folder, name, columns, i in (("radiology_text_reports", f"{reports}_reports", REPORT_COLUMNS, 0),
-                                         ("multi_abnormality_labels", f"{labels_prefix}_predicted_labels",
-                                          ["VolumeName"] + FINDINGS, 1),
-                                         ("metadata", f"{reports}_metadata", METADATA_COLUMNS, 2)):
-            write_csv(root / folder / f"{name}.csv", [r[i] for r in rows], columns)
+        for i, (kind, columns) in enumerate((("reports", REPORT_COLUMNS), ("labels", ["VolumeName"] + FINDINGS),
+                                             ("metadata", METADATA_COLUMNS))):
+            write_csv(ctrate_csv(out, split, kind), [r[i] for r in rows], columns)
 
 
 def add_synth_parser(subparsers):
