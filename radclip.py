@@ -2141,6 +2141,8 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
     provenance = {"torch": str(torch.__version__), "device": str(device), "seed": cfg.seed,
                   "radclip_sha256": sha256_file(__file__), "world_size": world}
     log_path = out.with_suffix(".log.jsonl")
+    if rank == 0 and not ckpt:  # a fresh run starts a fresh log; a resumed one appends
+        log_path.unlink(missing_ok=True)
     metrics, batches = {}, iter(loader)
     bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc=f"{stage}/{modality}",
                disable=rank != 0, dynamic_ncols=True)
@@ -2473,7 +2475,7 @@ def embed_split(ckpt_path, data_dir, split, device="auto", labels_csv=None):
     if cache.is_file():
         hit = torch.load(cache, weights_only=True)
         if hit["key"] == key:
-            return model, cfg, ds, hit["image"], hit["text"]
+            return model.eval(), cfg, ds, hit["image"], hit["text"]
     model.to(device)
     amp_dtype = resolve_amp(cfg.amp, device)
     both = embed(model, ds, lambda m, v, t: torch.cat([m.encode_image(v), m.encode_text(t)], 1),
