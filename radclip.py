@@ -2056,7 +2056,7 @@ def load_checkpoint(path):
 
 
 def checkpoint_config(ckpt):
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
+    return make_config("paper", **ckpt["config"])  # every field is in the checkpoint
 
 
 def model_from_checkpoint(path):
