@@ -33,6 +33,7 @@ Sections: 1 config and findings, 2 utilities, 3 data (synthetic CT-RATE, NIfTI, 
 dataset), 4 silver labels, 5 models, 6 training, 7 evaluation, 8 demo and bench, 9 CLI.
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -45,10 +46,13 @@ import os
 import pickle
 import random
 import re
+import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -58,6 +62,8 @@ from pathlib import Path
 from statistics import NormalDist
 from types import SimpleNamespace
 
+if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly; main() handles it from then on
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 import nibabel as nib
 import numpy as np
 import requests
@@ -148,10 +154,56 @@ PRESETS = {
                  supervised_epochs=28, clip_epochs=10, batch_size=32, warmup_steps=20, workers=2,
                  eval_every=100, save_every=100, log_every=10),
 }
+# The values each Config field may take: (lo, hi) inclusive for numbers (each element of a tuple),
+# or the allowed strings. make_config checks them all, so a bad flag, a bad preset and a bad
+# checkpoint config fail the same way, before any work. Counts that are 0 are never "some".
+BOUNDS = {
+    "spacing_mm": (0.1, 20.0), "input_shape": (4, 1024), "hu_window": (-2000.0, 4000.0),
+    "width": (1, 1024), "stem_kernel": (1, 16), "stem_stride": (1, 16),
+    "context_len": (1, 8192), "vocab_min_freq": (1, 10**6), "text_width": (1, 4096),
+    "text_layers": (1, 64), "text_heads": (1, 64), "embed_dim": (1, 8192),
+    "logit_scale_init": (0.0, 10.0), "logit_scale_max": (1.0, 1e4), "learn_temperature": (0, 1),
+    "aux_cls": (0.0, 1e3), "supervised_lr": (1e-9, 1.0), "clip_lr": (1e-9, 1.0), "min_lr": (0.0, 1.0),
+    "supervised_epochs": (1e-3, 1e5), "clip_epochs": (1e-3, 1e5), "weight_decay": (0.0, 10.0),
+    "batch_size": (1, 65536), "accum_steps": (1, 4096), "warmup_steps": (0, 10**7), "grad_clip": (1e-6, 1e6),
+    "uncertain": ("ignore", "zero", "one"), "pos_weight": (0, 1), "augment": (0, 1),
+    "max_train_volumes": (0, 10**8), "amp": ("auto", "off", "fp16", "bf16"),
+    "channels_last": ("auto", "on", "off"), "workers": (0, 256), "seed": (0, 2**32 - 1),
+    "eval_every": (1, 10**8), "save_every": (1, 10**8), "log_every": (1, 10**8),
+}
+
+
+def check_value(name, v):
+    """One value (or tuple element) of Config field `name`, converted, if BOUNDS allow it."""
+    bounds, default = BOUNDS[name], getattr(Config, name)
+    kind = type(default[0] if isinstance(default, tuple) else default)
+    if isinstance(bounds[0], str):
+        if v not in bounds:
+            raise RadclipError(f"must be one of {', '.join(bounds)}; got {v!r}")
+        return v
+    # `not lo <= v <= hi` also refuses NaN; an int field refuses 2.5, a bool field 2
+    if isinstance(v, str) or (kind is not float and float(v) != int(v)) or not bounds[0] <= v <= bounds[1]:
+        raise RadclipError(f"must be {'a whole number ' if kind is not float else ''}"
+                           f"in [{bounds[0]:g}, {bounds[1]:g}]; got {v!r}")
+    return kind(v)
+
+
+def check_field(name, value):
+    """value if every element is within BOUNDS[name], else a RadclipError naming the flag."""
+    default = getattr(Config, name)
+    try:
+        if not isinstance(default, tuple):
+            return check_value(name, value)
+        if len(value) != len(default):
+            raise RadclipError(f"takes {len(default)} values; got {len(value)}")
+        return tuple(check_value(name, v) for v in value)
+    except RadclipError as e:
+        raise RadclipError(f"--{name.replace('_', '-')} {e}") from None
 
 
 def make_config(preset="paper", **overrides):
-    """The preset's Config, with overrides that are not None (CLI flags map to fields)."""
+    """The preset's Config, with overrides that are not None (CLI flags map to fields), every
+    field checked against BOUNDS."""
     if preset not in PRESETS:
         raise RadclipError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -159,7 +211,14 @@ def make_config(preset="paper", **overrides):
     if bad:
         raise RadclipError(f"unknown config field(s) {sorted(bad)}")
     values = dict(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    cfg = Config(**{k: check_field(k, v) for k, v in values.items()})
+    if cfg.hu_window[0] >= cfg.hu_window[1]:
+        raise RadclipError(f"--hu-window needs LO < HI; got {cfg.hu_window}")
+    if cfg.text_width % cfg.text_heads:
+        raise RadclipError(f"--text-width ({cfg.text_width}) must be a multiple of --text-heads ({cfg.text_heads})")
+    if min(cfg.input_shape) < cfg.stem_kernel:
+        raise RadclipError(f"--input-shape {cfg.input_shape} is smaller than the stem's {cfg.stem_kernel} voxels")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,40 +231,74 @@ def seed_everything(seed):
 
 
 def atomic_write_bytes(path, data):
-    """Write to a temporary file and rename: a crash never leaves a half-written file."""
+    """Write to a temporary file and rename: a crash, a Ctrl-C or a full disk never leaves a
+    half-written file, nor the temporary one; the previous file stays as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # on a read-only mount even this fails
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RadclipError(f"{path}: cannot write ({e.strerror or e}); any previous file is intact") from None
+        raise
+
+
+def check_writable(folder):
+    """Create folder if needed and prove that a file can be written there, before any work is done
+    that would then be lost (a step trained, a volume converted, a paid request sent)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise RadclipError(f"{folder}: cannot write there ({e.strerror or e}); choose another output folder") from None
+    return folder
 
 
 def sha256_file(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def read_csv(path, required=()):
-    """Rows of a CSV as dicts; a missing file or column is a one-line error."""
+def read_csv(path, required=(), id_col=None):
+    """Rows of a CSV as dicts. UTF-8 with or without a BOM (Excel's "CSV UTF-8"); another encoding,
+    a missing file or column, or an id_col value that repeats is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise RadclipError(f"{path}: no such file")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RadclipError(f"{path}: not UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                           "save it as UTF-8 (Excel: 'CSV UTF-8')") from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = reader.fieldnames or []
         missing = [c for c in required if c not in columns]
         if missing:
             raise RadclipError(f"{path}: missing column(s) {missing}; found {columns}")
-        return list(reader)
+        rows = list(reader)
+    except csv.Error as e:
+        raise RadclipError(f"{path}: not a readable CSV ({e})") from None
+    if id_col:
+        twice = [i for i, n in Counter(r[id_col] for r in rows).items() if n > 1]
+        if twice:
+            raise RadclipError(f"{path}: {len(twice)} {id_col} values repeat, e.g. {twice[:3]}; "
+                               "each must name one row")
+    return rows
 
 
 def write_csv(path, rows, columns):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(check_writable(Path(path).parent) / Path(path).name, buf.getvalue().encode())
 
 
 # ---------------------------------------------------------------------------------------
@@ -860,18 +953,22 @@ def synthesize_scan(job):
 def synthesize_ctrate(out, n_train=1000, n_valid=300, seed=0, store="raw", workers=2):
     """Write a miniature CT-RATE under out/dataset: n_train and n_valid volumes (one scan per patient;
     ~20% of scans have a second reconstruction) with their reports, labels and metadata."""
-    root = Path(out) / "dataset"
+    root, unfinished = Path(out) / "dataset", Path(out) / ".synth-unfinished"
     if store not in ("raw", "hu") or min(n_train, n_valid) < 0 or workers < 1:
         raise RadclipError(f"need --store raw|hu (got {store!r}), --n-train/--n-valid >= 0 and --workers >= 1")
-    if root.exists() and any(root.iterdir()):
+    if unfinished.exists():  # an interrupted synth: what it wrote is ours, and incomplete
+        print(f"synth: {root} is from an interrupted run; writing it again", file=sys.stderr)
+        shutil.rmtree(root, ignore_errors=True)
+    elif root.exists() and any(root.iterdir()):
         raise RadclipError(f"{root} already exists; choose a new --out or delete it")
+    atomic_write_bytes(check_writable(out) / unfinished.name, b"")
     for split, n in (("train", n_train), ("valid", n_valid)):
         rng, recons = np.random.default_rng([seed, ("train", "valid").index(split)]), []
         while sum(recons) < n:                                   # reconstructions per patient, n in all
             recons.append(min(1 + int(rng.random() < 0.2), n - sum(recons)))
         labels, rows = sample_labels(rng, len(recons)), []
         jobs = [(root, split, i + 1, r, labels[i], seed, store) for i, r in enumerate(recons)]
-        with multiprocessing.get_context("fork").Pool(workers) as pool, \
+        with multiprocessing.get_context("fork").Pool(workers, worker_signals) as pool, \
                 tqdm(total=n, desc=f"synth {split}", unit="vol") as bar:
             for scan_rows in pool.imap(synthesize_scan, jobs, chunksize=4):
                 rows += scan_rows
@@ -879,18 +976,20 @@ def synthesize_ctrate(out, n_train=1000, n_valid=300, seed=0, store="raw", worke
         for i, (kind, columns) in enumerate((("reports", REPORT_COLUMNS), ("labels", ["VolumeName"] + FINDINGS),
                                              ("metadata", METADATA_COLUMNS))):
             write_csv(ctrate_csv(out, split, kind), [r[i] for r in rows], columns)
+    unfinished.unlink()
 
 
 def add_synth_parser(subparsers):
     p = subparsers.add_parser("synth", help="write a miniature synthetic CT-RATE (volumes, reports, labels)")
     p.add_argument("--out", type=Path, required=True, help="output folder; the dataset goes to OUT/dataset")
-    p.add_argument("--n-train", type=int, default=1000, help="training volumes (default 1000)")
-    p.add_argument("--n-valid", type=int, default=300, help="validation volumes (default 300)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
+    p.add_argument("--n-train", type=number(int, 0), default=1000, help="training volumes (default 1000)")
+    p.add_argument("--n-valid", type=number(int, 0), default=300, help="validation volumes (default 300)")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="the same seed writes the same bytes")
     p.add_argument("--store", choices=["raw", "hu"], default="raw",
                    help="raw: int16 HU - RescaleIntercept, as CT-RATE's first release; hu: HU, as its corrected "
                         "release (the metadata keeps its Rescale columns either way)")
-    p.add_argument("--workers", type=int, default=2, help="processes rendering volumes in parallel (default 2)")
+    p.add_argument("--workers", type=number(int, 1, 256), default=2,
+                   help="processes rendering volumes in parallel (default 2)")
     p.set_defaults(func=cmd_synth)
 
 
@@ -927,6 +1026,29 @@ def parse_spacing(text):
     return [float(v) for v in str(text).strip("[]() ").replace(",", " ").split()]
 
 
+def volume_meta(meta, name):
+    """(spacing_mm of the stored axes, slope, intercept) from a metadata row, or a RadclipError
+    naming the volume: an empty, zero, negative, NaN or absurd spacing, a slope that is no number."""
+    if meta is None:
+        raise RadclipError(f"{name}: not in the metadata CSV")
+    try:
+        xy = parse_spacing(meta["XYSpacing"])
+        spacing = [xy[0], xy[-1], float(meta["ZSpacing"])] if len(xy) in (1, 2) else []
+    except (ValueError, TypeError, IndexError):
+        spacing = []
+    if not (spacing and all(0.05 <= s <= 30 for s in spacing)):
+        raise RadclipError(f"{name}: metadata spacing XYSpacing={meta['XYSpacing']!r}, ZSpacing="
+                           f"{meta['ZSpacing']!r} is not 1 or 2 and 1 numbers in [0.05, 30] mm")
+    try:
+        slope, intercept = float(meta["RescaleSlope"]), float(meta["RescaleIntercept"])
+    except (ValueError, TypeError):
+        slope = intercept = math.nan
+    if not (math.isfinite(slope) and slope != 0 and math.isfinite(intercept)):
+        raise RadclipError(f"{name}: metadata RescaleSlope={meta['RescaleSlope']!r}, RescaleIntercept="
+                           f"{meta['RescaleIntercept']!r} are not a nonzero and a finite number")
+    return np.array(spacing), slope, intercept
+
+
 def to_hu(stored, slope, intercept, mode, name=""):
     """Hounsfield units from stored values. The original CT-RATE release stores raw values
     (HU = slope * raw + intercept, from the metadata CSV); the corrected release stores HU.
@@ -950,14 +1072,15 @@ def load_hu(path, meta, hu_mode="auto"):
     Axes are put in the radiological display order: D runs superior->inferior, H anterior->
     posterior, W the patient's right->left. Spacing comes from the metadata CSV, like the
     authors' and CT-CLIP's code, and orientation from the NIfTI affine (CT-CLIP ignores it)."""
+    name = volume_name(path)
+    spacing, slope, intercept = volume_meta(meta, name)
     img = nib.load(str(path))
-    if len(img.shape) != 3:
-        raise RadclipError(f"{volume_name(path)}: has shape {img.shape}; expected one 3-D volume")
+    if len(img.shape) != 3 or min(img.shape) < 8:
+        raise RadclipError(f"{name}: has shape {img.shape}; expected one 3-D volume of at least 8 voxels a side")
     stored = img.get_fdata(dtype=np.float32)  # header scaling is identity in CT-RATE
-    xy = parse_spacing(meta["XYSpacing"])
-    spacing = np.array([xy[0], xy[-1], float(meta["ZSpacing"])])  # of the stored axes
-    hu = to_hu(stored, float(meta["RescaleSlope"]), float(meta["RescaleIntercept"]), hu_mode,
-               volume_name(path))
+    if img.get_data_dtype().kind == "f" and not np.isfinite(stored).all():
+        raise RadclipError(f"{name}: holds NaN or infinite voxels")
+    hu = to_hu(stored, slope, intercept, hu_mode, name)
     ornt = nib.orientations.io_orientation(img.affine)  # stored axis -> (RAS axis, flip)
     hu = nib.orientations.apply_orientation(hu, ornt)   # now x: L->R, y: P->A, z: I->S
     spacing = spacing[np.argsort(ornt[:, 0])]
@@ -970,6 +1093,9 @@ def preprocess(hu, spacing_zyx, cfg):
     padded (with air) about the centre to cfg.input_shape."""
     target = cfg.spacing_mm[::-1]  # cfg holds (x, y, z); arrays are (z, y, x)
     size = [max(1, round(n * s / t)) for n, s, t in zip(hu.shape, spacing_zyx, target)]
+    if math.prod(size) > 2**28:  # 1 GiB of float32: a wrong spacing, not a chest
+        raise RadclipError(f"resampling {hu.shape} voxels at {spacing_zyx} mm to {target} mm would make "
+                           f"{size}; check the spacing")
     x = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
     x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)[0, 0]
     lo, hi = cfg.hu_window
@@ -985,31 +1111,38 @@ def preprocess(hu, spacing_zyx, cfg):
     return out.numpy().astype(np.float16)
 
 
-def cache_dir(data_dir, cfg):
-    """One cache per preprocessing setting, so presets never read each other's arrays."""
+def cache_dir(data_dir, cfg, root=None):
+    """One cache per preprocessing setting, so presets never read each other's arrays. It lives in
+    root (--cache-dir) if given, else in data_dir/cache: datasets often sit on read-only mounts."""
     sx, sy, sz = cfg.spacing_mm
     d, h, w = cfg.input_shape
     lo, hi = cfg.hu_window
-    return Path(data_dir) / "cache" / f"{sx:g}x{sy:g}x{sz:g}mm_{d}x{h}x{w}_hu{lo:g}to{hi:g}"
+    return Path(root or Path(data_dir) / "cache") / f"{sx:g}x{sy:g}x{sz:g}mm_{d}x{h}x{w}_hu{lo:g}to{hi:g}"
+
+
+def worker_signals():
+    """A pool worker's initializer: Ctrl-C goes to the parent, which ends the pool with SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _prep_one(job):
     path, meta, out, cfg, hu_mode = job
     torch.set_num_threads(1)  # parallelism is across volumes
     try:
-        if meta is None:
-            raise RadclipError(f"{volume_name(path)}: not in the metadata CSV")
-        hu, spacing = load_hu(path, meta, hu_mode)
+        x = preprocess(*load_hu(path, meta, hu_mode), cfg)
+        if not np.isfinite(x).all():
+            raise RadclipError("the preprocessed volume holds NaN")
         buf = io.BytesIO()
-        np.save(buf, preprocess(hu, spacing, cfg))
+        np.save(buf, x)
         atomic_write_bytes(out, buf.getvalue())
         return None
-    except (RadclipError, nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as e:
-        # corrupt: ImageFileError; truncated gzip: EOFError/OSError; bad metadata: ValueError
-        return f"{volume_name(path)}: {type(e).__name__}: {e}"
+    except Exception as e:  # a corrupt file, bad metadata, a full disk: this volume's failure only
+        message = str(e) if isinstance(e, RadclipError) else f"{type(e).__name__}: {e}"
+        return message if message.startswith(volume_name(path)) else f"{volume_name(path)}: {message}"
 
 
-def prep_split(data_dir, split, cfg, hu_mode="auto", workers=2):
+def prep_split(data_dir, split, cfg, hu_mode="auto", workers=2, cache_root=None):
     """Preprocess one split into cache_dir; returns (n_cached, n_skipped, failures). A rerun
     skips every finished file: each .npy is written atomically, so it is whole or absent."""
     root = Path(data_dir) / "dataset" / split
@@ -1017,15 +1150,14 @@ def prep_split(data_dir, split, cfg, hu_mode="auto", workers=2):
         raise RadclipError(f"{root}: not found; --data must hold CT-RATE's dataset/{split}/ folder")
     meta = {r["VolumeName"]: r for r in read_csv(
         ctrate_csv(data_dir, split, "metadata"),
-        ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"))}
+        ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"), "VolumeName")}
     paths = sorted(root.rglob("*.nii.gz"))
-    out_dir = cache_dir(data_dir, cfg) / split
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable(cache_dir(data_dir, cfg, cache_root) / split)
     outs = [out_dir / volume_name(p).replace(".nii.gz", ".npy") for p in paths]
     todo = [(p, meta.get(volume_name(p)), o, cfg, hu_mode) for p, o in zip(paths, outs)
             if not o.exists()]
     failures = []
-    with multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
+    with multiprocessing.get_context("fork").Pool(max(1, workers), worker_signals) as pool:
         for err in tqdm(pool.imap_unordered(_prep_one, todo), total=len(todo),
                         desc=f"prep {split}", unit="vol", disable=not todo):
             if err:
@@ -1049,17 +1181,26 @@ def report_text(row, columns=("Impressions_EN", "Findings_EN")):
 
 
 def read_reports(path, id_col="VolumeName", text_cols=("Impressions_EN", "Findings_EN")):
-    rows = read_csv(path, (id_col, *text_cols))
+    rows = read_csv(path, (id_col, *text_cols), id_col)
     return {r[id_col]: report_text(r, text_cols) for r in rows}
 
 
-def read_labels(path, id_col="VolumeName"):
-    """{id: (18,) int8 array of -1/0/1} from a CT-RATE-style labels CSV."""
-    rows = read_csv(path, (id_col, *FINDINGS))
-    try:
-        return {r[id_col]: np.array([int(float(r[f])) for f in FINDINGS], np.int8) for r in rows}
-    except ValueError as e:
-        raise RadclipError(f"{path}: a label is not -1, 0 or 1 ({e})") from None
+def read_labels(path, id_col="VolumeName", reference=False):
+    """{id: (18,) int8 array} from a CT-RATE-style labels CSV: -1 (uncertain), 0 or 1, written as
+    integers or as floats ("1.0", as pandas writes them); only 0 and 1 in a reference file."""
+    allowed = (0, 1) if reference else (-1, 0, 1)
+    labels = {}
+    for line, r in enumerate(read_csv(path, (id_col, *FINDINGS), id_col), start=2):
+        for f in FINDINGS:
+            try:
+                ok = float(r[f]) in allowed  # "2", "0.6", "inf", "yes", "" and a missing cell are not
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise RadclipError(f"{path}: line {line}, column {f!r}: {r[f]!r} is not one of "
+                                   f"{', '.join(map(str, allowed))}")
+        labels[r[id_col]] = np.array([float(r[f]) for f in FINDINGS]).astype(np.int8)
+    return labels
 
 
 def match_ids(name, **sources):
@@ -1107,13 +1248,15 @@ class Tokenizer:
 class CTRateDataset(torch.utils.data.Dataset):
     """(volume (1, D, H, W), token ids (L,), labels (18,)) for one split, from prep's cache."""
 
-    def __init__(self, data_dir, split, cfg, tokenizer=None, labels_csv=None, augment=False, limit=0):
+    def __init__(self, data_dir, split, cfg, tokenizer=None, labels_csv=None, augment=False, limit=0,
+                 cache_root=None):
         self.cfg, self.tokenizer, self.augment = cfg, tokenizer, augment
         self.volumes = True  # False: a text-only run skips reading them
-        self.cache = cache_dir(data_dir, cfg) / split
+        self.cache = cache_dir(data_dir, cfg, cache_root) / split
         if not (self.cache / "index.csv").is_file():
-            raise RadclipError(f"{self.cache}: no preprocessed volumes; run "
-                               f"`python radclip.py prep --data {data_dir} --split {split}` first")
+            raise RadclipError(f"{self.cache}: no preprocessed volumes; run `python radclip.py prep --data "
+                               f"{data_dir}{f' --cache-dir {cache_root}' if cache_root else ''} --split {split}` "
+                               "with the same preset and preprocessing flags first")
         cached = [r["VolumeName"] for r in read_csv(self.cache / "index.csv", ("VolumeName",))]
         reports = read_reports(ctrate_csv(data_dir, split, "reports"))
         labels = read_labels(labels_csv or ctrate_csv(data_dir, split, "labels"))
@@ -1364,19 +1507,33 @@ def retry_after_s(headers):
     return None
 
 
+def check_base_url(base_url):
+    """base_url without a trailing slash, if it parses as an http(s) URL; else a one-line error,
+    before any request (a port over 65535, a space, a broken IPv6 literal)."""
+    try:
+        parts = urllib.parse.urlsplit(base_url or "")
+        _ = parts.port  # ValueError for a port outside 0-65535
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not re.search(r"\s", base_url)
+    except ValueError:  # also "Invalid IPv6 URL"
+        ok = False
+    if not ok:
+        raise RadclipError(f"--base-url {base_url!r} is not a URL like http://localhost:8000/v1")
+    return base_url.rstrip("/")
+
+
 class LLMLabeler:
     """An OpenAI-compatible chat endpoint as a labeler: one pooled session shared by the worker
     threads, the retry policy, the response_format fallback and the usage counters."""
     backoff_s = 0.5  # the first retry waits about this long, doubling up to 8 s; tests shrink it
+    give_up_after = 8  # connection failures in a row, no reply between them: the server is not there
+    request_problem_after = 3  # the first reports all refused with HTTP 4xx: the request is wrong
 
     def __init__(self, base_url, model, prompts, timeout=60.0, max_retries=5,
                  response_format="json_schema", workers=8, seed=0, max_tokens=300):
-        if not re.match(r"https?://[^/\s]+", base_url or ""):
-            raise RadclipError(f"--base-url {base_url!r} is not a URL like http://localhost:8000/v1")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = check_base_url(base_url) + "/chat/completions"
         self.model, self.prompts, self.timeout, self.max_retries = model, prompts, timeout, max_retries
-        self.response_format = response_format
-        self.params = {"temperature": 0, "seed": seed, "max_tokens": max_tokens}  # the answer needs ~150
+        self.response_format, self.max_tokens = response_format, max_tokens  # the answer needs ~150
+        self.params = {"temperature": 0, "seed": seed}
         self.key = os.environ.get("OPENAI_API_KEY", "")  # from the environment only; written nowhere
         self.session = requests.Session()
         for scheme in ("http://", "https://"):  # keep one connection alive per worker
@@ -1385,6 +1542,7 @@ class LLMLabeler:
             self.session.headers["Authorization"] = f"Bearer {self.key}"
         self.counts, self.retries, self.fallbacks = Counter(), Counter(), []
         self.lock, self.stop = threading.Lock(), threading.Event()
+        self.unreachable, self.answered, self.refused = 0, 0, []
 
     def messages(self, text):
         return [{"role": "system", "content": self.prompts["system"]},
@@ -1392,7 +1550,8 @@ class LLMLabeler:
 
     def cache_key(self, text):
         """sha256 of what decides the answer: model, prompt and report, sampling parameters. Not the
-        response_format, so that a fallback mid-run leaves the cache valid. Never the key."""
+        response_format, so that a fallback mid-run leaves the cache valid, nor the token limit, which
+        only decides whether the answer is cut. Never the key."""
         blob = json.dumps([self.model, self.messages(text), self.params])
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -1400,12 +1559,18 @@ class LLMLabeler:
         with self.lock:
             counter[name] += n
 
+    def mask(self, text):
+        """text as one line, with the API key masked (OpenAI's 401 quotes the key it got)."""
+        text = " ".join(str(text).split())
+        return text.replace(self.key, "***") if self.key else text
+
     def label(self, text):
-        """The 18 labels of one report. LabelFailed after max_retries retries; RadclipError for a
-        reply that no retry can mend (bad key, unknown model, no credit): it ends the whole run."""
-        failures = 0
+        """The 18 labels of one report. LabelFailed after max_retries retries, or at once for a request
+        the server refuses for this report alone (HTTP 400: too long, say); RadclipError for a reply
+        that no retry can mend (bad key, unknown model, no credit, no server): it ends the whole run."""
+        failures, max_tokens = 0, self.max_tokens
         while not self.stop.is_set():
-            labels, cause, retry_after = self.request(text)
+            labels, cause, retry_after = self.request(text, max_tokens)
             if labels is not None:
                 return labels
             if cause == "fallback":  # the server refused our response_format: ask again, more plainly
@@ -1414,27 +1579,40 @@ class LLMLabeler:
             if failures > self.max_retries:
                 raise LabelFailed(f"{cause} on all {failures} attempts")
             self.count(self.retries, cause)
+            if cause == "truncated reply":  # at temperature 0 the same limit cuts the same answer
+                max_tokens *= 2
+                continue
             if retry_after is None or not 0 <= retry_after <= 60:  # jitter: workers do not retry in step
                 retry_after = random.uniform(0.5, 1.0) * min(8.0, self.backoff_s * 2 ** (failures - 1))
             self.stop.wait(retry_after)
         raise LabelFailed("the run stopped before this report was answered")
 
-    def request(self, text):
+    def request(self, text, max_tokens):
         """One POST: (labels, None, None), or (None, cause, seconds the server asks us to wait)."""
         fmt = self.response_format
-        payload = {"model": self.model, "messages": self.messages(text), **self.params}
+        payload = {"model": self.model, "messages": self.messages(text), **self.params, "max_tokens": max_tokens}
         if fmt == "json_schema":  # OpenAI's nested form
             payload["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "ct_findings", "strict": True, "schema": LABEL_SCHEMA}}
-        elif fmt == "json_object":
-            payload["response_format"] = {"type": "json_object"}
+        elif fmt == "json_object":  # llama.cpp's servers enforce the schema given here; others ignore it
+            payload["response_format"] = {"type": "json_object", "schema": LABEL_SCHEMA}
         self.count(self.counts, "requests")
         try:
             r = self.session.post(self.url, json=payload, timeout=self.timeout)
         except requests.Timeout:
             return None, "timeout", None
-        except requests.RequestException:
+        except requests.RequestException as e:
+            with self.lock:
+                self.unreachable += 1
+                stop = self.unreachable >= self.give_up_after
+            if stop:
+                self.stop.set()
+                raise RadclipError(f"{self.url}: no connection in {self.unreachable} tries in a row "
+                                   f"({self.mask(type(e).__name__)}); is the server running? Answers "
+                                   "received so far are cached") from None
             return None, "connection error", None
+        with self.lock:
+            self.unreachable = 0
         if r.status_code != 200:
             return self.http_error(r, fmt)
         try:  # validated here whatever the server promised: llama.cpp may ignore a schema
@@ -1445,20 +1623,20 @@ class LLMLabeler:
             choice = body["choices"][0]
             if choice.get("finish_reason") == "length":
                 return None, "truncated reply", None
-            return parse_labels(choice["message"]["content"]), None, None
+            labels = parse_labels(choice["message"]["content"])
         except (ValueError, LookupError, TypeError, AttributeError):
             return None, "invalid reply", None
+        self.count(self.counts, "answered")
+        return labels, None, None
 
     def http_error(self, r, fmt):
-        """A non-200 reply: step down from a refused response_format, retry, or end the run."""
+        """A non-200 reply: step down from a refused response_format, retry, fail the report, or end the run."""
         try:
             error = r.json()["error"]
         except (ValueError, LookupError, TypeError):
             error = r.text
         message, code = (error.get("message"), error.get("code")) if isinstance(error, dict) else (error, "")
-        message = " ".join(str(message).split())[:200]
-        if self.key:  # OpenAI's 401 quotes the key it got
-            message = message.replace(self.key, "***")
+        message = self.mask(message)[:200]  # masked first: a cut must not leave part of the key
         status = r.status_code
         if fmt != "none" and re.search(r"response_format|json_schema|json_object", message, re.I):
             with self.lock:  # several workers may see it: the first steps down, once
@@ -1469,14 +1647,26 @@ class LLMLabeler:
         # OpenAI says "no credit" with a 429 too, and that one no retry mends.
         if (status in (408, 409, 429) or status >= 500) and code != "insufficient_quota":
             return None, f"HTTP {status}", retry_after_s(r.headers)
+        unknown_param = re.search(r"unknown|unrecognized|unsupported|not supported|extra (?:fields|inputs)",
+                                  message, re.I) and re.search(r"param|argument|field|input", message, re.I)
+        if status in (400, 413, 422) and not unknown_param:  # this report (too long, say), unless every one
+            with self.lock:
+                self.refused.append(message)
+                systematic = self.counts["answered"] == 0 and len(self.refused) >= self.request_problem_after
+            if not systematic:
+                raise LabelFailed(f"HTTP {status}: {message}")
         hint = {401: "set OPENAI_API_KEY to a valid key for this server",
                 402: "add credit to the account or use another key",
                 403: f"check that the key may use model {self.model!r}",
                 404: f"check --base-url (it ends in /v1) and --model {self.model!r}",
-                429: "add credit to the account or use another key"}
+                429: "add credit to the account or use another key"}.get(status)
+        if status in (400, 413, 422):
+            hint = ("the server does not take a parameter radclip sends; try --response-format none, or a "
+                    "server that speaks OpenAI's chat API") if unknown_param else \
+                f"the first {len(self.refused)} reports were all refused: check --model, --max-tokens and --base-url"
         self.stop.set()  # no retry mends this: no worker sends another request
         raise RadclipError(f"{self.url} answered HTTP {status} ({message}); "
-                           f"{hint.get(status, f'check --model {self.model!r} and --response-format')}")
+                           f"{hint or f'check --model {self.model!r} and --response-format'}")
 
 
 # -- The cached, parallel runner --
@@ -1546,14 +1736,10 @@ def cmd_label(args):
         return cmd_label_eval(args)
     if not (args.reports and args.out):
         raise RadclipError("label needs --reports CSV and --out CSV (or --eval --pred P.csv --gold G.csv)")
-    if args.workers < 1 or args.max_retries < 0 or args.timeout <= 0:
-        raise RadclipError("--workers must be >= 1, --max-retries >= 0 and --timeout > 0")
-    rows = read_csv(args.reports, (args.id_col, *args.text_cols))
+    rows = read_csv(args.reports, (args.id_col, *args.text_cols), args.id_col)
     ids, texts = [r[args.id_col] for r in rows], [report_text(r, args.text_cols) for r in rows]
-    twice = [i for i, n in Counter(ids).items() if n > 1]
-    if twice:
-        raise RadclipError(f"{args.reports}: {len(twice)} {args.id_col} values repeat, e.g. {twice[:3]}")
     out, base_url = Path(args.out), args.base_url or os.environ.get("OPENAI_BASE_URL")
+    check_writable(out.parent)
     if args.backend == "rules" or not base_url:
         if args.backend == "llm":
             print("label: no endpoint (--base-url, OPENAI_BASE_URL): the rules label", file=sys.stderr)
@@ -1567,8 +1753,9 @@ def cmd_label(args):
     if not model:
         raise RadclipError("no model: pass --model or set OPENAI_MODEL")
     labeler = LLMLabeler(base_url, model, load_prompts(), timeout=args.timeout, max_retries=args.max_retries,
-                         response_format=args.response_format, workers=args.workers)
+                         response_format=args.response_format, workers=args.workers, max_tokens=args.max_tokens)
     cache_path = Path(args.cache) if args.cache else out.with_suffix(".cache.jsonl")
+    check_writable(cache_path.parent)  # before the first paid request
     if args.dry_run:
         print_dry_run(labeler, texts, cache_path, args)
         return 0
@@ -1613,17 +1800,20 @@ def add_label_parser(subparsers):
                    help="llm: an OpenAI-compatible server; rules: offline, also when no server is set")
     p.add_argument("--base-url", help="URL ending in /v1 (default $OPENAI_BASE_URL); key: $OPENAI_API_KEY")
     p.add_argument("--model", help="model name (default $OPENAI_MODEL)")
-    p.add_argument("--workers", type=int, default=8, help="requests in flight (default 8)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    p.add_argument("--max-retries", type=int, default=5, help="retries after a report's first try (default 5)")
+    p.add_argument("--workers", type=number(int, 1, 256), default=8, help="requests in flight (default 8)")
+    p.add_argument("--timeout", type=number(float, 0.01, 3600), default=60.0, help="seconds per request (default 60)")
+    p.add_argument("--max-retries", type=number(int, 0, 100), default=5,
+                   help="retries after a report's first try (default 5)")
+    p.add_argument("--max-tokens", type=number(int, 16, 2**20), default=300,
+                   help="the answer's token limit (default 300); a reply cut by it is asked again with twice it")
     p.add_argument("--cache", help="JSONL cache of answers (default: --out with .cache.jsonl)")
     p.add_argument("--response-format", choices=RESPONSE_FORMATS, default="json_schema",
                    help="asked of the server; if refused, radclip falls back to json_object, then none")
     p.add_argument("--id-col", default="VolumeName", help="id column of all the CSVs (default VolumeName)")
     p.add_argument("--text-cols", nargs="+", default=["Findings_EN", "Impressions_EN"],
                    help="columns joined into the report, 'Not given.' left out (default: these two)")
-    p.add_argument("--price-in", type=float, help="USD per 1M prompt tokens, for the cost")
-    p.add_argument("--price-out", type=float, help="USD per 1M completion tokens, for the cost")
+    p.add_argument("--price-in", type=number(float, 0), help="USD per 1M prompt tokens, for the cost")
+    p.add_argument("--price-out", type=number(float, 0), help="USD per 1M completion tokens, for the cost")
     p.add_argument("--dry-run", action="store_true", help="estimate requests, tokens and cost; send none")
     p.add_argument("--eval", action="store_true", help="score --pred against --gold instead of labelling")
     p.add_argument("--pred", help="with --eval: predicted labels CSV")
@@ -1670,7 +1860,9 @@ def print_label_quality(quality):
 def cmd_label_eval(args):
     if not (args.pred and args.gold):
         raise RadclipError("label --eval needs --pred P.csv and --gold G.csv")
-    quality = label_quality(read_labels(args.pred, args.id_col), read_labels(args.gold, args.id_col),
+    if args.out:
+        check_writable(Path(args.out).parent)
+    quality = label_quality(read_labels(args.pred, args.id_col), read_labels(args.gold, args.id_col, True),
                             args.uncertain)
     print_label_quality(quality)
     if args.out:
@@ -1975,13 +2167,19 @@ def resolve_channels_last(choice, cfg, device, amp_dtype, measured=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{os.cpu_count()}"
     key = f"{name}|{cfg.width}|{cfg.stem_kernel}/{cfg.stem_stride}|{cfg.input_shape}|{amp_dtype}"
     path = Path(os.environ.get("RADCLIP_CACHE", Path.home() / ".cache" / "radclip")) / "channels_last.json"
-    known = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):  # unreadable or torn: measure again
+        known = {}
+    known = known if isinstance(known, dict) else {}
     if measured or key not in known:
         measured = measured or {cl: time_train_step(cfg, device, amp_dtype, cl, steps=3)["volumes_per_s"]
                                 for cl in (False, True)}
         known[key] = measured[True] > measured[False]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(known, indent=1).encode())
+        try:
+            atomic_write_bytes(check_writable(path.parent) / path.name, json.dumps(known, indent=1).encode())
+        except RadclipError as e:  # a read-only home: the choice holds for this run only
+            print(f"radclip: warning: channels-last choice not remembered: {e}", file=sys.stderr)
     return known[key]
 
 
@@ -2010,12 +2208,27 @@ def time_train_step(cfg, device, amp_dtype, channels_last, steps=5, batch=None):
     return {"volumes_per_s": batch / float(np.median(times[2:])), "peak_gib": peak}
 
 
+def check_device(name):
+    """--device as a torch.device that this machine has: auto (CUDA if present), cpu, cuda, cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise RadclipError(f"--device {name!r} is not auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RadclipError(f"--device {name}: this torch build or machine has no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RadclipError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 def setup_distributed(device_name):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on CUDA, gloo on CPU. -> (rank, world, device)"""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = check_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -2043,15 +2256,37 @@ def save_checkpoint(path, **state):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path):
-    if not Path(path).is_file():
+CHECKPOINT_KEYS = ("model", "config", "stage", "modality", "vocab")
+
+
+def load_checkpoint(path, need=None):
+    """A radclip checkpoint, loaded weights-only: a file from the internet cannot run code on load.
+    need: "clip" (eval), "image" or "text" (a tower to start from); a checkpoint that does not
+    hold it, or a file that is no radclip checkpoint at all, is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
         raise RadclipError(f"{path}: no such checkpoint")
-    try:  # weights_only: a checkpoint from the internet cannot run code on load
+    try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise RadclipError(f"{path}: not a readable radclip checkpoint ({e})") from None
-    if "epochs" in ckpt.get("config", {}):  # saved before the two stages had their own epochs
+    except Exception as e:  # torch advises weights_only=False here; never, for a file from elsewhere
+        why = ("it holds Python objects that a weights-only load refuses to run" if "Weights only" in str(e)
+               else f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+        raise RadclipError(f"{path}: not a radclip checkpoint ({why})") from None
+    if not (isinstance(ckpt, dict) and all(k in ckpt for k in CHECKPOINT_KEYS)):
+        what = ("a plain state_dict" if isinstance(ckpt, dict) and ckpt and
+                all(isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}")
+        raise RadclipError(f"{path}: holds {what}, not a radclip checkpoint (one that `radclip train` saved)")
+    if "epochs" in ckpt["config"]:  # saved before the two stages had their own epochs
         ckpt["config"]["supervised_epochs"] = ckpt["config"]["clip_epochs"] = ckpt["config"].pop("epochs")
+    try:
+        checkpoint_config(ckpt)
+    except RadclipError as e:
+        raise RadclipError(f"{path}: its config is not this radclip's ({e})") from None
+    kind = "clip" if ckpt["stage"] == "clip" else f"supervised {ckpt['modality']}"
+    if need and kind not in ("clip", f"supervised {need}"):
+        wanted = "a CLIP checkpoint (train --stage clip)" if need == "clip" else \
+            f"{'an' if need == 'image' else 'a'} {need} tower (a supervised {need} or a CLIP checkpoint)"
+        raise RadclipError(f"{path}: is a {kind} checkpoint; this needs {wanted}")
     return ckpt
 
 
@@ -2059,26 +2294,41 @@ def checkpoint_config(ckpt):
     return make_config("paper", **ckpt["config"])  # every field is in the checkpoint
 
 
-def model_from_checkpoint(path):
+def load_weights(model, state, path, strict=True):
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:  # a checkpoint edited or saved by another program
+        detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:120]
+        raise RadclipError(f"{path}: its weights do not fit this model ({detail})") from None
+
+
+def model_from_checkpoint(path, need=None):
     """(model, cfg, tokenizer) rebuilt from a checkpoint alone, without the CLI."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, need)
     cfg = checkpoint_config(ckpt)
     tokenizer = Tokenizer(ckpt["vocab"])
     model = RadCLIP(cfg, len(tokenizer.vocab))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     return model, cfg, tokenizer
 
 
-def load_tower(model, path, prefixes, tokenizer):
-    """Copy one tower (and its head) from a supervised checkpoint into model."""
-    ckpt = load_checkpoint(path)
-    if "text." in prefixes and ckpt["vocab"] != tokenizer.vocab:
+TOWER_FIELDS = {"image": ("width", "stem_kernel", "stem_stride"),
+                "text": ("context_len", "text_width", "text_layers", "text_heads")}
+
+
+def load_tower(model, path, modality, tokenizer, cfg):
+    """Copy one tower (and its head) from a supervised or CLIP checkpoint into model."""
+    ckpt = load_checkpoint(path, modality)
+    theirs = checkpoint_config(ckpt)
+    differ = [f"--{f.replace('_', '-')} {getattr(cfg, f)} here, {getattr(theirs, f)} there"
+              for f in TOWER_FIELDS[modality] if getattr(cfg, f) != getattr(theirs, f)]
+    if differ:
+        raise RadclipError(f"{path}: its {modality} tower has another shape ({'; '.join(differ)})")
+    if modality == "text" and ckpt["vocab"] != tokenizer.vocab:
         raise RadclipError(f"{path}: its vocabulary differs from this run's; build both from the "
                            "same training reports")
-    state = {k: v for k, v in ckpt["model"].items() if k.startswith(prefixes)}
-    if not state:
-        raise RadclipError(f"{path}: holds no {'/'.join(prefixes)} weights")
-    model.load_state_dict(state, strict=False)
+    prefixes = ("visual.", "visual_cls.") if modality == "image" else ("text.", "text_cls.")
+    load_weights(model, {k: v for k, v in ckpt["model"].items() if k.startswith(prefixes)}, path, strict=False)
 
 
 @torch.no_grad()
@@ -2103,38 +2353,80 @@ def print0(*args):
         tqdm.write(" ".join(str(a) for a in args))
 
 
+@contextlib.contextmanager
+def stop_requests(out):
+    """Ctrl-C and SIGTERM (a cluster pre-empting the job) as a request, the list it yields: the
+    training step in progress finishes and is saved. A second signal stops at once, unsaved."""
+    stop, owner = [], os.getpid()
+
+    def request(signum, frame):
+        if os.getpid() != owner:  # a data-loader worker: the main process decides
+            return
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signal.Signals(signum).name)
+        print0(f"\n{stop[0]}: saving {out} after this step (again to stop at once, unsaved)")
+    main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
+    handlers = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        yield stop
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def run_differences(ckpt, cfg, run):
+    """What makes the run in a checkpoint another run than this one: config fields (but workers,
+    which change no number) and the stage, tower, labels and initialisation, as one sentence."""
+    theirs = {**dataclasses.asdict(checkpoint_config(ckpt)), **ckpt.get("run", {})}
+    ours = {**dataclasses.asdict(cfg), **run}
+    return "; ".join(f"{k} {ours[k]!r} here, {theirs[k]!r} there" for k in ours
+                     if k != "workers" and k in theirs and ours[k] != theirs[k])
+
+
 def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_image=None,
-          init_text=None, resume=False, device="auto", stop_after=None):
-    """Train one stage and save to `out`; returns the final validation metrics.
+          init_text=None, restart=False, device="auto", stop_after=None, cache_root=None):
+    """Train one stage and save to `out`; returns the final validation metrics. If `out` holds this
+    same run, it resumes there (or returns at once if it is finished); a checkpoint of another run is
+    an error unless restart. Ctrl-C or SIGTERM finishes the step, saves, and raises KeyboardInterrupt.
     stop_after ends the run early without changing its schedule (a time box; the resume test)."""
     rank, world, device = setup_distributed(device)
     seed_everything(cfg.seed)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = load_checkpoint(out) if resume and out.is_file() else None
-    if ckpt and (ckpt["stage"], ckpt["modality"]) != (stage, modality):
-        raise RadclipError(f"{out}: holds a {ckpt['stage']}/{ckpt['modality']} run; resume it "
-                           "with the same --stage and --modality, or pick another --out")
-    if ckpt and ckpt["step"] >= ckpt["max_steps"]:
-        print0(f"{out}: already trained ({ckpt['step']} steps); delete it to train again")
-        return ckpt["metrics"]
+    if out.is_dir():
+        raise RadclipError(f"--out {out} is a folder; name the checkpoint file, e.g. {out / 'model.pt'}")
+    check_writable(out.parent)
+    identity = {"stage": stage, "modality": modality if stage == "supervised" else "both",
+           **{k: str(v or "") for k, v in (("labels", labels_csv), ("init_image", init_image),
+                                            ("init_text", init_text))}}
+    ckpt = load_checkpoint(out) if out.is_file() and not restart else None
     if ckpt:
-        print0(f"{out}: resuming at step {ckpt['step']} with the checkpoint's own config")
-        cfg = checkpoint_config(ckpt)
-    train_ds = CTRateDataset(data_dir, "train", cfg, None, labels_csv, cfg.augment, cfg.max_train_volumes)
-    valid_ds = CTRateDataset(data_dir, "valid", cfg)  # the split's own (gold) labels
+        differ = run_differences(ckpt, cfg, identity) or ("" if (ckpt["stage"], ckpt["modality"]) == (
+            stage, modality) else f"a {ckpt['stage']} {ckpt['modality']} run there")
+        if differ:
+            raise RadclipError(f"{out}: holds another run ({differ}); rerun with its flags to resume it, "
+                               "pass --restart to train afresh over it, or choose another --out")
+        if ckpt["step"] >= ckpt["max_steps"]:
+            print0(f"{out}: already trained ({ckpt['step']} steps); --restart trains it again")
+            return ckpt["metrics"]
+        print0(f"{out}: resuming at step {ckpt['step']} of {ckpt['max_steps']} (same config)")
+    for path, tower in ((init_image, "image"), (init_text, "text")):
+        if path:
+            load_checkpoint(path, tower)  # a wrong file fails now, not after the datasets load
+    train_ds = CTRateDataset(data_dir, "train", cfg, None, labels_csv, cfg.augment, cfg.max_train_volumes,
+                             cache_root)
+    valid_ds = CTRateDataset(data_dir, "valid", cfg, cache_root=cache_root)  # the split's own (gold) labels
     if ckpt or init_text:
-        tokenizer = Tokenizer(ckpt["vocab"] if ckpt else load_checkpoint(init_text)["vocab"])
+        tokenizer = Tokenizer(ckpt["vocab"] if ckpt else load_checkpoint(init_text, "text")["vocab"])
     else:  # deterministic: every run on the same training reports builds the same vocabulary
         tokenizer = Tokenizer.build(train_ds.reports, cfg.vocab_min_freq)
     train_ds.tokenizer = valid_ds.tokenizer = tokenizer
     train_ds.volumes = valid_ds.volumes = (stage, modality) != ("supervised", "text")
 
     model = RadCLIP(cfg, len(tokenizer.vocab))
-    if init_image and not ckpt:
-        load_tower(model, init_image, ("visual.", "visual_cls."), tokenizer)
-    if init_text and not ckpt:
-        load_tower(model, init_text, ("text.", "text_cls."), tokenizer)
+    for modality_, path in (("image", init_image), ("text", init_text)):
+        if path and not ckpt:
+            load_tower(model, path, modality_, tokenizer, cfg)
     for name, p in model.named_parameters():
         p.requires_grad_(trainable(name, stage, modality, cfg) and
                          (name != "logit_scale" or cfg.learn_temperature))
@@ -2188,57 +2480,69 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
     log_path = out.with_suffix(".log.jsonl")
     if rank == 0 and not ckpt:  # a fresh run starts a fresh log; a resumed one appends
         log_path.unlink(missing_ok=True)
-    metrics, batches = {}, iter(loader)
-    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc=run,
-               disable=rank != 0, dynamic_ncols=True)
-    t0, seen = time.perf_counter(), 0
-    for step in bar:
-        model.train()
-        for _ in range(cfg.accum_steps):
-            vol, ids, labels = (t.to(device, non_blocking=True) for t in next(batches))
-            if channels_last and vol.dim() == 5:
-                vol = vol.to(memory_format=torch.channels_last_3d)
-            with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = stage_loss(model, (vol, ids, labels), cfg, stage, modality, pos_weight)
-            scaler.scale(loss / cfg.accum_steps).backward()
-        if world > 1:
-            all_reduce_grads(params, [model.logit_scale] if stage == "clip" else params)
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        seen += batch
-        done = step + 1
-        if done % cfg.log_every == 0 or done == max_steps:
-            row = {"step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                   "grad_norm": grad_norm.item(), "logit_scale": model.logit_scale.exp().item(),
-                   "volumes_per_s": seen / (time.perf_counter() - t0)}
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                            vol_s=f"{row['volumes_per_s']:.1f}")
-            if rank == 0:
+    metrics = {}
+    with stop_requests(out) as stop:  # the loader's worker processes, forked in here, inherit it
+        batches = iter(loader)
+        bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc=run,
+                   disable=rank != 0, dynamic_ncols=True)
+        t0, seen = time.perf_counter(), 0
+        for step in bar:
+            model.train()
+            for _ in range(cfg.accum_steps):
+                vol, ids, labels = (t.to(device, non_blocking=True) for t in next(batches))
+                if channels_last and vol.dim() == 5:
+                    vol = vol.to(memory_format=torch.channels_last_3d)
+                with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = stage_loss(model, (vol, ids, labels), cfg, stage, modality, pos_weight)
+                scaler.scale(loss / cfg.accum_steps).backward()
+            if world > 1:
+                all_reduce_grads(params, [model.logit_scale] if stage == "clip" else params)
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            seen += batch
+            done = step + 1
+            if done % cfg.log_every == 0 or done == max_steps:
+                row = {"step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0],
+                       "grad_norm": grad_norm.item(), "logit_scale": model.logit_scale.exp().item(),
+                       "volumes_per_s": seen / (time.perf_counter() - t0)}
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                vol_s=f"{row['volumes_per_s']:.1f}")
+                if rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+            interrupted = bool(stop)
+            if world > 1:  # every rank stops after the same step
+                flag = torch.tensor(float(interrupted), device=device)
+                dist.all_reduce(flag)
+                interrupted = flag.item() > 0
+            last = done == max_steps or done == stop_after
+            if rank == 0 and (done % cfg.eval_every == 0 or last) and not interrupted:
+                metrics = validate(model, valid_ds, cfg, stage, modality, device, amp_dtype, channels_last)
+                metrics["step"] = done
+                print0(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                   if isinstance(v, float)))
                 with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-        last = done == max_steps or done == stop_after
-        if rank == 0 and (done % cfg.eval_every == 0 or last):
-            metrics = validate(model, valid_ds, cfg, stage, modality, device, amp_dtype, channels_last)
-            metrics["step"] = done
-            print0(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                               if isinstance(v, float)))
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"eval": metrics}) + "\n")
-        if rank == 0 and (done % cfg.save_every == 0 or last):
-            rng = {"torch": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            save_checkpoint(out, model=model.state_dict(), optimizer=opt.state_dict(),
-                            scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=done, max_steps=max_steps,
-                            config=dataclasses.asdict(cfg), stage=stage, modality=modality,
-                            vocab=tokenizer.vocab, rng=rng, provenance=provenance, metrics=metrics)
-        if last:
-            break
+                    f.write(json.dumps({"eval": metrics}) + "\n")
+            if rank == 0 and (done % cfg.save_every == 0 or last or interrupted):
+                rng = {"torch": torch.get_rng_state()}
+                if device.type == "cuda":
+                    rng["cuda"] = torch.cuda.get_rng_state(device)
+                save_checkpoint(out, model=model.state_dict(), optimizer=opt.state_dict(),
+                                scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=done, max_steps=max_steps,
+                                config=dataclasses.asdict(cfg), stage=stage, modality=modality, run=identity,
+                                vocab=tokenizer.vocab, rng=rng, provenance=provenance, metrics=metrics)
+            if interrupted:
+                stop.append("saved")
+                print0(f"{out}: saved at step {done} of {max_steps}; the same command resumes there")
+            if last or interrupted:
+                break
     bar.close()
+    if stop:
+        raise KeyboardInterrupt
     return metrics
 
 
@@ -2509,32 +2813,40 @@ def results_to_json(r):
     return json.dumps(plain(r), indent=2)
 
 
-def embed_split(ckpt_path, data_dir, split, device="auto", labels_csv=None):
+def embed_split(ckpt_path, data_dir, split, device="auto", labels_csv=None, cache_root=None, emb_cache=None):
     """(model, cfg, dataset, image_emb (N, E), text_emb (N, E)) for a split. The embeddings are
-    cached beside the checkpoint and reused while checkpoint, volumes and reports are unchanged."""
-    model, cfg, tokenizer = model_from_checkpoint(ckpt_path)
-    ds = CTRateDataset(data_dir, split, cfg, tokenizer, labels_csv)
+    cached in emb_cache (default: beside the checkpoint) and reused while checkpoint, volumes and
+    reports are unchanged; an unreadable cache is recomputed, an unwritable one skipped."""
+    model, cfg, tokenizer = model_from_checkpoint(ckpt_path, "clip")
+    ds = CTRateDataset(data_dir, split, cfg, tokenizer, labels_csv, cache_root=cache_root)
     _, _, device = setup_distributed(device)
     key = hashlib.sha256("|".join([sha256_file(ckpt_path), *ds.names, *ds.reports]).encode()).hexdigest()
-    cache = Path(ckpt_path).with_suffix(f".{split}.emb.pt")
-    if cache.is_file():
-        hit = torch.load(cache, weights_only=True)
-        if hit["key"] == key:
+    cache = Path(emb_cache or Path(ckpt_path).with_suffix(f".{split}.emb.pt"))
+    try:
+        hit = torch.load(cache, weights_only=True) if cache.is_file() else {}
+        if hit.get("key") == key:
             return model.eval(), cfg, ds, hit["image"], hit["text"]
+    except Exception as e:  # a torn or foreign file: the embeddings are only a cache
+        print(f"radclip: warning: {cache}: unreadable ({type(e).__name__}); computing the embeddings again",
+              file=sys.stderr)
     model.to(device)
     amp_dtype = resolve_amp(cfg.amp, device)
     both = embed(model, ds, lambda m, v, t: torch.cat([m.encode_image(v), m.encode_text(t)], 1),
                  cfg, device, amp_dtype)
     image_emb, text_emb = both[:, :cfg.embed_dim], both[:, cfg.embed_dim:]
-    save_checkpoint(cache, key=key, image=image_emb, text=text_emb)
+    try:
+        save_checkpoint(cache, key=key, image=image_emb, text=text_emb)
+    except RadclipError as e:
+        print(f"radclip: warning: embeddings not cached: {e}", file=sys.stderr)
     return model.cpu(), cfg, ds, image_emb, text_emb
 
 
 def run_eval(ckpt_path, data_dir, split="valid", prompt="ctclip", ctclip_quirks=False,
              scan_level=False, n_boot=1000, device="auto", labels_csv=None,
-             map_ks=(1, 5, 10, 50), recall_ks=(5, 10, 50, 100)):
+             map_ks=(1, 5, 10, 50), recall_ks=(5, 10, 50, 100), cache_root=None, emb_cache=None):
     """Embed a split once, then evaluate() it with the chosen zero-shot prompt pair."""
-    model, cfg, ds, image_emb, text_emb = embed_split(ckpt_path, data_dir, split, device, labels_csv)
+    model, cfg, ds, image_emb, text_emb = embed_split(ckpt_path, data_dir, split, device, labels_csv,
+                                                      cache_root, emb_cache)
     pairs = zero_shot_prompts(load_prompts(), prompt)
     tokenizer = Tokenizer(load_checkpoint(ckpt_path)["vocab"])
     with torch.no_grad():
@@ -2569,7 +2881,8 @@ def demo(out="demo", seed=0, device="auto"):
         result = fn(*args, **kwargs)
         times[stage] = times.get(stage, 0.0) + time.perf_counter() - t
         return result
-    if not (data / "dataset").is_dir():
+    check_writable(out)
+    if not (data / "dataset").is_dir() or (data / ".synth-unfinished").exists():
         timed("synth", synthesize_ctrate, data, seed=seed, workers=cfg.workers)
     for split in ("train", "valid"):
         timed("prep", prep_split, data, split, cfg, workers=cfg.workers)
@@ -2588,12 +2901,12 @@ def demo(out="demo", seed=0, device="auto"):
         init[modality] = out / f"supervised_{modality}.pt"
         supervised[modality] = timed(f"supervised {modality}", train,
                                      dataclasses.replace(cfg, supervised_epochs=epochs), "supervised",
-                                     init[modality], data, modality, silver, resume=True, device=device)
+                                     init[modality], data, modality, silver, device=device)
     runs = {"scratch": {}, "supervised": {"init_image": init["image"], "init_text": init["text"]}}
     results = {}
     for name, kwargs in runs.items():
         timed(f"clip from {name}", train, cfg, "clip", out / f"clip_{name}.pt", data, labels_csv=silver,
-              resume=True, device=device, **kwargs)
+              device=device, **kwargs)
         results[name] = timed("eval", run_eval, out / f"clip_{name}.pt", data, device=device)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nradclip demo: the paper's ablation on synthetic CT-RATE, {minutes:.1f} min "
@@ -2618,7 +2931,7 @@ def demo(out="demo", seed=0, device="auto"):
 # Speed claims come from here, never from timed tests: medians of repeated steps, with every
 # variant measured side by side in one run, since a shared machine is noisy.
 # ---------------------------------------------------------------------------------------
-def bench(cfg, device, data_dir=None, steps=5, batch=8, amps=None):
+def bench(cfg, device, data_dir=None, steps=5, batch=8, amps=None, cache_root=None):
     """Rows of forward+backward volumes/s and peak memory for each amp x channels-last
     combination, and data-loading volumes/s from the prep cache if data_dir is given."""
     rows = []
@@ -2628,7 +2941,7 @@ def bench(cfg, device, data_dir=None, steps=5, batch=8, amps=None):
             r = time_train_step(cfg, device, resolve_amp(amp, device), cl, steps, batch)
             rows.append({"what": "train step", "amp": amp, "channels_last": cl, **r})
     if data_dir:
-        ds = CTRateDataset(data_dir, "train", cfg, augment=cfg.augment)
+        ds = CTRateDataset(data_dir, "train", cfg, augment=cfg.augment, cache_root=cache_root)
         loader = torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers)
         t0, n = time.perf_counter(), 0
         for vol, _, _ in loader:
@@ -2641,59 +2954,93 @@ def bench(cfg, device, data_dir=None, steps=5, batch=8, amps=None):
 # ---------------------------------------------------------------------------------------
 # ---- 9. CLI ----
 # ---------------------------------------------------------------------------------------
+def number(kind, lo, hi=math.inf):
+    """An argparse type: a `kind` number in [lo, hi]. NaN and inf are never in range."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{' whole' if kind is int else ''} number") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be {f'>= {lo:g}' if hi == math.inf else f'in [{lo:g}, {hi:g}]'}"
+                                             f"; got {text}")
+        return v
+    return parse
+
+
+def field(name):
+    """The argparse type of Config field `name`: BOUNDS checks it as make_config does."""
+    default = getattr(Config, name)
+    kind = type(default[0] if isinstance(default, tuple) else default)
+
+    def parse(text):
+        try:
+            return check_value(name, kind(text))
+        except (ValueError, RadclipError) as e:
+            raise argparse.ArgumentTypeError(str(e) if isinstance(e, RadclipError) else f"{text!r} is not a "
+                                             f"{'whole ' if kind is int else ''}number") from None
+    return parse
+
+
 def add_config_flags(p):
     """Flags that map one to one onto Config fields; None keeps the preset's value."""
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="paper: the paper's settings (GPU); tiny: a 2-core CPU (default)")
-    p.add_argument("--spacing-mm", type=float, nargs=3, metavar=("X", "Y", "Z"), help="voxel size, mm")
-    p.add_argument("--input-shape", type=int, nargs=3, metavar=("D", "H", "W"), help="voxels")
-    p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"),
+    p.add_argument("--spacing-mm", type=field("spacing_mm"), nargs=3, metavar=("X", "Y", "Z"), help="voxel size, mm")
+    p.add_argument("--input-shape", type=field("input_shape"), nargs=3, metavar=("D", "H", "W"), help="voxels")
+    p.add_argument("--hu-window", type=field("hu_window"), nargs=2, metavar=("LO", "HI"),
                    help="HU range mapped to [-1, 1]")
-    p.add_argument("--workers", type=int, help="worker processes (prep: volumes in parallel; "
+    p.add_argument("--workers", type=field("workers"), help="worker processes (prep: volumes in parallel; "
                    "train: data loading)")
+    p.add_argument("--cache-dir", help="where prep's cache lives (default: DATA/cache), for a read-only --data")
 
 
 def add_model_flags(p):
-    p.add_argument("--width", type=int, help="channels of ResNet layer1 (64 = ResNet-18)")
-    p.add_argument("--stem-kernel", type=int, help="the 1-channel stem's cube size, voxels")
-    p.add_argument("--stem-stride", type=int, help="2: the authors' standard stem; 4: their lite one")
+    p.add_argument("--width", type=field("width"), help="channels of ResNet layer1 (64 = ResNet-18)")
+    p.add_argument("--stem-kernel", type=field("stem_kernel"), help="the 1-channel stem's cube size, voxels")
+    p.add_argument("--stem-stride", type=field("stem_stride"), help="2: the authors' standard stem; 4: their lite one")
 
 
 def config_from_args(args):
     fields = {f.name for f in dataclasses.fields(Config)}
-    return make_config(args.preset, **{k: v for k, v in vars(args).items() if k in fields})
+    overrides = {k: v for k, v in vars(args).items() if k in fields}
+    if getattr(args, "epochs", None) is not None:
+        overrides[f"{args.stage}_epochs"] = args.epochs
+    return make_config(args.preset, **overrides)
 
 
 def cmd_prep(args):
     cfg = config_from_args(args)
     failed = 0
     for split in args.split or ["train", "valid"]:
-        n_cached, n_skipped, failures = prep_split(args.data, split, cfg, args.hu, cfg.workers)
+        n_cached, n_skipped, failures = prep_split(args.data, split, cfg, args.hu, cfg.workers, args.cache_dir)
         for err in failures:
             print(f"radclip: skipped {err}", file=sys.stderr)
         failed += len(failures)
-        print(f"prep {split}: {n_cached} volumes in {cache_dir(args.data, cfg) / split} "
+        print(f"prep {split}: {n_cached} volumes in {cache_dir(args.data, cfg, args.cache_dir) / split} "
               f"({n_skipped} already done, {len(failures)} failed)")
     return 1 if failed else 0
 
 
 def cmd_train(args):
     cfg = config_from_args(args)
-    if args.epochs is not None:
-        cfg = dataclasses.replace(cfg, **{f"{args.stage}_epochs": args.epochs})
     if args.stage == "supervised" and (args.init_image or args.init_text):
         raise RadclipError("--init-image/--init-text start the CLIP stage; supervised stages start from scratch")
     metrics = train(cfg, args.stage, args.out, args.data, args.modality, args.labels,
-                    args.init_image, args.init_text, args.resume, args.device)
+                    args.init_image, args.init_text, args.restart, args.device, cache_root=args.cache_dir)
     print(results_to_json(metrics))
 
 
 def cmd_eval(args):
+    out = Path(args.out or Path(args.ckpt).with_suffix(f".{args.split}.results.json"))
+    try:
+        check_writable(out.parent)
+    except RadclipError as e:
+        raise RadclipError(f"{e} with --out") from None
     results = run_eval(args.ckpt, args.data, args.split, args.prompt, args.ctclip_quirks,
                        args.scan_level, args.n_boot, args.device, args.labels,
-                       sorted(args.map_k), sorted(args.recall_k))
+                       sorted(args.map_k), sorted(args.recall_k), args.cache_dir, args.emb_cache)
     print(format_results(results))
-    out = Path(args.out or Path(args.ckpt).with_suffix(f".{args.split}.results.json"))
     atomic_write_bytes(out, results_to_json(results).encode())
     print(f"\nwrote {out}")
 
@@ -2705,7 +3052,7 @@ def cmd_bench(args):
         r = bench_labeler(args.labeler_reports, args.latency, args.labeler_workers)
         print(json.dumps(r, indent=1))
         return
-    rows = bench(cfg, device, args.data, args.steps, args.batch)
+    rows = bench(cfg, device, args.data, args.steps, args.batch, cache_root=args.cache_dir)
     print(f"bench: {device}, preset {args.preset}, width {cfg.width}, stem {cfg.stem_kernel}x{cfg.stem_kernel}x"
           f"{cfg.stem_kernel} stride {cfg.stem_stride}, input {cfg.input_shape}, "
           f"batch {args.batch}, median of {args.steps} steps, torch {torch.__version__}")
@@ -2725,8 +3072,8 @@ def cmd_demo(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="radclip", description="radclip: LLM silver labels, "
-                                     "supervised pre-training and CLIP for 3D chest CT (arXiv 2509.13175)")
+    parser = Parser(prog="radclip", allow_abbrev=False, description="radclip: LLM silver labels, "
+                    "supervised pre-training and CLIP for 3D chest CT (arXiv 2509.13175)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     add_synth_parser(sub)
@@ -2751,34 +3098,35 @@ def build_parser():
     p.add_argument("--out", required=True, help="checkpoint path (.pt)")
     p.add_argument("--init-image", help="supervised image checkpoint to start the CLIP stage from")
     p.add_argument("--init-text", help="supervised text checkpoint to start the CLIP stage from")
-    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    p.add_argument("--restart", action="store_true", help="train afresh over a checkpoint of another run in "
+                   "--out (without it, the same run resumes there and another run is an error)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1")
     add_config_flags(p)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=field("seed"))
     add_model_flags(p)
-    p.add_argument("--context-len", type=int, help="report tokens the text tower reads; the rest is cut")
-    p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--accum-steps", type=int)
-    p.add_argument("--epochs", type=float, help="passes over the training split (sets the steps); "
+    p.add_argument("--context-len", type=field("context_len"), help="report tokens the text tower reads; the rest is cut")
+    p.add_argument("--batch-size", type=field("batch_size"), help="per process")
+    p.add_argument("--accum-steps", type=field("accum_steps"))
+    p.add_argument("--epochs", type=field("supervised_epochs"), help="passes over the training split (sets the steps); "
                    "sets supervised_epochs or clip_epochs, by --stage")
-    p.add_argument("--supervised-lr", type=float)
-    p.add_argument("--clip-lr", type=float)
-    p.add_argument("--warmup-steps", type=int, help="optimizer steps of linear warmup")
+    p.add_argument("--supervised-lr", type=field("supervised_lr"))
+    p.add_argument("--clip-lr", type=field("clip_lr"))
+    p.add_argument("--warmup-steps", type=field("warmup_steps"), help="optimizer steps of linear warmup")
     p.add_argument("--uncertain", choices=["ignore", "zero", "one"],
                    help="how -1 (uncertain) labels train: masked out, as 0 or as 1")
     p.add_argument("--pos-weight", action=argparse.BooleanOptionalAction,
                    help="weight positives by the negative/positive ratio in BCE")
-    p.add_argument("--aux-cls", type=float, help="weight of a classifier loss during CLIP (GreenRFM)")
+    p.add_argument("--aux-cls", type=field("aux_cls"), help="weight of a classifier loss during CLIP (GreenRFM)")
     p.add_argument("--learn-temperature", action=argparse.BooleanOptionalAction,
                    help="--no-learn-temperature fixes CLIP's temperature at 0.07")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random shifts of up to 8%%")
-    p.add_argument("--max-train-volumes", type=int, help="train on the first N volumes only")
+    p.add_argument("--max-train-volumes", type=field("max_train_volumes"), help="train on the first N volumes only")
     p.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"],
                    help="auto: bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
     p.add_argument("--channels-last", choices=["auto", "on", "off"],
                    help="auto: the faster one, measured once on this device")
-    p.add_argument("--eval-every", type=int, help="validate every N optimizer steps")
-    p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps")
+    p.add_argument("--eval-every", type=field("eval_every"), help="validate every N optimizer steps")
+    p.add_argument("--save-every", type=field("save_every"), help="checkpoint every N optimizer steps")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="zero-shot AUC, image-image mAP@K, report-image Recall@K, CIs")
@@ -2792,16 +3140,18 @@ def build_parser():
                    help="mAP as CT-CLIP's script computes it (query in its own gallery, K mixed)")
     p.add_argument("--scan-level", action="store_true",
                    help="retrieval over one volume per scan (reconstructions share a report)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
-    p.add_argument("--map-k", type=int, nargs="+", default=[1, 5, 10, 50], help="K values for mAP@K")
-    p.add_argument("--recall-k", type=int, nargs="+", default=[5, 10, 50, 100], help="K values for Recall@K")
+    p.add_argument("--n-boot", type=number(int, 1, 10**6), default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--map-k", type=number(int, 1), nargs="+", default=[1, 5, 10, 50], help="K values for mAP@K")
+    p.add_argument("--recall-k", type=number(int, 1), nargs="+", default=[5, 10, 50, 100], help="K values for Recall@K")
     p.add_argument("--out", help="results JSON (default: beside the checkpoint)")
+    p.add_argument("--cache-dir", help="prep's cache folder, if prep had --cache-dir")
+    p.add_argument("--emb-cache", help="embedding cache file (default: beside the checkpoint)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the whole paper on synthetic data, on a CPU, in minutes")
     p.add_argument("--out", default="demo", help="working folder; a rerun reuses what is there")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=field("seed"), default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
 
@@ -2809,27 +3159,53 @@ def build_parser():
     add_config_flags(p)
     add_model_flags(p)
     p.add_argument("--data", help="also time data loading from this folder's prep cache")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
-    p.add_argument("--batch", type=int, default=8, help="volumes per timed step")
+    p.add_argument("--steps", type=number(int, 1, 1000), default=5, help="timed steps per variant (median)")
+    p.add_argument("--batch", type=number(int, 1, 4096), default=8, help="volumes per timed step")
     p.add_argument("--device", default="auto")
     p.add_argument("--labeler", action="store_true", help="time the LLM labeler against a local server")
-    p.add_argument("--latency", type=float, default=0.2, help="the local server's seconds per reply")
-    p.add_argument("--labeler-reports", type=int, default=1000)
-    p.add_argument("--labeler-workers", type=int, default=16)
+    p.add_argument("--latency", type=number(float, 0, 60), default=0.2, help="the local server's seconds per reply")
+    p.add_argument("--labeler-reports", type=number(int, 1, 10**6), default=1000)
+    p.add_argument("--labeler-workers", type=number(int, 1, 256), default=16)
     p.set_defaults(func=cmd_bench)
     return parser
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, instead of argparse's usage block
+        self.exit(2, f"radclip: error: {message} (see: {self.prog} --help)\n")
+
+
+AFTER_INTERRUPT = {  # what is true after Ctrl-C, per command
+    "synth": "the same command writes the dataset again from the start",
+    "prep": "finished volumes are cached; the same command does the rest",
+    "label": "every answer received is cached; the same command asks only for the rest",
+    "train": "the same command resumes from the last checkpoint saved in --out (if none was, it starts afresh)",
+    "eval": "nothing was written; the same command starts again",
+    "demo": "the same command goes on from the last finished stage, and training from its checkpoints",
+}
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # SIGTERM (a cluster pre-empting the job) is handled like Ctrl-C
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "device", None):
+            check_device(args.device)
         return args.func(args) or 0
     except RadclipError as e:
         print(f"radclip: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("radclip: interrupted; rerun the same command to resume", file=sys.stderr)
+        command = next((a for a in argv if a in AFTER_INTERRUPT), None)
+        print(f"radclip: interrupted; {AFTER_INTERRUPT.get(command, 'nothing was written')}", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":

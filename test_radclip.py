@@ -1,12 +1,17 @@
 """radclip's specification, in the order of radclip.py's sections. Run: python -m pytest -q"""
 import argparse
 import csv
+import dataclasses
+import errno
 import functools
 import gzip
 import json
 import math
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -926,7 +931,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     rc.train(cfg, "clip", tmp_path / "full.pt", tmp_path)
     rc.train(cfg, "clip", tmp_path / "part.pt", tmp_path, stop_after=5)
     assert rc.load_checkpoint(tmp_path / "part.pt")["step"] == 5
-    rc.train(cfg, "clip", tmp_path / "part.pt", tmp_path, resume=True)
+    rc.train(cfg, "clip", tmp_path / "part.pt", tmp_path)  # the same run: it resumes
     full, part = (rc.load_checkpoint(tmp_path / f)["model"] for f in ("full.pt", "part.pt"))
     for k in full:
         assert torch.allclose(full[k].float(), part[k].float(), atol=1e-6), k
@@ -945,7 +950,8 @@ def test_checkpoint_loads_in_another_process_with_weights_only(tmp_path):
 
 def test_a_checkpoint_from_before_per_stage_epochs_still_loads(tmp_path):
     config = {k: v for k, v in vars(tiny_cfg()).items() if not k.endswith("_epochs")}
-    rc.save_checkpoint(tmp_path / "old.pt", config=dict(config, epochs=3.0), vocab=["<pad>"])
+    rc.save_checkpoint(tmp_path / "old.pt", config=dict(config, epochs=3.0), vocab=["<pad>"], model={},
+                       stage="supervised", modality="image")
     cfg = rc.checkpoint_config(rc.load_checkpoint(tmp_path / "old.pt"))
     assert (cfg.supervised_epochs, cfg.clip_epochs, cfg.width) == (3.0, 3.0, 4)
 
@@ -1220,6 +1226,454 @@ def test_eval_command_writes_table_and_json_and_reuses_embeddings(tmp_path, caps
     assert rc.main(args + ["--ctclip-quirks"]) == 0
     assert cache.stat().st_mtime_ns == stamp  # same checkpoint and data: embeddings reused
     assert "quirks included" in json.loads((tmp_path / "r.json").read_text())["map_definition"]
+
+
+# ---- Boundaries: every input is checked where it enters; bad input is one line, nothing is lost ----
+def one_line_error(err, *needles):
+    """stderr holds exactly one line, radclip's error, with every needle in it, and no traceback."""
+    lines = [line.split("\r")[-1] for line in err.split("\n")]  # a progress bar's last state stays
+    lines = [line for line in lines if line.strip() and not re.search(r"\d+/\d+ \[", line)]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("radclip: error:"), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def cli(args, capsys):
+    """(exit code, stdout, stderr) of rc.main(args), argparse's exits included."""
+    try:
+        code = rc.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def bad_value(name):
+    """A value out of BOUNDS for Config field `name`."""
+    bounds, default = rc.BOUNDS[name], getattr(rc.Config, name)
+    if isinstance(bounds[0], str):
+        return "bogus"
+    v = bounds[0] - 1 if bounds[0] > -math.inf else math.nan
+    return tuple(v for _ in default) if isinstance(default, tuple) else v
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(rc.Config)])
+def test_every_config_field_is_range_checked_where_a_config_is_made(name):
+    assert name in rc.BOUNDS  # a new field needs its bounds
+    for value in (bad_value(name),) + ((math.nan,) if isinstance(getattr(rc.Config, name), float) else ()):
+        with pytest.raises(rc.RadclipError, match="--" + name.replace("_", "-")):
+            rc.make_config("tiny", **{name: value})
+    rc.make_config("tiny", **{name: getattr(rc.make_config("tiny"), name)})  # the preset's own value passes
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["train", "--stage", "clip", "--batch-size", "0"], "--batch-size"),
+    (["train", "--stage", "clip", "--epochs", "0"], "--epochs"),  # 0 epochs never means one step
+    (["train", "--stage", "clip", "--accum-steps", "-1"], "--accum-steps"),
+    (["train", "--stage", "clip", "--eval-every", "0"], "--eval-every"),
+    (["train", "--stage", "clip", "--save-every", "0"], "--save-every"),
+    (["train", "--stage", "clip", "--workers", "-1"], "--workers"),
+    (["train", "--stage", "clip", "--max-train-volumes", "-3"], "--max-train-volumes"),
+    (["train", "--stage", "clip", "--warmup-steps", "-1"], "--warmup-steps"),
+    (["train", "--stage", "clip", "--spacing-mm", "1", "1", "nan"], "--spacing-mm"),
+    (["train", "--stage", "clip", "--input-shape", "0", "64", "64"], "--input-shape"),
+    (["train", "--stage", "clip", "--hu-window", "200", "-1000"], "--hu-window"),
+    (["train", "--stage", "clip", "--clip-lr", "inf"], "--clip-lr"),
+    (["train", "--stage", "clip", "--batch-size", "2.5"], "--batch-size"),
+    (["train", "--stage", "clip", "--batchsize", "4"], "--batchsize"),  # a typo is no prefix match
+    (["train", "--stage", "clip", "--device", "gpu"], "--device"),
+    (["eval", "--ckpt", "c.pt", "--n-boot", "0"], "--n-boot"),
+    (["eval", "--ckpt", "c.pt", "--map-k", "0", "5"], "--map-k"),
+    (["eval", "--ckpt", "c.pt", "--recall-k", "-5"], "--recall-k"),
+    (["synth", "--n-train", "-1"], "--n-train"),
+    (["label", "--workers", "0"], "--workers"),
+    (["label", "--timeout", "0"], "--timeout"),
+    (["label", "--max-retries", "-1"], "--max-retries"),
+    (["label", "--max-tokens", "0"], "--max-tokens"),
+    (["bench", "--steps", "0"], "--steps"),
+])
+def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys, args, flag):
+    extra = {"train": ["--data", tmp_path, "--out", tmp_path / "x.pt"], "eval": ["--data", tmp_path],
+             "synth": ["--out", tmp_path / "s"], "label": ["--reports", tmp_path / "r.csv", "--out", tmp_path / "l.csv"],
+             "bench": []}[args[0]]
+    code, out, err = cli([*args, *extra], capsys)
+    assert code in (1, 2)
+    one_line_error(err, flag)
+    assert not list(tmp_path.iterdir())  # no work, no file
+
+
+def test_cuda_on_a_machine_without_it_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = cli(["train", "--stage", "clip", "--data", tmp_path, "--out", tmp_path / "x.pt", "--device", "cuda"],
+                       capsys)
+    assert code == 1
+    one_line_error(err, "--device cuda", "--device cpu")
+
+
+# CSV files
+def test_excel_utf8_csv_with_a_bom_reads_and_other_encodings_are_one_line(tmp_path, capsys):
+    reports = write_reports(tmp_path / "r.csv", ["A 4 mm nodule.", "No effusion."])
+    reports.write_bytes(b"\xef\xbb\xbf" + reports.read_bytes())  # Excel's "CSV UTF-8"
+    args = ["label", "--reports", reports, "--out", tmp_path / "l.csv", "--backend", "rules"]
+    assert cli(args, capsys)[0] == 0
+    assert [r["Lung nodule"] for r in rc.read_csv(tmp_path / "l.csv")] == ["1", "0"]
+    reports.write_bytes(reports.read_bytes()[3:].replace(b"No effusion", "Nódule".encode("cp1252")))
+    code, _, err = cli(args, capsys)
+    assert code == 1
+    one_line_error(err, "r.csv", "not UTF-8", "byte ")
+
+
+def labels_csv(path, value, reference_id="valid_0_a_1.nii.gz"):
+    rows = [{"VolumeName": reference_id, **dict.fromkeys(rc.FINDINGS, "0")}]
+    rows.append({"VolumeName": "valid_1_a_1.nii.gz", **dict.fromkeys(rc.FINDINGS, "0"), "Emphysema": value})
+    rc.write_csv(path, rows, ["VolumeName", *rc.FINDINGS])
+    return path
+
+
+@pytest.mark.parametrize("value", ["2", "0.6", "inf", "nan", "yes", ""])
+def test_a_label_that_is_not_minus_one_zero_or_one_names_file_line_and_column(tmp_path, value):
+    with pytest.raises(rc.RadclipError, match=r"l\.csv: line 3, column 'Emphysema'"):
+        rc.read_labels(labels_csv(tmp_path / "l.csv", value))
+
+
+def test_float_labels_read_and_a_reference_takes_only_zero_and_one(tmp_path):
+    assert rc.read_labels(labels_csv(tmp_path / "l.csv", "1.0"))["valid_1_a_1.nii.gz"][7] == 1
+    assert rc.read_labels(labels_csv(tmp_path / "l.csv", "-1"))["valid_1_a_1.nii.gz"][7] == -1
+    with pytest.raises(rc.RadclipError, match="is not one of 0, 1"):
+        rc.read_labels(labels_csv(tmp_path / "l.csv", "-1"), reference=True)
+
+
+def test_a_duplicated_id_is_an_error_never_last_row_wins(tmp_path, capsys):
+    path = labels_csv(tmp_path / "l.csv", "1", reference_id="valid_1_a_1.nii.gz")
+    with pytest.raises(rc.RadclipError, match=r"1 VolumeName values repeat, e\.g\. \['valid_1_a_1\.nii\.gz'\]"):
+        rc.read_labels(path)
+    code, _, err = cli(["label", "--eval", "--pred", path, "--gold", path], capsys)
+    assert code == 1
+    one_line_error(err, "repeat")
+
+
+# Volumes and metadata
+@pytest.mark.parametrize("field, value", [
+    ("XYSpacing", ""), ("XYSpacing", "[0, 0]"), ("XYSpacing", "[-0.7, -0.7]"), ("XYSpacing", "[nan, nan]"),
+    ("XYSpacing", "[1e6, 1e6]"), ("ZSpacing", "1e-6"), ("ZSpacing", ""), ("RescaleSlope", "abc"),
+    ("RescaleSlope", "0"), ("RescaleIntercept", "inf"), ("voxels", "nan")])
+def test_a_volume_with_unusable_metadata_or_voxels_is_named_and_skipped(tmp_path, capsys, field, value):
+    good = chest() + 1024
+    write_tiny_ctrate(tmp_path, {"train_1_a_1.nii.gz": good, "train_2_a_1.nii.gz": good})
+    if field == "voxels":
+        bad = good.copy()
+        bad[0, 0, 0] = np.nan
+        write_nifti(next((tmp_path / "dataset" / "train").rglob("train_2_a_1.nii.gz")), bad, (2.0, 2.0, 4.0), "RAS")
+    else:
+        meta = rc.read_csv(rc.ctrate_csv(tmp_path, "train", "metadata"))
+        meta[1][field] = value
+        rc.write_csv(rc.ctrate_csv(tmp_path, "train", "metadata"), meta, list(meta[0]))
+    code, out, err = cli(["prep", "--data", tmp_path, "--split", "train", "--workers", "1"], capsys)
+    assert code == 1 and "Traceback" not in err and "train_2_a_1.nii.gz" in err and "train_1" not in err
+    cache = rc.cache_dir(tmp_path, rc.make_config("tiny")) / "train"
+    assert [r["VolumeName"] for r in rc.read_csv(cache / "index.csv")] == ["train_1_a_1.nii.gz"]
+    assert [p.name for p in cache.glob("*.np*")] == ["train_1_a_1.npy"] and not list(cache.glob(".*"))
+    assert np.isfinite(np.load(cache / "train_1_a_1.npy")).all()
+
+
+def test_no_exception_escapes_a_prep_worker(tmp_path, capsys, monkeypatch):
+    good = chest() + 1024
+    write_tiny_ctrate(tmp_path, {"train_1_a_1.nii.gz": good, "train_2_a_1.nii.gz": good})
+    preprocess = rc.preprocess
+
+    def fails_on_the_second(hu, spacing, cfg):
+        if fails_on_the_second.calls:
+            raise ZeroDivisionError("a bug of the future")
+        fails_on_the_second.calls += 1
+        return preprocess(hu, spacing, cfg)
+    fails_on_the_second.calls = 0
+    monkeypatch.setattr(rc, "preprocess", fails_on_the_second)  # the forked worker inherits it
+    code, out, err = cli(["prep", "--data", tmp_path, "--split", "train", "--workers", "1"], capsys)
+    assert code == 1 and "Traceback" not in err and "ZeroDivisionError: a bug of the future" in err
+    assert "1 volumes in" in out
+
+
+def test_a_resample_to_absurd_size_is_refused_before_it_allocates():
+    with pytest.raises(rc.RadclipError, match="check the spacing"):
+        rc.preprocess(np.zeros((500, 512, 512), np.float32), (5.0, 5.0, 5.0), rc.make_config("tiny", spacing_mm=(0.1, 0.1, 0.1)))
+
+
+# Checkpoints
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    """A prepped tiny dataset with a supervised image, a supervised text and a CLIP checkpoint."""
+    root = tmp_path_factory.mktemp("towers")
+    cfg = tiny_training_data(root)
+    cfg = dataclasses.replace(cfg, supervised_epochs=1, clip_epochs=1)
+    for name, stage, modality in (("image", "supervised", "image"), ("text", "supervised", "text"),
+                                  ("clip", "clip", "image")):
+        rc.train(cfg, stage, root / f"{name}.pt", root, modality)
+    return root, cfg
+
+
+def foreign_files(folder):
+    folder.mkdir(exist_ok=True)
+    (folder / "bytes.pt").write_bytes(os.urandom(2000))
+    torch.save(torch.zeros(3), folder / "tensor.pt")
+    torch.save({"conv1.weight": torch.zeros(2), "fc.weight": torch.zeros(2)}, folder / "state_dict.pt")
+    torch.save({"model": argparse.Namespace(x=1)}, folder / "pickled.pt")  # a weights-only load refuses it
+    return {"bytes.pt": "not a radclip checkpoint", "tensor.pt": "holds a Tensor",
+            "state_dict.pt": "plain state_dict", "pickled.pt": "weights-only load refuses"}
+
+
+@pytest.mark.parametrize("flag", ["eval", "--init-image", "--init-text"])
+def test_a_file_that_is_no_radclip_checkpoint_is_one_line(towers, tmp_path, capsys, flag):
+    root, _ = towers
+    for name, why in foreign_files(tmp_path / "ckpt").items():
+        path = tmp_path / "ckpt" / name
+        args = ["eval", "--ckpt", path, "--data", root, "--out", tmp_path / "r.json"] if flag == "eval" else \
+            ["train", "--stage", "clip", "--data", root, "--out", tmp_path / "c.pt", flag, path]
+        code, _, err = cli(args, capsys)
+        assert code == 1 and "weights_only=False" not in err
+        one_line_error(err, name, why)
+        assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("flag, ckpt, why", [
+    ("eval", "image", "is a supervised image checkpoint; this needs a CLIP checkpoint"),
+    ("--init-image", "text", "is a supervised text checkpoint; this needs an image tower"),
+    ("--init-text", "image", "is a supervised image checkpoint; this needs a text tower")])
+def test_a_checkpoint_of_the_wrong_stage_or_tower_is_refused(towers, tmp_path, capsys, flag, ckpt, why):
+    root, _ = towers
+    args = ["eval", "--ckpt", root / f"{ckpt}.pt", "--data", root, "--out", tmp_path / "r.json"] if flag == "eval" \
+        else ["train", "--stage", "clip", "--data", root, "--out", tmp_path / "c.pt", flag, root / f"{ckpt}.pt"]
+    code, _, err = cli(args, capsys)
+    assert code == 1
+    one_line_error(err, why)
+
+
+def test_a_tower_of_another_width_is_named(towers, tmp_path):
+    root, cfg = towers
+    with pytest.raises(rc.RadclipError, match="image tower has another shape.*--width 8 here, 4 there"):
+        rc.train(dataclasses.replace(cfg, width=8), "clip", tmp_path / "c.pt", root, init_image=root / "image.pt")
+
+
+def test_a_corrupt_embedding_cache_is_recomputed(towers, tmp_path, capsys):
+    root, _ = towers
+    emb = tmp_path / "emb.pt"
+    emb.write_bytes(b"torn")
+    code, out, err = cli(["eval", "--ckpt", root / "clip.pt", "--data", root, "--emb-cache", emb, "--map-k", "1",
+                          "--recall-k", "1", "--n-boot", "10", "--out", tmp_path / "r.json"], capsys)
+    assert code == 0 and "emb.pt: unreadable" in err and "Traceback" not in err
+    assert torch.load(emb, weights_only=True)["image"].shape[0] == 6
+
+
+# Outputs
+def test_unwritable_outputs_fail_before_any_work(towers, tmp_path, capsys, llm):
+    root, _ = towers
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # nothing can be created under a regular file, even as root
+    server = llm()
+    reports = write_reports(tmp_path / "r.csv", ["A nodule."])
+    runs = [["label", "--reports", reports, "--out", blocked / "l.csv", "--base-url", server.url, "--model", "m"],
+            ["train", "--stage", "clip", "--data", root, "--out", blocked / "c.pt"],
+            ["eval", "--ckpt", root / "clip.pt", "--data", root, "--out", blocked / "r.json"],
+            ["prep", "--data", root, "--cache-dir", blocked / "cache"],
+            ["synth", "--out", blocked / "s"], ["demo", "--out", blocked / "d"]]
+    for args in runs:
+        code, _, err = cli(args, capsys)
+        assert code == 1, args
+        one_line_error(err, "a_file", "cannot write there")
+    assert not server.requests
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "labels.csv"
+    rc.write_csv(path, [{"a": 1}], ["a"])
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(rc.os, "replace", disk_full)
+    with pytest.raises(rc.RadclipError, match="No space left on device.*intact"):
+        rc.write_csv(path, [{"a": 2}], ["a"])
+    assert path.read_text() == "a\n1\n" and [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
+
+
+def test_a_full_disk_during_a_real_write_is_one_line(tmp_path):
+    """RLIMIT_FSIZE makes the kernel refuse the write itself (EFBIG), as a full disk would (ENOSPC)."""
+    (tmp_path / "x.json").write_text("previous")
+    code = ("import resource, signal, sys, radclip as rc; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)); "
+            "rc.atomic_write_bytes(sys.argv[1], b'x' * 5000)")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.json")], capture_output=True, text=True,
+                         cwd=HERE)
+    assert run.returncode == 1 and "cannot write (File too large); any previous file is intact" in run.stderr
+    assert (tmp_path / "x.json").read_text() == "previous" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_prep_cache_outside_a_read_only_dataset_serves_train_and_eval(tmp_path, capsys):
+    cfg = tiny_training_data(tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "cache")
+    before = sorted(p for p in (tmp_path / "data").rglob("*"))
+    flags = ["--spacing-mm", "8", "8", "16", "--input-shape", "8", "16", "16", "--cache-dir", tmp_path / "cache"]
+    assert cli(["prep", "--data", tmp_path / "data", "--workers", "1", *flags], capsys)[0] == 0
+    assert sorted(p for p in (tmp_path / "data").rglob("*")) == before  # nothing written under --data
+    train = ["train", "--stage", "clip", "--data", tmp_path / "data", "--out", tmp_path / "c.pt", "--width", "4",
+             "--batch-size", "4", "--workers", "0", "--channels-last", "off", "--epochs", "1", *flags]
+    code, out, err = cli(train, capsys)
+    assert code == 0, err
+    code, out, err = cli(["eval", "--ckpt", tmp_path / "c.pt", "--data", tmp_path / "data", "--cache-dir",
+                          tmp_path / "cache", "--map-k", "1", "--recall-k", "1", "--n-boot", "10"], capsys)
+    assert code == 0 and "N = 6 volumes" in out, err
+
+
+def test_an_unwritable_home_cache_never_crashes_train(towers, tmp_path, monkeypatch, capsys):
+    root, cfg = towers
+    (tmp_path / "home").write_text("")
+    monkeypatch.setenv("RADCLIP_CACHE", str(tmp_path / "home" / "radclip"))
+    rc.train(dataclasses.replace(cfg, channels_last="auto"), "clip", tmp_path / "c.pt", root)
+    assert "channels-last choice not remembered" in capsys.readouterr().err
+
+
+# Interruptions
+def train_command(root, out, *extra):
+    return [sys.executable, str(HERE / "radclip.py"), "train", "--stage", "supervised", "--data", str(root),
+            "--out", str(out), "--spacing-mm", "8", "8", "16", "--input-shape", "8", "16", "16", "--width", "4",
+            "--batch-size", "4", "--workers", "0", "--channels-last", "off", "--save-every", "100000",
+            "--eval-every", "100000", "--epochs", "600", *extra]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_train_saves_and_the_same_command_resumes(towers, tmp_path, sig):
+    root, _ = towers
+    out, log = tmp_path / "s.pt", tmp_path / "s.log.jsonl"
+    run = subprocess.Popen(train_command(root, out), stderr=subprocess.PIPE, text=True, cwd=HERE)
+    deadline = time.time() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.05)  # a few logged steps: the loop is running
+    run.send_signal(sig)
+    err = run.communicate(timeout=120)[1]
+    assert run.returncode == 130 and "Traceback" not in err and "the same command resumes" in err, err
+    step = rc.load_checkpoint(out)["step"]
+    logged = log.read_text()
+    assert 0 < step < rc.load_checkpoint(out)["max_steps"]
+    again = subprocess.run(train_command(root, out), capture_output=True, text=True, cwd=HERE)
+    assert again.returncode == 0 and f"resuming at step {step} of" in again.stdout, again.stderr
+    assert log.read_text().startswith(logged)  # the log goes on, never restarts
+
+
+def test_a_rerun_with_another_config_names_it_and_restart_is_explicit(towers, tmp_path):
+    root, cfg = towers
+    rc.train(cfg, "supervised", tmp_path / "s.pt", root, stop_after=2)
+    stamp = (tmp_path / "s.pt").read_bytes()
+    with pytest.raises(rc.RadclipError, match=r"holds another run \(batch_size 2 here, 4 there\).*--restart"):
+        rc.train(dataclasses.replace(cfg, batch_size=2), "supervised", tmp_path / "s.pt", root)
+    assert (tmp_path / "s.pt").read_bytes() == stamp  # never overwritten
+    with pytest.raises(rc.RadclipError, match="modality 'text' here, 'image' there"):
+        rc.train(cfg, "supervised", tmp_path / "s.pt", root, "text")
+    rc.train(dataclasses.replace(cfg, batch_size=2), "supervised", tmp_path / "s.pt", root, restart=True)
+    assert rc.load_checkpoint(tmp_path / "s.pt")["config"]["batch_size"] == 2
+
+
+def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path):
+    run = subprocess.Popen([sys.executable, str(HERE / "radclip.py"), "bench"], stderr=subprocess.PIPE, text=True,
+                           cwd=HERE)
+    time.sleep(0.3)  # torch is still loading
+    run.send_signal(signal.SIGINT)
+    err = run.communicate(timeout=60)[1]
+    assert run.returncode != 0 and "Traceback" not in err, err
+
+
+def test_an_interrupted_synth_is_written_again_by_the_same_command(tmp_path, capsys):
+    args = ["synth", "--out", tmp_path, "--n-train", "2", "--n-valid", "1", "--workers", "1"]
+    assert cli(args, capsys)[0] == 0
+    (tmp_path / ".synth-unfinished").write_text("")  # as a Ctrl-C leaves it, with the CSVs missing
+    for csv_path in (tmp_path / "dataset").rglob("*.csv"):
+        csv_path.unlink()
+    code, _, err = cli(args, capsys)
+    assert code == 0 and "from an interrupted run; writing it again" in err
+    assert len(rc.read_csv(rc.ctrate_csv(tmp_path, "train", "labels"))) == 2
+    assert not (tmp_path / ".synth-unfinished").exists()
+    code, _, err = cli(args, capsys)  # a finished one is never overwritten
+    assert code == 1 and "already exists" in err
+
+
+# The LLM endpoint
+def test_the_key_is_masked_before_a_message_is_cut(llm, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    message = "x" * 190 + f" key {KEY} may not use this model"
+    server = llm(lambda request: (403, {"error": {"message": message}}, {}))
+    reports = write_reports(tmp_path / "r.csv", ["A nodule."])
+    code, out, err = cli(["label", "--reports", reports, "--out", tmp_path / "l.csv", "--base-url", server.url,
+                          "--model", "m"], capsys)
+    assert code == 1 and "HTTP 403" in err
+    assert not any(KEY[i:i + 6] in out + err for i in range(len(KEY) - 5))  # no piece of it either
+
+
+def test_json_object_sends_the_schema_that_llama_cpp_enforces(llm, tmp_path):
+    server = llm()
+    rc.label_reports(["a"], ["A nodule."], labeler(server, response_format="json_object"), tmp_path / "c.jsonl")
+    assert server.requests[0]["body"]["response_format"] == {"type": "json_object", "schema": rc.LABEL_SCHEMA}
+
+
+def test_a_reply_cut_by_the_token_limit_is_asked_again_with_a_larger_one(llm, tmp_path):
+    server = llm(in_order((200, rc.chat_reply('{"Medical material": 0', "length"), {}), ok({"Emphysema": 1})))
+    labels, _ = rc.label_reports(["a"], ["Emphysema."], labeler(server, max_tokens=100), tmp_path / "c.jsonl")
+    assert labels[0]["Emphysema"] == 1 and [r["body"]["max_tokens"] for r in server.requests] == [100, 200]
+
+
+def test_the_token_limit_is_not_part_of_the_cache_key(llm, tmp_path, capsys):
+    server = llm()
+    reports = write_reports(tmp_path / "r.csv", ["A nodule.", "Emphysema."])
+    args = ["label", "--reports", reports, "--out", tmp_path / "l.csv", "--base-url", server.url, "--model", "m"]
+    assert cli([*args, "--max-tokens", "300"], capsys)[0] == 0 and len(server.requests) == 2
+    assert cli([*args, "--max-tokens", "600"], capsys)[0] == 0 and len(server.requests) == 2
+
+
+def test_a_report_the_server_refuses_fails_alone_and_the_run_goes_on(llm, tmp_path, capsys):
+    def too_long(request):
+        if "LONG" in request["messages"][-1]["content"]:
+            return 400, {"error": {"message": "This model's maximum context length is 8192 tokens",
+                                   "code": "context_length_exceeded"}}, {}
+        return rc.rules_reply(request)
+    reports = write_reports(tmp_path / "r.csv", ["A nodule.", "LONG report.", "Emphysema.", "No effusion."])
+    server = llm(too_long)
+    code, out, err = cli(["label", "--reports", reports, "--out", tmp_path / "l.csv", "--base-url", server.url,
+                          "--model", "m", "--workers", "1"], capsys)
+    assert code == 1 and len(server.requests) == 4  # the refused report is not retried
+    assert [(r["VolumeName"], r["reason"][:8]) for r in rc.read_csv(tmp_path / "l.failed.csv")] == [
+        ("valid_1_a_1.nii.gz", "HTTP 400")]
+    assert len(rc.read_csv(tmp_path / "l.csv")) == 3
+
+
+@pytest.mark.parametrize("message, hint", [
+    ("This model's maximum context length is 8192 tokens", "the first 3 reports were all refused"),
+    ("Unsupported parameter: 'max_tokens' is not supported with this model.", "does not take a parameter")])
+def test_a_request_every_report_gets_refused_stops_the_run(llm, tmp_path, capsys, message, hint):
+    server = llm(lambda request: (400, {"error": {"message": message}}, {}))
+    reports = write_reports(tmp_path / "r.csv", [f"Report {i}." for i in range(30)])
+    code, _, err = cli(["label", "--reports", reports, "--out", tmp_path / "l.csv", "--base-url", server.url,
+                        "--model", "m", "--workers", "2"], capsys)
+    assert code == 1 and len(server.requests) <= 5
+    one_line_error(err, "HTTP 400", hint)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://local host:8000/v1", "http://[::1/v1",
+                                 "localhost:8000/v1", "ftp://example.org/v1"])
+def test_a_base_url_that_does_not_parse_is_one_line_before_any_request(tmp_path, capsys, url):
+    reports = write_reports(tmp_path / "r.csv", ["A nodule."])
+    code, _, err = cli(["label", "--reports", reports, "--out", tmp_path / "l.csv", "--base-url", url,
+                        "--model", "m"], capsys)
+    assert code == 1
+    one_line_error(err, "--base-url")
+
+
+def test_a_server_that_refuses_every_connection_stops_the_run_after_a_few_tries(tmp_path, capsys):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reports = write_reports(tmp_path / "r.csv", [f"Report {i}." for i in range(40)])
+    code, _, err = cli(["label", "--reports", reports, "--out", tmp_path / "l.csv", "--base-url",
+                        f"http://127.0.0.1:{port}/v1", "--model", "m", "--workers", "4"], capsys)
+    assert code == 1
+    one_line_error(err, "no connection in 8 tries in a row", "is the server running")
+    assert not (tmp_path / "l.csv").exists()
 
 
 # ---- The tutorial ----
