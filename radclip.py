@@ -1542,7 +1542,7 @@ class LLMLabeler:
             self.session.headers["Authorization"] = f"Bearer {self.key}"
         self.counts, self.retries, self.fallbacks = Counter(), Counter(), []
         self.lock, self.stop = threading.Lock(), threading.Event()
-        self.unreachable, self.answered, self.refused = 0, 0, []
+        self.unreachable, self.refused = 0, []  # connection failures in a row; reports refused with a 4xx
 
     def messages(self, text):
         return [{"role": "system", "content": self.prompts["system"]},

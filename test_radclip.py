@@ -1654,6 +1654,22 @@ def test_a_request_every_report_gets_refused_stops_the_run(llm, tmp_path, capsys
     one_line_error(err, "HTTP 400", hint)
 
 
+@pytest.mark.parametrize("status, error, hint", [
+    (401, {"message": "Incorrect API key provided"}, "set OPENAI_API_KEY"),
+    (402, {"message": "Payment required"}, "add credit"),
+    (403, {"message": "not allowed"}, "may use model 'm'"),
+    (404, {"message": "The model `m` does not exist", "code": "model_not_found"}, "check --base-url"),
+    (429, {"message": "You exceeded your current quota", "code": "insufficient_quota"}, "add credit"),
+    (400, {"message": "Unrecognized request argument supplied: seed"}, "does not take a parameter")])
+def test_errors_no_request_can_mend_stop_at_once_with_a_hint_that_fits(llm, tmp_path, capsys, status, error, hint):
+    server = llm(lambda request: (status, {"error": error}, {}))
+    reports = write_reports(tmp_path / "r.csv", [f"Report {i}." for i in range(20)])
+    code, _, err = cli(["label", "--reports", reports, "--out", tmp_path / "l.csv", "--base-url", server.url,
+                        "--model", "m", "--workers", "1"], capsys)
+    assert code == 1 and len(server.requests) == 1
+    one_line_error(err, f"HTTP {status}", hint)
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://local host:8000/v1", "http://[::1/v1",
                                  "localhost:8000/v1", "ftp://example.org/v1"])
 def test_a_base_url_that_does_not_parse_is_one_line_before_any_request(tmp_path, capsys, url):
