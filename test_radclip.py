@@ -336,6 +336,34 @@ def test_resampling_keeps_a_sphere_radius_in_mm(tmp_path):
         assert extent == pytest.approx(2 * radius_mm, abs=4)
 
 
+def reference_preprocess(hu, spacing_zyx, cfg):
+    """preprocess as first written: the whole volume in float32 through F.interpolate, then the
+    window, then the centre crop or pad."""
+    size = [max(1, round(n * s / t)) for n, s, t in zip(hu.shape, spacing_zyx, cfg.spacing_mm[::-1])]
+    x = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
+    x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)[0, 0]
+    lo, hi = cfg.hu_window
+    x = (x.clamp(lo, hi) - lo) / (hi - lo) * 2 - 1
+    out = torch.full(cfg.input_shape, -1.0)
+    src = tuple(slice(max(0, (n - m) // 2), max(0, (n - m) // 2) + min(n, m)) for n, m in zip(x.shape, out.shape))
+    dst = tuple(slice(max(0, (m - n) // 2), max(0, (m - n) // 2) + min(n, m)) for n, m in zip(x.shape, out.shape))
+    out[dst] = x[src]
+    return out.numpy()
+
+
+@pytest.mark.parametrize("spacing_zyx, shape", [((5.0, 0.7, 0.7), (12, 30, 30)),     # thick slices: upsampled in z
+                                                 ((0.8, 0.8, 0.8), (20, 16, 40)),     # RAD-ChestCT: pad one axis
+                                                 ((1.0, 0.9, 0.6), (16, 64, 48))])    # pad in-plane
+def test_cropped_separable_resampling_equals_whole_volume_interpolation(spacing_zyx, shape):
+    rng = np.random.default_rng(0)
+    stored = rng.integers(-1024, 1500, (50, 70, 60)).astype(np.int16)
+    hu = stored.transpose(2, 1, 0)[::-1, ::-1, ::-1]  # a strided int16 view, as load_hu returns
+    cfg = rc.make_config("tiny", spacing_mm=(2.0, 1.5, 3.0), input_shape=shape, hu_window=(-1000.0, 200.0))
+    out = rc.preprocess(hu, spacing_zyx, cfg)
+    assert out.shape == shape and out.dtype == np.float16
+    assert np.abs(out.astype(np.float32) - reference_preprocess(hu, spacing_zyx, cfg)).max() < 1e-2
+
+
 def test_orientation_on_disk_does_not_change_the_result(tmp_path):
     hu = chest()
     hu[10:14, 25:30, 5:8] = 300  # an asymmetric mark: patient's left, anterior, low
