@@ -882,6 +882,70 @@ def synthesize_ctrate(out, n_train=1000, n_valid=300, seed=0, store="raw", worke
             write_csv(ctrate_csv(out, split, kind), [r[i] for r in rows], columns)
 
 
+# -- Writing the dataset in RAD-ChestCT's layout --
+RADCHESTCT_LOCATIONS = ("right_lung", "left_lung", "heart", "mediastinum", "other")  # a few of its 52
+UNMAPPED_ABNORMALITIES = ("cyst", "fibrosis", "granuloma")  # of its 84, some that no finding maps to
+
+
+def store_radchestct_volume(path, hu, spacing_mm, npz_spacing_mm):
+    """Save a phantom ((x, y, z) LPS voxel order, spacing_mm (x, y, z)) as RAD-ChestCT does:
+    resampled to npz_spacing_mm isotropic, as (z, y, x) running superior->inferior,
+    anterior->posterior and patient right->left, int16 HU clipped to [-1000, 1000], no affine."""
+    size = [max(1, round(n * s / npz_spacing_mm)) for n, s in zip(hu.shape, spacing_mm)]
+    hu = F.interpolate(torch.from_numpy(np.ascontiguousarray(hu, np.float32))[None, None], size=size,
+                       mode="trilinear", align_corners=False)[0, 0].numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, ct=np.rint(np.clip(hu.transpose(2, 1, 0)[::-1], -1000, 1000)).astype(np.int16))
+
+
+def radchestct_row(rng, labels_row):
+    """The abnormality*location columns that are 1 for a scan with the 18 findings labels_row: each
+    present finding marks one of its abnormalities at 1-2 locations, and an unmapped abnormality
+    turns up in a tenth of scans. Mosaic attenuation maps to none, so, as in the real labels, it
+    is painted but never labelled."""
+    row = {}
+    for f, y in zip(FINDINGS, labels_row):
+        if y and RADCHESTCT_MAPPING[f]:
+            abnormality = rng.choice(RADCHESTCT_MAPPING[f])
+            for location in rng.choice(RADCHESTCT_LOCATIONS, rng.integers(1, 3), replace=False):
+                row[f"{abnormality}*{location}"] = 1
+    for abnormality in UNMAPPED_ABNORMALITIES:
+        if rng.random() < 0.1:
+            row[f"{abnormality}*{rng.choice(RADCHESTCT_LOCATIONS)}"] = 1
+    return row
+
+
+def synthesize_radchestct_scan(job):
+    path, labels_row, seed, npz_spacing_mm = job
+    hu, spacing_mm, _, _ = render_volume(np.random.default_rng(seed), labels_row)
+    store_radchestct_volume(path, hu, spacing_mm, npz_spacing_mm)
+
+
+def synthesize_radchestct(out, n=(8, 4, 2), seed=0, npz_spacing_mm=3.0, workers=2):
+    """Write a miniature RAD-ChestCT in out: n = (trn, val, tst) scans of synthesize_ctrate's
+    phantoms as <NoteAcc_DEID>.npz, and the three labels CSVs (rows in no order, as released).
+    The release is 0.8 mm isotropic; 3 mm keeps a laptop's files small: prep them with the same
+    --npz-spacing-mm, since the file cannot say."""
+    out = Path(out)
+    if min(n) < 0 or workers < 1 or not npz_spacing_mm > 0:
+        raise RadclipError("need --n-train/--n-valid/--n-test >= 0, --workers >= 1 and --npz-spacing-mm > 0")
+    if any(out.glob("*_Abnormality_and_Location_Labels.csv")):
+        raise RadclipError(f"{out} already holds RAD-ChestCT labels; choose a new --out or delete them")
+    abnormalities = sorted({a for sources in RADCHESTCT_MAPPING.values() for a in sources} | set(UNMAPPED_ABNORMALITIES))
+    columns = ["NoteAcc_DEID"] + [f"{a}*{loc}" for a in abnormalities for loc in RADCHESTCT_LOCATIONS]
+    for k, (prefix, n_scans) in enumerate(zip(RADCHESTCT_SPLITS, n)):
+        rng = np.random.default_rng([seed, 2 + k])                 # 0 and 1 are CT-RATE's splits
+        labels = sample_labels(rng, n_scans)
+        ids = [f"{prefix}{i:05d}" for i in rng.choice(100000, n_scans, replace=False)]
+        jobs = [(out / f"{i}.npz", y, [seed, 2 + k, j], npz_spacing_mm) for j, (i, y) in enumerate(zip(ids, labels))]
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            list(tqdm(pool.imap_unordered(synthesize_radchestct_scan, jobs), total=n_scans,
+                      desc=f"synth {prefix}", unit="vol"))
+        rows = [dict(dict.fromkeys(columns, 0), NoteAcc_DEID=i, **radchestct_row(rng, y)) for i, y in zip(ids, labels)]
+        write_csv(out / f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv", rows, columns)
+    print(f"synth: RAD-ChestCT at {npz_spacing_mm:g} mm in {out}; prep it with --npz-spacing-mm {npz_spacing_mm:g}")
+
+
 def add_synth_parser(subparsers):
     p = subparsers.add_parser("synth", help="write a miniature synthetic CT-RATE (volumes, reports, labels)")
     p.add_argument("--out", type=Path, required=True, help="output folder; the dataset goes to OUT/dataset")
@@ -892,11 +956,21 @@ def add_synth_parser(subparsers):
                    help="raw: int16 HU - RescaleIntercept, as CT-RATE's first release; hu: HU, as its corrected "
                         "release (the metadata keeps its Rescale columns either way)")
     p.add_argument("--workers", type=int, default=2, help="processes rendering volumes in parallel (default 2)")
+    p.add_argument("--layout", choices=["ctrate", "radchestct"], default="ctrate",
+                   help="radchestct: the phantoms as RAD-ChestCT's .npz files and location labels, "
+                        "--n-train/--n-valid/--n-test scans as trn/val/tst (no reports)")
+    p.add_argument("--n-test", type=int, default=100, help="radchestct: tst scans (default 100)")
+    p.add_argument("--npz-spacing-mm", type=float, default=3.0,
+                   help="radchestct: isotropic voxel size (the release: 0.8; default 3, laptop-sized)")
     p.set_defaults(func=cmd_synth)
 
 
 def cmd_synth(args):
-    synthesize_ctrate(args.out, args.n_train, args.n_valid, args.seed, args.store, args.workers)
+    if args.layout == "radchestct":
+        synthesize_radchestct(args.out, (args.n_train, args.n_valid, args.n_test), args.seed,
+                              args.npz_spacing_mm, args.workers)
+    else:
+        synthesize_ctrate(args.out, args.n_train, args.n_valid, args.seed, args.store, args.workers)
 
 
 # ---------------------------------------------------------------------------------------
