@@ -2328,9 +2328,32 @@ def model_from_checkpoint(path):
     return model, cfg, tokenizer
 
 
+def load_r3d_18(visual, state, path):
+    """The authors' initialisation: torchvision's Kinetics-400 r3d_18 (a torch.save'd state_dict)
+    in the image tower, all but its 3-channel stem and 400-way fc, which the 1-channel strided
+    stem and the 18-way head replace. Names and shapes must match exactly; says what it skipped."""
+    if visual.out_dim != 512:
+        raise RadclipError(f"{path}: torchvision's r3d_18 weights need --width 64 (this run: {visual.out_dim // 8})")
+    skipped = sorted(k for k in state if k.startswith(("stem.", "fc.")))
+    weights = {k: v for k, v in state.items() if k not in skipped}
+    own = {k: v for k, v in visual.state_dict().items() if not k.startswith("stem.")}
+    wrong = sorted(set(own) ^ set(weights)) or [k for k in own if own[k].shape != weights[k].shape]
+    if wrong or not skipped:
+        raise RadclipError(f"{path}: not torchvision's r3d_18 state_dict ({len(wrong)} keys missing, extra or "
+                           f"of another shape, e.g. {wrong[:1]})")
+    visual.load_state_dict(weights, strict=False)
+    print0(f"{path}: torchvision r3d_18 weights in the image tower; skipped {', '.join(skipped)} "
+           "(the 1-channel stem and the head start from scratch)")
+
+
 def load_tower(model, path, prefixes, tokenizer):
-    """Copy one tower (and its head) from a supervised checkpoint into model."""
+    """Copy one tower (and its head) from a supervised checkpoint into model; an image tower can
+    also come from torchvision's r3d_18 (load_r3d_18)."""
     ckpt = load_checkpoint(path)
+    if "visual." in prefixes and "layer1.0.conv1.0.weight" in ckpt:  # a bare torchvision state_dict
+        return load_r3d_18(model.visual, ckpt, path)
+    if "model" not in ckpt:
+        raise RadclipError(f"{path}: neither a radclip checkpoint nor torchvision's r3d_18 state_dict")
     if "text." in prefixes and ckpt["vocab"] != tokenizer.vocab:
         raise RadclipError(f"{path}: its vocabulary differs from this run's; build both from the "
                            "same training reports")
@@ -2928,6 +2951,49 @@ def bench(cfg, device, data_dir=None, steps=5, batch=8, amps=None):
     return rows
 
 
+def real_size_volumes(folder, seed=0):
+    """A CT-RATE-sized .nii.gz (512 x 512 x 300 int16 raw values, intercept -1024, 0.75 x 0.75 x 1
+    mm, LPS) and a RAD-ChestCT-sized .npz (450^3 int16 HU at 0.8 mm): one phantom resampled, with
+    20 HU of noise so that they compress about as real CT does. Returns (nii, meta, npz)."""
+    rng = np.random.default_rng(seed)
+    hu, spacing_mm, _, _ = render_volume(rng, np.zeros(len(FINDINGS), np.int8))
+    nii, npz = Path(folder) / "ctrate_512x512x300.nii.gz", Path(folder) / "radchestct_450.npz"
+    x = F.interpolate(torch.from_numpy(hu)[None, None], size=(512, 512, 300), mode="trilinear")[0, 0].numpy()
+    x += rng.standard_normal(x.shape, dtype=np.float32) * 20
+    img = nib.Nifti1Image(np.rint(np.clip(x, -1024, 3071) + 1024).astype(np.int16), np.diag([-0.75, -0.75, 1.0, 1]))
+    img.header.set_slope_inter(1.0, 0.0)
+    nib.save(img, str(nii))
+    del x, img
+    store_radchestct_volume(npz, hu + rng.standard_normal(hu.shape, dtype=np.float32) * 20,
+                            [450 / n for n in hu.shape], 1.0)  # 450 voxels a side, read as 0.8 mm
+    meta = {"XYSpacing": "[0.75, 0.75]", "ZSpacing": 1.0, "RescaleSlope": 1.0, "RescaleIntercept": -1024.0}
+    return nii, meta, npz
+
+
+def bench_prep(cfg, repeats=5):
+    """Seconds per volume for what prep does to one volume (load + preprocess, one thread) beside
+    the floor of reading its array alone, medians of `repeats` runs interleaved, on generated
+    volumes of real size."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        nii, meta, npz = real_size_volumes(tmp)
+        variants = [(f"CT-RATE .nii.gz 512x512x300 ({nii.stat().st_size / 1e6:.0f} MB)",
+                     lambda: np.asarray(nib.load(str(nii)).dataobj), lambda: preprocess(*load_hu(nii, meta), cfg)),
+                    (f"RAD-ChestCT .npz 450^3 ({npz.stat().st_size / 1e6:.0f} MB)",
+                     lambda: np.load(npz)["ct"], lambda: preprocess(*load_radchestct(npz), cfg))]
+        rows = []
+        for name, read, prep in variants:
+            times = {"read": [], "prep": []}
+            for _ in range(repeats):
+                for what, fn in (("read", read), ("prep", prep)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[what].append(time.perf_counter() - t0)
+            read_s, prep_s = (float(np.median(times[k])) for k in ("read", "prep"))
+            rows.append({"what": name, "read_s": read_s, "prep_s": prep_s, "ratio": prep_s / read_s})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------
 # ---- 9. CLI ----
 # ---------------------------------------------------------------------------------------
@@ -2974,8 +3040,9 @@ def cmd_train(args):
     cfg = config_from_args(args)
     if args.epochs is not None:
         cfg = dataclasses.replace(cfg, **{f"{args.stage}_epochs": args.epochs})
-    if args.stage == "supervised" and (args.init_image or args.init_text):
-        raise RadclipError("--init-image/--init-text start the CLIP stage; supervised stages start from scratch")
+    if args.stage == "supervised" and (args.init_text if args.modality == "image" else args.init_image):
+        raise RadclipError(f"a supervised {args.modality} stage trains one tower: pass only "
+                           f"--init-{args.modality}")
     metrics = train(cfg, args.stage, args.out, args.data, args.modality, args.labels,
                     args.init_image, args.init_text, args.resume, args.device)
     print(results_to_json(metrics))
@@ -2997,6 +3064,13 @@ def cmd_bench(args):
     if args.labeler:
         r = bench_labeler(args.labeler_reports, args.latency, args.labeler_workers)
         print(json.dumps(r, indent=1))
+        return
+    if args.prep:
+        print(f"bench --prep: preset {args.preset}, spacing {cfg.spacing_mm} mm, input {cfg.input_shape}, "
+              f"one thread, median of {args.steps}")
+        print(f"{'volume':<40}{'read only, s':>14}{'load + preprocess, s':>22}{'ratio':>7}")
+        for r in bench_prep(cfg, args.steps):
+            print(f"{r['what']:<40}{r['read_s']:>14.2f}{r['prep_s']:>22.2f}{r['ratio']:>7.2f}")
         return
     rows = bench(cfg, device, args.data, args.steps, args.batch)
     print(f"bench: {device}, preset {args.preset}, width {cfg.width}, stem {cfg.stem_kernel}x{cfg.stem_kernel}x"
@@ -3050,8 +3124,9 @@ def build_parser():
     p.add_argument("--data", required=True)
     p.add_argument("--labels", help="training labels CSV (silver); default: the split's own")
     p.add_argument("--out", required=True, help="checkpoint path (.pt)")
-    p.add_argument("--init-image", help="supervised image checkpoint to start the CLIP stage from")
-    p.add_argument("--init-text", help="supervised text checkpoint to start the CLIP stage from")
+    p.add_argument("--init-image", help="image tower to start from: a radclip checkpoint's, or torchvision's "
+                   "Kinetics-400 r3d_18 state_dict (the authors'; all but its stem and fc; needs --width 64)")
+    p.add_argument("--init-text", help="text tower to start from: a radclip checkpoint's")
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1")
     add_config_flags(p)
@@ -3118,6 +3193,8 @@ def build_parser():
     p.add_argument("--batch", type=int, default=8, help="volumes per timed step")
     p.add_argument("--device", default="auto")
     p.add_argument("--labeler", action="store_true", help="time the LLM labeler against a local server")
+    p.add_argument("--prep", action="store_true", help="time prep per volume at real size (CT-RATE .nii.gz, "
+                   "RAD-ChestCT .npz) beside reading the array alone; use --preset paper")
     p.add_argument("--latency", type=float, default=0.2, help="the local server's seconds per reply")
     p.add_argument("--labeler-reports", type=int, default=1000)
     p.add_argument("--labeler-workers", type=int, default=16)
