@@ -917,6 +917,7 @@ def radchestct_row(rng, labels_row):
 
 def synthesize_radchestct_scan(job):
     path, labels_row, seed, npz_spacing_mm = job
+    torch.set_num_threads(1)  # parallelism is across volumes (and a forked OpenMP pool would hang)
     hu, spacing_mm, _, _ = render_volume(np.random.default_rng(seed), labels_row)
     store_radchestct_volume(path, hu, spacing_mm, npz_spacing_mm)
 
