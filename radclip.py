@@ -26,11 +26,14 @@ The CLI:
     python radclip.py label --reports R.csv --out L.csv
     python radclip.py train --stage supervised|clip ...
     python radclip.py eval  --ckpt C.pt --data data
+    python radclip.py prep  --data rad --split all && python radclip.py eval --ckpt C.pt --data rad --split all
+                                                  # RAD-ChestCT (.npz), the external 16-class test
     python radclip.py demo                        # all of the above on a laptop CPU
-    python radclip.py bench [--labeler]           # volumes/s per amp x channels-last; reports/s
+    python radclip.py bench [--labeler|--prep]    # volumes/s per amp x channels-last; reports/s; prep s/volume
 
-Sections: 1 config and findings, 2 utilities, 3 data (synthetic CT-RATE, NIfTI, prep,
-dataset), 4 silver labels, 5 models, 6 training, 7 evaluation, 8 demo and bench, 9 CLI.
+Sections: 1 config and findings, 2 utilities, 3 data (synthetic CT-RATE and RAD-ChestCT, NIfTI,
+prep, dataset, RAD-ChestCT), 4 silver labels, 5 models, 6 training, 7 evaluation, 8 demo and
+bench, 9 CLI.
 """
 import argparse
 import csv
@@ -215,6 +218,7 @@ def write_csv(path, rows, columns):
 # the 18 findings painted as they look on CT, CT-RATE-style reports, labels and metadata, stored in
 # the release's layout and format, so that everything downstream reads it through the code path
 # real CT-RATE takes. Phantoms live in patient mm: x to the patient's left, y posterior, z up.
+# The same phantoms can also be written as RAD-ChestCT is, for the external test's code path.
 # ---------------------------------------------------------------------------------------
 
 
@@ -895,7 +899,8 @@ def store_radchestct_volume(path, hu, spacing_mm, npz_spacing_mm):
     hu = F.interpolate(torch.from_numpy(np.ascontiguousarray(hu, np.float32))[None, None], size=size,
                        mode="trilinear", align_corners=False)[0, 0].numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, ct=np.rint(np.clip(hu.transpose(2, 1, 0)[::-1], -1000, 1000)).astype(np.int16))
+    ct = np.ascontiguousarray(hu.transpose(2, 1, 0)[::-1])  # C order, as numpy wrote the release
+    np.savez_compressed(path, ct=np.rint(np.clip(ct, -1000, 1000)).astype(np.int16))
 
 
 def radchestct_row(rng, labels_row):
