@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
@@ -341,6 +342,34 @@ def test_resampling_keeps_a_sphere_radius_in_mm(tmp_path):
         assert extent == pytest.approx(2 * radius_mm, abs=4)
 
 
+def reference_preprocess(hu, spacing_zyx, cfg):
+    """preprocess as first written: the whole volume in float32 through F.interpolate, then the
+    window, then the centre crop or pad."""
+    size = [max(1, round(n * s / t)) for n, s, t in zip(hu.shape, spacing_zyx, cfg.spacing_mm[::-1])]
+    x = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
+    x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)[0, 0]
+    lo, hi = cfg.hu_window
+    x = (x.clamp(lo, hi) - lo) / (hi - lo) * 2 - 1
+    out = torch.full(cfg.input_shape, -1.0)
+    src = tuple(slice(max(0, (n - m) // 2), max(0, (n - m) // 2) + min(n, m)) for n, m in zip(x.shape, out.shape))
+    dst = tuple(slice(max(0, (m - n) // 2), max(0, (m - n) // 2) + min(n, m)) for n, m in zip(x.shape, out.shape))
+    out[dst] = x[src]
+    return out.numpy()
+
+
+@pytest.mark.parametrize("spacing_zyx, shape", [((5.0, 0.7, 0.7), (12, 30, 30)),     # thick slices: upsampled in z
+                                                 ((0.8, 0.8, 0.8), (20, 16, 40)),     # RAD-ChestCT: pad one axis
+                                                 ((1.0, 0.9, 0.6), (16, 64, 48))])    # pad in-plane
+def test_cropped_separable_resampling_equals_whole_volume_interpolation(spacing_zyx, shape):
+    rng = np.random.default_rng(0)
+    stored = rng.integers(-1024, 1500, (50, 70, 60)).astype(np.int16)
+    hu = stored.transpose(2, 1, 0)[::-1, ::-1, ::-1]  # a strided int16 view, as load_hu returns
+    cfg = rc.make_config("tiny", spacing_mm=(2.0, 1.5, 3.0), input_shape=shape, hu_window=(-1000.0, 200.0))
+    out = rc.preprocess(hu, spacing_zyx, cfg)
+    assert out.shape == shape and out.dtype == np.float16
+    assert np.abs(out.astype(np.float32) - reference_preprocess(hu, spacing_zyx, cfg)).max() < 1e-2
+
+
 def test_orientation_on_disk_does_not_change_the_result(tmp_path):
     hu = chest()
     hu[10:14, 25:30, 5:8] = 300  # an asymmetric mark: patient's left, anterior, low
@@ -414,6 +443,148 @@ def test_dataset_reports_ids_missing_from_a_file(tmp_path, capsys):
     vol, ids, y = ds[1]
     assert vol.shape == (1, 32, 64, 64) and y.tolist() == [1] * 18
     assert ds.reports[1] == "Finding 1."  # 'Not given.' sections are dropped
+
+
+# ---- 3d. RAD-ChestCT ----
+MAPPED = sorted({a for sources in rc.RADCHESTCT_MAPPING.values() for a in sources})
+
+
+def write_radchestct_labels(path, rows, abnormalities=MAPPED, locations=("lung", "heart"), extra=()):
+    """A RAD-ChestCT labels CSV: rows {NoteAcc_DEID: ["abnormality*location", ...] that are 1}."""
+    columns = ["NoteAcc_DEID"] + [f"{a}*{loc}" for a in abnormalities for loc in locations] + list(extra)
+    rc.write_csv(path, [dict(dict.fromkeys(columns, 0), NoteAcc_DEID=i, **dict.fromkeys(ones, 1))
+                        for i, ones in rows.items()], columns)
+
+
+def test_locations_collapse_to_abnormalities_that_map_prefix_exact_to_findings(tmp_path):
+    path = tmp_path / "imgtest_Abnormality_and_Location_Labels.csv"
+    write_radchestct_labels(path, {"tst00009": ["nodulegr1cm*heart"], "tst00002": ["nodule*lung", "calcification*heart"],
+                                   "tst00005": ["cyst*lung"]}, MAPPED + ["cyst"])
+    labels, unmapped = rc.read_radchestct_labels(path)
+    assert unmapped == ["cyst"]  # counted, not an error
+    assert list(labels) == ["tst00009", "tst00002", "tst00005"]  # keyed by ID, in file order
+    y = {i: dict(zip(rc.FINDINGS, v.tolist())) for i, v in labels.items()}
+    assert y["tst00009"]["Lung nodule"] == 1 and sum(y["tst00009"].values()) == 1
+    assert y["tst00002"]["Lung nodule"] == y["tst00002"]["Arterial wall calcification"] == 1
+    assert y["tst00002"]["Coronary artery wall calcification"] == 1 and sum(y["tst00002"].values()) == 3
+    assert sum(y["tst00005"].values()) == 0
+    columns = ["nodulegr1cm*heart", "nodule*lung", "nodule*heart"]
+    names, present = rc.collapse_locations(columns, np.array([[1, 0, 0], [0, 0, 1]], bool), "x")
+    assert names == ["nodulegr1cm", "nodule"] and present.tolist() == [[True, False], [False, True]]
+
+
+def test_external_16_class_protocol_against_a_hand_computed_example():
+    labels, scores = np.zeros((4, 18)), np.full((4, 18), 0.5)
+    art, cor = rc.FINDINGS.index("Arterial wall calcification"), rc.FINDINGS.index("Coronary artery wall calcification")
+    labels[:2, [art, cor]] = 1
+    scores[:, art], scores[:, cor] = [0.1, 0.9, 0.2, 0.3], [0.8, 0.1, 0.1, 0.05]
+    labels[[0, 2], rc.FINDINGS.index("Cardiomegaly")] = 1
+    scores[:, rc.FINDINGS.index("Cardiomegaly")] = [0.9, 0.2, 0.25, 0.3]
+    y16, s16 = rc.external_16(labels, scores)
+    assert len(rc.EXTERNAL_CLASSES) == 16 and y16.shape == s16.shape == (4, 16)
+    assert not {"Coronary artery wall calcification", "Mosaic attenuation pattern"} & set(rc.EXTERNAL_CLASSES)
+    d = rc.diagnosis_metrics(y16, s16, rc.EXTERNAL_CLASSES)["per_finding"]
+    # max per scan: 0.8, 0.9 (calcified) vs 0.2, 0.3: every pair ordered. The arterial score alone: 2 of 4 pairs.
+    assert d["Calcification"]["auc"] == 1.0 and rc.diagnosis_metrics(labels, scores)["per_finding"][
+        "Arterial wall calcification"]["auc"] == 0.5
+    assert d["Cardiomegaly"]["auc"] == 0.75  # the others keep their scores: 0.9 > 0.2, 0.3; 0.25 > 0.2 only
+    assert math.isnan(d["Medical material"]["auc"])  # no positives: undefined, not 0.5
+
+
+def synth_radchestct(root, n=(2, 1, 1)):
+    rc.synthesize_radchestct(root, n, seed=1, npz_spacing_mm=4.0, workers=1)
+    return ["prep", "--data", str(root), "--split", "all", "--npz-spacing-mm", "4", "--workers", "1"]
+
+
+def test_prep_drops_label_rows_without_a_volume_with_a_warning_and_prints_positives(tmp_path, capsys):
+    prep = synth_radchestct(tmp_path)
+    missing = sorted(tmp_path.glob("val*.npz"))[0]
+    missing.unlink()
+    assert rc.main(prep) == 0
+    out, err = capsys.readouterr()
+    assert f"1 of 4 IDs in labels are missing elsewhere and left out (e.g. {missing.stem})" in err
+    assert "3 abnormalities that no finding maps to are not used" in out and "Interlobular septal thickening" in out
+    written = rc.read_labels(rc.cache_dir(tmp_path, rc.make_config("tiny")) / "all" / "labels.csv")
+    assert len(written) == 3 and missing.stem not in written
+    ds = rc.CTRateDataset(tmp_path, "all", rc.make_config("tiny"))  # no reports needed
+    assert len(ds) == 3 and not ds.has_reports and ds[0][0].shape == (1, 32, 64, 64)
+    assert rc.main(prep[:-4] + ["--npz-spacing-mm", "0.8"]) == 1  # the cache knows its spacing
+    assert "prepped at --npz-spacing-mm 4" in capsys.readouterr().err
+
+
+def test_orientation_marker_lands_alike_from_radchestct_npz_and_ctrate_nifti(tmp_path, monkeypatch):
+    hu = np.full((40, 40, 20), -1000.0, np.float32)  # (x, y, z) LPS voxel order, as render_volume returns
+    hu[8:32, 8:32, 2:18] = 40
+    hu[8:14, 8:13, 13:17] = 1000  # patient's right, anterior, superior
+    monkeypatch.setattr(rc, "render_volume", lambda rng, labels_row, scanner_rng=None:
+                        (hu.copy(), (4.0, 4.0, 8.0), np.diag([-4.0, -4.0, 8.0, 1.0]), {}))
+    flags = ["--spacing-mm", "4", "4", "8", "--input-shape", "20", "40", "40", "--workers", "1"]
+    rc.synthesize_ctrate(tmp_path / "ct", 3, 1, seed=0, workers=1)   # stored in random voxel orders
+    rc.synthesize_radchestct(tmp_path / "rad", (1, 0, 0), npz_spacing_mm=4.0, workers=1)
+    assert rc.main(["prep", "--data", str(tmp_path / "ct"), "--split", "train"] + flags) == 0
+    assert rc.main(["prep", "--data", str(tmp_path / "rad"), "--split", "trn", "--npz-spacing-mm", "4"] + flags) == 0
+    cfg = rc.make_config("tiny", spacing_mm=(4.0, 4.0, 8.0), input_shape=(20, 40, 40))
+    volumes = [np.load(p) for d, s in (("ct", "train"), ("rad", "trn"))
+               for p in sorted((rc.cache_dir(tmp_path / d, cfg) / s).glob("*.npy"))]
+    centres = [np.argwhere(v > 0.9).mean(0) for v in volumes]
+    assert len(centres) >= 4
+    for c in centres:
+        assert np.abs(c - centres[0]).max() < 0.5
+    d, h, w = centres[0]
+    assert d < 10 and h < 20 and w < 20  # superior slices first, anterior up, patient's right on the left
+
+
+def test_bad_radchestct_inputs_are_one_line_errors(tmp_path, capsys):
+    good = ["nodule*lung"]
+    cases = [  # (what to write, the message)
+        (dict(npz={"x": np.zeros((4, 4, 4), np.int16)}), "no array 'ct'"),
+        (dict(npz={"arr_0": np.zeros((4, 4, 4), np.float32)}), "GreenRFM's arr_0 re-export"),
+        (dict(npz={"ct": np.zeros((4, 4), np.int16)}), "expected one (z, y, x) volume"),
+        (dict(bytes=b"not a zip"), "not a readable .npz"),
+        (dict(columns=dict(extra=["NoteAcc"], id_col="ID")), "no NoteAcc_DEID column"),
+        (dict(columns=dict(extra=["nodule_lung"])), "column 'nodule_lung' is not of the form abnormality*location"),
+        (dict(columns=dict(abnormalities=[a for a in MAPPED if a != "hernia"])), "no column for the mapped abnormalities ['hernia']"),
+        (dict(value="2"), "column 'nodule*lung': a label is not 0 or 1"),
+    ]
+    for k, (bad, message) in enumerate(cases):
+        root = tmp_path / str(k)
+        root.mkdir()
+        path = root / "tst00001.npz"
+        if "bytes" in bad:
+            path.write_bytes(bad["bytes"])
+        else:
+            np.savez_compressed(path, **bad.get("npz", {"ct": np.full((8, 8, 8), -1000, np.int16)}))
+        columns = bad.get("columns", {})
+        labels = root / "imgtest_Abnormality_and_Location_Labels.csv"
+        write_radchestct_labels(labels, {"tst00001": good}, columns.get("abnormalities", MAPPED),
+                                extra=columns.get("extra", ()))
+        header, row = labels.read_text().splitlines()
+        if "id_col" in columns:
+            header = header.replace("NoteAcc_DEID", columns["id_col"])
+        if "value" in bad:
+            row = row.replace(",1", "," + bad["value"])  # the one label that is 1: nodule*lung
+        labels.write_text(f"{header}\n{row}\n")
+        assert rc.main(["prep", "--data", str(root), "--split", "tst", "--workers", "1"]) == 1, message
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("radclip")]
+        assert len(lines) == 1 and message in lines[0], (message, lines)  # the rest is the progress bar
+
+
+def test_eval_of_a_ctrate_checkpoint_on_radchestct_scores_16_classes_without_reports(tmp_path, capsys):
+    cfg = tiny_training_data(tmp_path)
+    rc.train(cfg, "clip", tmp_path / "clip.pt", tmp_path)
+    prep = synth_radchestct(tmp_path / "rad", (3, 2, 2))
+    flags = ["--spacing-mm", "8", "8", "16", "--input-shape", "8", "16", "16"]
+    assert rc.main(prep + flags) == 0
+    args = ["eval", "--ckpt", str(tmp_path / "clip.pt"), "--data", str(tmp_path / "rad"), "--split", "all",
+            "--n-boot", "20", "--all-findings", "--out", str(tmp_path / "r.json")]
+    assert rc.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Zero-shot diagnosis, N = 7" in out and "16-class protocol" in out and "Retrieval: skipped" in out
+    assert "The 18 findings as the mapping defines them" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert list(results["diagnosis"]["per_finding"]) == rc.EXTERNAL_CLASSES
+    assert "Mosaic attenuation pattern" in results["all_findings"]["undefined"]
+    assert set(results["ci"]) == {"macro AUC"}
 
 
 # ---- helpers for section 4 ----
@@ -653,6 +824,15 @@ def test_rejected_response_format_falls_back_once_per_step(llm, tmp_path):
     assert [f.split(" (")[0] for f in lab.fallbacks] == ["json_schema -> json_object", "json_object -> none"]
 
 
+def test_bare_500s_before_any_answer_step_the_response_format_down(llm, tmp_path):
+    server = llm(lambda request: (500, "Internal Server Error", {}) if "response_format" in request else ok())
+    lab = labeler(server)
+    labels, summary = rc.label_reports(list("abcd"), [f"Report {i}." for i in range(4)], lab, tmp_path / "c.jsonl",
+                                       workers=1)
+    assert all(labels) and [f.split(" (")[0] for f in lab.fallbacks] == ["json_schema -> json_object",
+                                                                          "json_object -> none"]
+
+
 def test_unreachable_server_fails_reports_without_a_traceback(llm, tmp_path, capsys):
     reports = write_reports(tmp_path / "r.csv", ["A nodule.", "No effusion."])
     out = tmp_path / "labels.csv"
@@ -815,6 +995,61 @@ def test_resnet18_matches_torchvision_r3d_18_parameter_count_and_shapes():
     assert model.encode_image(torch.randn(2, 1, *cfg.input_shape)).shape == (2, cfg.embed_dim)
     assert model.encode_text(torch.randint(0, 50, (3, cfg.context_len))).shape == (3, cfg.embed_dim)
     assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07)
+
+
+def torchvision_r3d_18_state_dict():
+    """What torch.save(torchvision.models.video.r3d_18(weights="KINETICS400_V1").state_dict()) holds:
+    radclip's names for every block, a 3-channel (3, 7, 7) stem and a 400-way fc (values random)."""
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in rc.ResNet3d18(64).state_dict().items() if not k.startswith("stem.")}
+    state.update({"stem.0.weight": torch.randn(64, 3, 3, 7, 7, generator=g), "fc.weight": torch.randn(400, 512),
+                  "fc.bias": torch.randn(400), "stem.1.num_batches_tracked": torch.tensor(0)},
+                 **{f"stem.1.{k}": torch.randn(64) for k in ("weight", "bias", "running_mean", "running_var")})
+    return state
+
+
+def test_torchvision_r3d_18_loads_all_but_stem_and_fc(tmp_path, capsys):
+    state = torchvision_r3d_18_state_dict()
+    torch.save(state, tmp_path / "r3d_18.pth")
+    model = rc.RadCLIP(rc.make_config("paper"), 10)
+    stem, head = model.visual.stem[0].weight.clone(), model.visual_cls.weight.clone()
+    rc.load_tower(model, tmp_path / "r3d_18.pth", "image", None, rc.make_config("paper"))
+    loaded = model.visual.state_dict()
+    for k, v in state.items():
+        if not k.startswith(("stem.", "fc.")):
+            assert torch.equal(loaded[k], v), k
+    assert torch.equal(model.visual.stem[0].weight, stem) and torch.equal(model.visual_cls.weight, head)
+    out = capsys.readouterr().out
+    assert "skipped fc.bias, fc.weight, stem.0.weight, stem.1.bias" in out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.pop("layer4.1.conv2.1.running_var"), "1 keys missing"),
+    (lambda s: s.update({"layer1.0.conv1.0.weight": torch.zeros(64, 64, 3, 3)}), "of another shape"),  # 2-D resnet18
+    (lambda s: s.update({"layer1.0.conv3.0.weight": torch.zeros(64, 64, 1, 1, 1)}), "extra"),           # bottleneck
+])
+def test_a_state_dict_of_another_architecture_is_a_one_line_error(tmp_path, change, message):
+    state = torchvision_r3d_18_state_dict()
+    change(state)
+    torch.save(state, tmp_path / "other.pth")
+    with pytest.raises(rc.RadclipError, match=message):
+        rc.load_tower(rc.RadCLIP(rc.make_config("paper"), 10), tmp_path / "other.pth", "image", None,
+                      rc.make_config("paper"))
+
+
+def test_supervised_stage_starts_from_torchvision_weights_only_at_width_64(tmp_path, capsys):
+    tiny_training_data(tmp_path)
+    torch.save(torchvision_r3d_18_state_dict(), tmp_path / "r3d_18.pth")
+    base = ["train", "--stage", "supervised", "--data", str(tmp_path), "--out", str(tmp_path / "s.pt"),
+            "--init-image", str(tmp_path / "r3d_18.pth"), "--spacing-mm", "8", "8", "16", "--input-shape", "8", "16", "16",
+            "--workers", "0", "--channels-last", "off", "--epochs", "1", "--batch-size", "12"]
+    assert rc.main(base + ["--width", "4"]) == 1
+    assert "need --width 64 (this run: 4)" in capsys.readouterr().err
+    assert rc.main(base + ["--width", "64", "--stem-kernel", "4", "--stem-stride", "4"]) == 0
+    assert "torchvision r3d_18 weights in the image tower" in capsys.readouterr().out
+    assert rc.main(base[:-4] + ["--init-text", str(tmp_path / "s.pt")]) == 1  # the image stage has no text tower
+    assert "pass only --init-image" in capsys.readouterr().err
 
 
 def test_text_encoder_ignores_padding():
@@ -1394,9 +1629,13 @@ def test_no_exception_escapes_a_prep_worker(tmp_path, capsys, monkeypatch):
     assert "1 volumes in" in out
 
 
-def test_a_resample_to_absurd_size_is_refused_before_it_allocates():
-    with pytest.raises(rc.RadclipError, match="check the spacing"):
-        rc.preprocess(np.zeros((500, 512, 512), np.float32), (5.0, 5.0, 5.0), rc.make_config("tiny", spacing_mm=(0.1, 0.1, 0.1)))
+def test_a_resample_to_any_size_allocates_only_what_the_crop_keeps():
+    hu = np.zeros((200, 512, 512), np.int16)  # 5 mm voxels to 0.1 mm: 10,000 x 25,600 x 25,600 resampled
+    tracemalloc.start()
+    out = rc.preprocess(hu, (5.0, 5.0, 5.0), rc.make_config("tiny", spacing_mm=(0.1, 0.1, 0.1)))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == (32, 64, 64) and peak < 2**24  # under 16 MB
 
 
 # Checkpoints
@@ -1419,7 +1658,7 @@ def foreign_files(folder):
     torch.save({"conv1.weight": torch.zeros(2), "fc.weight": torch.zeros(2)}, folder / "state_dict.pt")
     torch.save({"model": argparse.Namespace(x=1)}, folder / "pickled.pt")  # a weights-only load refuses it
     return {"bytes.pt": "not a radclip checkpoint", "tensor.pt": "holds a Tensor",
-            "state_dict.pt": "plain state_dict", "pickled.pt": "weights-only load refuses"}
+            "state_dict.pt": "a plain state_dict", "pickled.pt": "weights-only load refuses"}
 
 
 @pytest.mark.parametrize("flag", ["eval", "--init-image", "--init-text"])
@@ -1569,6 +1808,15 @@ def test_a_rerun_with_another_config_names_it_and_restart_is_explicit(towers, tm
         rc.train(cfg, "supervised", tmp_path / "s.pt", root, "text")
     rc.train(dataclasses.replace(cfg, batch_size=2), "supervised", tmp_path / "s.pt", root, restart=True)
     assert rc.load_checkpoint(tmp_path / "s.pt")["config"]["batch_size"] == 2
+
+
+def test_a_diverged_run_is_one_line_and_saves_nothing(towers, tmp_path, monkeypatch):
+    root, cfg = towers
+    nan = lambda *args, **kwargs: torch.tensor(math.nan, requires_grad=True)
+    monkeypatch.setattr(rc, "stage_loss", nan)
+    with pytest.raises(rc.RadclipError, match="the loss is nan at step 1: training diverged"):
+        rc.train(dataclasses.replace(cfg, log_every=1), "supervised", tmp_path / "s.pt", root)
+    assert not (tmp_path / "s.pt").exists()
 
 
 def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path):
