@@ -201,7 +201,7 @@ def check_field(name, value):
         if len(value) != len(default):
             raise RadclipError(f"takes {len(default)} values; got {len(value)}")
         return tuple(check_value(name, v) for v in value)
-    except RadclipError as e:
+    except (RadclipError, TypeError, ValueError, OverflowError) as e:  # a hand-edited checkpoint config
         raise RadclipError(f"--{name.replace('_', '-')} {e}") from None
 
 
@@ -1037,15 +1037,18 @@ def synthesize_radchestct(out, n=(8, 4, 2), seed=0, npz_spacing_mm=3.0, workers=
         raise RadclipError(f"{out} already holds RAD-ChestCT labels; choose a new --out or delete them")
     abnormalities = sorted({a for sources in RADCHESTCT_MAPPING.values() for a in sources} | set(UNMAPPED_ABNORMALITIES))
     columns = ["NoteAcc_DEID"] + [f"{a}*{loc}" for a in abnormalities for loc in RADCHESTCT_LOCATIONS]
+    tables = {}
     for k, (prefix, n_scans) in enumerate(zip(RADCHESTCT_SPLITS, n)):
         rng = np.random.default_rng([seed, 2 + k])                 # 0 and 1 are CT-RATE's splits
         labels = sample_labels(rng, n_scans)
         ids = [f"{prefix}{i:05d}" for i in rng.choice(100000, n_scans, replace=False)]
         jobs = [(out / f"{i}.npz", y, [seed, 2 + k, j], npz_spacing_mm) for j, (i, y) in enumerate(zip(ids, labels))]
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, worker_signals) as pool:
             list(tqdm(pool.imap_unordered(synthesize_radchestct_scan, jobs), total=n_scans,
                       desc=f"synth {prefix}", unit="vol"))
-        rows = [dict(dict.fromkeys(columns, 0), NoteAcc_DEID=i, **radchestct_row(rng, y)) for i, y in zip(ids, labels)]
+        tables[prefix] = [dict(dict.fromkeys(columns, 0), NoteAcc_DEID=i, **radchestct_row(rng, y))
+                          for i, y in zip(ids, labels)]
+    for prefix, rows in tables.items():  # last: an interrupted run leaves no labels, so a rerun starts over
         write_csv(out / f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv", rows, columns)
     print(f"synth: RAD-ChestCT at {npz_spacing_mm:g} mm in {out}; prep it with --npz-spacing-mm {npz_spacing_mm:g}")
 
@@ -1473,6 +1476,14 @@ def read_radchestct_labels(path):
     path = Path(path)
     if not path.is_file():
         raise RadclipError(f"{path}: no such file; --data must hold RAD-ChestCT's labels CSVs and .npz files")
+    try:
+        return radchestct_rows(path)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise RadclipError(f"{path}: not a UTF-8 CSV ({type(e).__name__}: {e})") from None
+
+
+def radchestct_rows(path):
+    """read_radchestct_labels' parsing, on a file that opens."""
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the name
         rows = csv.reader(f)
         header = next(rows, [])
@@ -1528,10 +1539,11 @@ def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_r
     if not npz_spacing_mm > 0:
         raise RadclipError(f"--npz-spacing-mm must be positive (got {npz_spacing_mm})")
     out_dir = check_writable(cache_dir(data_dir, cfg, cache_root) / split)
-    index = out_dir / "index.csv"
-    done_at = {r.get("NpzSpacingMM") for r in read_csv(index)} if index.is_file() else set()
-    if done_at - {f"{npz_spacing_mm:g}"}:
-        raise RadclipError(f"{out_dir}: prepped at --npz-spacing-mm {sorted(done_at)[0]}; pass that or delete it")
+    index, marker = out_dir / "index.csv", out_dir / "npz_spacing_mm.txt"  # the marker comes before any volume
+    done_at = marker.read_text().strip() if marker.is_file() else f"{npz_spacing_mm:g}"
+    if done_at != f"{npz_spacing_mm:g}":
+        raise RadclipError(f"{out_dir}: prepped at --npz-spacing-mm {done_at}; pass that or delete it")
+    atomic_write_bytes(marker, done_at.encode())
     labels, unmapped = {}, set()
     for prefix in prefixes:
         name = f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv"
@@ -1801,6 +1813,7 @@ class LLMLabeler:
         self.counts, self.retries, self.fallbacks = Counter(), Counter(), []
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.unreachable, self.refused = 0, []  # connection failures in a row; the HTTP errors so far
+        self.reached = time.monotonic()  # the start, then the last reply of any kind
 
     def messages(self, text):
         return [{"role": "system", "content": self.prompts["system"]},
@@ -1861,16 +1874,16 @@ class LLMLabeler:
             return None, "timeout", None
         except requests.RequestException as e:
             with self.lock:
-                self.unreachable += 1
-                stop = self.unreachable >= self.give_up_after
+                self.unreachable += 1  # a server restarting fails every request in flight at once: wait 10 s too
+                stop = self.unreachable >= self.give_up_after and time.monotonic() - self.reached > 10
             if stop:
                 self.stop.set()
-                raise RadclipError(f"{self.url}: no connection in {self.unreachable} tries in a row "
+                raise RadclipError(f"{self.url}: no connection in {self.unreachable} tries in a row, for 10 s "
                                    f"({self.mask(type(e).__name__)}); is the server running? Answers "
                                    "received so far are cached") from None
             return None, "connection error", None
         with self.lock:
-            self.unreachable = 0
+            self.unreachable, self.reached = 0, time.monotonic()
         if r.status_code != 200:
             return self.http_error(r, fmt)
         try:  # validated here whatever the server promised: llama.cpp may ignore a schema
@@ -1903,6 +1916,7 @@ class LLMLabeler:
             with self.lock:  # several workers may see it: the first steps down, once
                 if self.response_format == fmt:
                     self.response_format = RESPONSE_FORMATS[RESPONSE_FORMATS.index(fmt) + 1]
+                    self.refused.clear()  # the next format gets its own three 500s
                     self.fallbacks.append(f"{fmt} -> {self.response_format} (HTTP {status}: {message})")
             return None, "fallback", None
         # OpenAI says "no credit" with a 429 too, and that one no retry mends.
@@ -1970,6 +1984,8 @@ def label_reports(ids, texts, labeler, cache_path, workers=8):
                     continue
                 f.write(json.dumps({"key": key, "id": i, "labels": cache[key]}) + "\n")
                 f.flush()  # in the file now: a kill -9 loses only the requests in flight
+    except OSError as e:  # a full disk: what was flushed before stays
+        raise RadclipError(f"{cache_path}: cannot write ({e.strerror or e}); the answers before it are cached") from None
     finally:  # after a fatal reply or Ctrl-C: no new requests, no more retries
         labeler.stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -2648,13 +2664,16 @@ def print0(*args):
 def stop_requests(out):
     """Ctrl-C and SIGTERM (a cluster pre-empting the job) as a request, the list it yields: the
     training step in progress finishes and is saved. A second signal stops at once, unsaved."""
-    stop, owner = [], os.getpid()
+    stop, owner, first = [], os.getpid(), [0.0]
 
     def request(signum, frame):
         if os.getpid() != owner:  # a data-loader worker: the main process decides
             return
-        if stop:
-            raise KeyboardInterrupt
+        if stop:  # within a second it is the same Ctrl-C passed on by torchrun, not a second one
+            if time.monotonic() - first[0] > 1.0:
+                raise KeyboardInterrupt
+            return
+        first[0] = time.monotonic()
         stop.append(signal.Signals(signum).name)
         print0(f"\n{stop[0]}: saving {out} after this step (again to stop at once, unsaved)")
     main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
@@ -2701,7 +2720,7 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
             return ckpt["metrics"]
         print0(f"{out}: resuming at step {ckpt['step']} of {ckpt['max_steps']} (same config)")
     for path, tower in ((init_image, "image"), (init_text, "text")):  # a wrong file fails now, not after the data
-        if path and "model" not in (state := load_checkpoint(path, tower, state_dict_ok=tower == "image")):
+        if path and not ckpt and "model" not in (state := load_checkpoint(path, tower, state_dict_ok=tower == "image")):
             load_r3d_18(ResNet3d18(cfg.width, cfg.stem_kernel, cfg.stem_stride), state, path, check_only=True)
     seed_everything(cfg.seed)
     train_ds = CTRateDataset(data_dir, "train", cfg, None, labels_csv, cfg.augment, cfg.max_train_volumes,
@@ -2734,6 +2753,9 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
     batch = cfg.batch_size * cfg.accum_steps * world
     epochs = cfg.supervised_epochs if stage == "supervised" else cfg.clip_epochs
     max_steps = max(1, math.ceil(epochs * len(train_ds) / batch))
+    if ckpt and ckpt["max_steps"] != max_steps:  # more volumes, or another world size: another schedule
+        raise RadclipError(f"{out}: its run has {ckpt['max_steps']} steps, this one {max_steps} ({len(train_ds)} "
+                           f"volumes, global batch {batch}); pass --restart to train afresh, or choose another --out")
 
     def lr_factor(step):  # linear warmup, then cosine from base_lr down to min_lr
         if step < cfg.warmup_steps:
@@ -2815,7 +2837,7 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
                     and not math.isfinite(loss.item()):  # never validate or save a diverged model
                 raise RadclipError(f"the loss is {loss.item()} at step {done}: training diverged; lower the "
                                    f"learning rate or try --amp off ({out} keeps its last saved step)")
-            if rank == 0 and (done % cfg.eval_every == 0 or last) and not interrupted:
+            if rank == 0 and (done % cfg.eval_every == 0 and not interrupted or last):  # a finished run is validated
                 metrics = validate(model, valid_ds, cfg, stage, modality, device, amp_dtype, channels_last)
                 metrics["step"] = done
                 print0(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
@@ -3217,8 +3239,11 @@ def demo(out="demo", seed=0, device="auto"):
         backend = "llm" if os.environ.get("OPENAI_BASE_URL") else "rules"
         print(f"demo: labelling the train reports with the {backend} backend"
               + ("" if backend == "llm" else " (set OPENAI_BASE_URL and OPENAI_MODEL for an LLM)"))
-        if timed("label", main, ["label", "--reports", str(ctrate_csv(data, "train", "reports")),
-                                 "--out", str(silver), "--backend", backend]):
+        code = timed("label", main, ["label", "--reports", str(ctrate_csv(data, "train", "reports")),
+                                     "--out", str(silver), "--backend", backend])
+        if code == 130:
+            raise KeyboardInterrupt
+        if code:
             raise RadclipError("labelling failed (see above); fix that and rerun the demo")
     quality = label_quality(read_labels(silver), read_labels(ctrate_csv(data, "train", "labels")))
     init, supervised = {}, {}
@@ -3407,6 +3432,8 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
+    if not Path(args.ckpt).is_file():
+        raise RadclipError(f"{args.ckpt}: no such checkpoint")
     out = Path(args.out or Path(args.ckpt).with_suffix(f".{args.split}.results.json"))
     try:
         check_writable(out.parent)
@@ -3470,7 +3497,7 @@ def build_parser():
     p.add_argument("--split", choices=SPLITS, action="append",
                    help="repeatable; CT-RATE: train, valid (default: both); RAD-ChestCT: trn, val, tst "
                         "(its ID prefixes) or all (the 3,630 scans peers score)")
-    p.add_argument("--npz-spacing-mm", type=float, default=0.8,
+    p.add_argument("--npz-spacing-mm", type=number(float, 0.1, 20), default=0.8,
                    help="RAD-ChestCT: the volumes' isotropic voxel size, which the .npz does not store "
                         "(default 0.8, the release's)")
     p.add_argument("--hu", choices=["auto", "raw", "hu"], default="auto",
@@ -3568,6 +3595,9 @@ def build_parser():
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):  # subparsers too: a typo is never taken as a prefix
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
     def error(self, message):  # one line, instead of argparse's usage block
         self.exit(2, f"radclip: error: {message} (see: {self.prog} --help)\n")
 
