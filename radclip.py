@@ -1268,7 +1268,10 @@ def prep_split(data_dir, split, cfg, hu_mode="auto", workers=2, cache_root=None)
 # A training example is (volume, report, labels), matched by CT-RATE's VolumeName. The report
 # is Findings + Impressions, as in the paper; the labels are silver (LLM), rules or gold.
 # ---------------------------------------------------------------------------------------
-def report_text(row, columns=("Impressions_EN", "Findings_EN")):
+REPORT_TEXT = ("Impressions_EN", "Findings_EN")
+
+
+def report_text(row, columns=REPORT_TEXT):
     """The report as the model reads it; CT-RATE writes empty sections as 'Not given.'. The impression
     comes first: it names what is present in a few words, so when a long report is cut at the text
     tower's context, the cut falls in the findings' detail (and the negations), not the summary."""
@@ -1276,7 +1279,7 @@ def report_text(row, columns=("Impressions_EN", "Findings_EN")):
     return " ".join(p for p in parts if p and p != "Not given.")
 
 
-def read_reports(path, id_col="VolumeName", text_cols=("Impressions_EN", "Findings_EN")):
+def read_reports(path, id_col="VolumeName", text_cols=REPORT_TEXT):
     rows = read_csv(path, (id_col, *text_cols), id_col)
     return {r[id_col]: report_text(r, text_cols) for r in rows}
 
@@ -1342,27 +1345,31 @@ class Tokenizer:
 
 
 class CTRateDataset(torch.utils.data.Dataset):
-    """(volume (1, D, H, W), token ids (L,), labels (18,)) for one split, from prep's cache."""
+    """(volume (1, D, H, W), token ids (L,), labels (18,)) for one split, from prep's cache. With
+    reports_csv, a text-only dataset from that CSV alone (labels from labels_csv, by default the same
+    file's 18 columns): no volumes, no prep cache; the volume is a placeholder zero."""
 
     def __init__(self, data_dir, split, cfg, tokenizer=None, labels_csv=None, augment=False, limit=0,
-                 cache_root=None):
+                 cache_root=None, reports_csv=None, id_col="VolumeName", text_cols=REPORT_TEXT):
         self.cfg, self.tokenizer, self.augment = cfg, tokenizer, augment
-        self.volumes = True  # False: a text-only run skips reading them
-        self.cache = cache_dir(data_dir, cfg, cache_root) / split
-        if not (self.cache / "index.csv").is_file():
-            raise RadclipError(f"{self.cache}: no preprocessed volumes; run `python radclip.py prep --data "
-                               f"{data_dir}{f' --cache-dir {cache_root}' if cache_root else ''} --split {split}` "
-                               "with the same preset and preprocessing flags first")
-        cached = [r["VolumeName"] for r in read_csv(self.cache / "index.csv", ("VolumeName",))]
-        self.has_reports = split in CTRATE_FILES  # RAD-ChestCT's splits have none
-        reports = read_reports(ctrate_csv(data_dir, split, "reports")) if self.has_reports else None
-        labels = read_labels(labels_csv or (ctrate_csv(data_dir, split, "labels") if self.has_reports
-                                            else self.cache / "labels.csv"))
-        sources = dict(volumes=cached, reports=reports, labels=labels)
-        self.names = match_ids(f"{split} split", **{k: v for k, v in sources.items() if v is not None})
-        self.names = self.names[:limit or None]
-        self.reports = [reports[n] if reports else "" for n in self.names]
-        self.labels = torch.tensor(np.stack([labels[n] for n in self.names]))
+        self.volumes, self.has_reports = reports_csv is None, reports_csv is not None or split in CTRATE_FILES
+        sources = {}
+        if self.volumes:
+            self.cache = cache_dir(data_dir, cfg, cache_root) / split
+            if not (self.cache / "index.csv").is_file():
+                raise RadclipError(f"{self.cache}: no preprocessed volumes; run `python radclip.py prep --data "
+                                   f"{data_dir}{f' --cache-dir {cache_root}' if cache_root else ''} --split "
+                                   f"{split}` with the same preset and preprocessing flags first")
+            sources["volumes"] = [r["VolumeName"] for r in read_csv(self.cache / "index.csv", ("VolumeName",))]
+            labels_csv = labels_csv or (ctrate_csv(data_dir, split, "labels") if self.has_reports
+                                        else self.cache / "labels.csv")
+            reports_csv = ctrate_csv(data_dir, split, "reports") if self.has_reports else None
+        if reports_csv:  # RAD-ChestCT's splits have none
+            sources["reports"] = read_reports(reports_csv, id_col, text_cols)
+        sources["labels"] = read_labels(labels_csv or reports_csv, id_col)
+        self.names = match_ids(f"{split} split", **sources)[:limit or None]
+        self.reports = [sources["reports"][n] if reports_csv else "" for n in self.names]
+        self.labels = torch.tensor(np.stack([sources["labels"][n] for n in self.names]))
 
     def __len__(self):
         return len(self.names)
@@ -1579,8 +1586,10 @@ def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_r
 # rule labeler the LLM is compared against, and the label-quality table that compares them.
 # ---------------------------------------------------------------------------------------
 def load_prompts(path=PROMPTS_PATH):
-    """prompts.txt as {'system', 'user', 'definitions', 'zero_shot'}. A line '### name' starts a
-    section; {findings} becomes one '- Name: definition' line per finding, in FINDINGS order."""
+    """prompts.txt as {'system', 'user', 'definitions', 'zero_shot', 'report_language', 'candidates'}.
+    A line '### name' starts a section; {findings} becomes one '- Name: definition' line per finding,
+    in FINDINGS order. report_language and candidates map each finding to its (positive, negative)
+    sentence pairs."""
     path, sections, name = Path(path), {}, None
     if not path.is_file():
         raise RadclipError(f"{path}: no such prompts file")
@@ -1590,16 +1599,24 @@ def load_prompts(path=PROMPTS_PATH):
             sections[name] = []
         elif name:  # the text before the first section is a note for whoever edits the file
             sections[name].append(line)
-    missing = sorted({"system", "user", "findings", "zero-shot"} - set(sections))
+    missing = sorted({"system", "user", "findings", "zero-shot", "report-language"} - set(sections))
     if missing:
         raise RadclipError(f"{path}: missing section(s) {missing}; each starts with a line '### <name>'")
 
     def fields(section, n):
-        rows = [[c.strip() for c in line.split("|")] for line in sections[section] if line.strip()]
+        rows = [[c.strip() for c in line.split("|")] for line in sections.get(section, []) if line.strip()]
         for row in rows:
-            if len(row) != n:
-                raise RadclipError(f"{path}: a '### {section}' line needs {n} fields split by '|': {row}")
+            if len(row) != n or not all(row):
+                raise RadclipError(f"{path}: a '### {section}' line needs {n} non-empty fields split by '|': {row}")
         return rows
+
+    def by_finding(section):
+        pairs = {f: [] for f in FINDINGS}
+        for f, pos, neg in fields(section, 3):
+            if f not in pairs:
+                raise RadclipError(f"{path}: '### {section}' names {f!r}, which is not one of the 18 findings")
+            pairs[f].append((pos, neg))
+        return pairs
 
     definitions = dict(fields("findings", 2))
     if set(definitions) != set(FINDINGS):
@@ -1612,18 +1629,26 @@ def load_prompts(path=PROMPTS_PATH):
     zero_shot = {name: (pos, neg) for name, pos, neg in fields("zero-shot", 3)}
     if "{report}" not in user or not all("{finding}" in t for pair in zero_shot.values() for t in pair):
         raise RadclipError(f"{path}: '### user' needs {{report}}; zero-shot templates need {{finding}}")
-    return {"system": system, "user": user, "definitions": definitions, "zero_shot": zero_shot}
+    report_language = by_finding("report-language")
+    if "report" in zero_shot or not all(report_language.values()):
+        raise RadclipError(f"{path}: '### report-language' needs a pair for every finding (missing: "
+                           f"{[f for f, p in report_language.items() if not p]}), and no template may be "
+                           "named 'report'")
+    return {"system": system, "user": user, "definitions": definitions, "zero_shot": zero_shot,
+            "report_language": report_language, "candidates": by_finding("candidates")}
 
 
-def zero_shot_prompts(prompts, template=None):
-    """[(positive, negative)] per finding from a zero-shot template pair (default: the file's first).
-    Names go in as written, capitals and all, as in CT-CLIP ("Lung nodule is present."): the default
-    pair is then exactly CT-CLIP's, and radclip's tokenizer lower-cases text anyway."""
-    template = template or next(iter(prompts["zero_shot"]))
-    if template not in prompts["zero_shot"]:
-        raise RadclipError(f"no zero-shot template {template!r}; prompts.txt has {list(prompts['zero_shot'])}")
-    pos, neg = prompts["zero_shot"][template]
-    return [(pos.replace("{finding}", f), neg.replace("{finding}", f)) for f in FINDINGS]
+def zero_shot_prompts(prompts, prompt="report"):
+    """[(finding index, positive, negative)]: the report-language pairs (prompt='report', several per
+    finding), or one template pair per finding. Template names go in as written, capitals and all, as
+    in CT-CLIP ("Lung nodule is present."), so the 'ctclip' pair is exactly CT-CLIP's."""
+    if prompt == "report":
+        return [(FINDINGS.index(f), pos, neg) for f, pairs in prompts["report_language"].items()
+                for pos, neg in pairs]
+    if prompt not in prompts["zero_shot"]:
+        raise RadclipError(f"no zero-shot prompt {prompt!r}; prompts.txt has report, {', '.join(prompts['zero_shot'])}")
+    pos, neg = prompts["zero_shot"][prompt]
+    return [(i, pos.replace("{finding}", f), neg.replace("{finding}", f)) for i, f in enumerate(FINDINGS)]
 
 
 # -- Rules: a lexicon per finding, with NegEx/CheXpert-style negation and uncertainty --
@@ -2695,19 +2720,30 @@ def run_differences(ckpt, cfg, run):
 
 
 def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_image=None,
-          init_text=None, restart=False, device="auto", stop_after=None, cache_root=None):
+          init_text=None, restart=False, device="auto", stop_after=None, cache_root=None, reports=None):
     """Train one stage and save to `out`; returns the final validation metrics. If `out` holds this
     same run, it resumes there (or returns at once if it is finished); a checkpoint of another run is
     an error unless restart. Ctrl-C or SIGTERM finishes the step, saves, and raises KeyboardInterrupt.
-    stop_after ends the run early without changing its schedule (a time box; the resume test)."""
+    stop_after ends the run early without changing its schedule (a time box; the resume test).
+    The supervised text stage reads no volumes: it trains from data_dir's report and label CSVs, or
+    from reports = dict(train=CSV, valid=CSV, valid_labels=None, id_col=..., text_cols=...) alone
+    (the labels: labels_csv, or each CSV's own 18 columns)."""
     rank, world, device = setup_distributed(device)
     out = Path(out)
     if out.is_dir():
         raise RadclipError(f"--out {out} is a folder; name the checkpoint file, e.g. {out / 'model.pt'}")
     check_writable(out.parent)
+    text_only = (stage, modality) == ("supervised", "text")
+    if not text_only and reports:
+        raise RadclipError("reports CSVs without volumes train only --stage supervised --modality text")
+    if text_only and not reports:
+        reports = {split: ctrate_csv(data_dir, split, "reports") for split in ("train", "valid")}
+        labels_csv, reports["valid_labels"] = labels_csv or ctrate_csv(data_dir, "train", "labels"), \
+            ctrate_csv(data_dir, "valid", "labels")
+    reports = reports or {}
     identity = {"stage": stage, "modality": modality if stage == "supervised" else "both",
            **{k: str(v or "") for k, v in (("labels", labels_csv), ("init_image", init_image),
-                                            ("init_text", init_text))}}
+                                            ("init_text", init_text), ("reports", reports.get("train")))}}
     ckpt = load_checkpoint(out) if out.is_file() and not restart else None
     if ckpt:
         differ = run_differences(ckpt, cfg, identity) or ("" if (ckpt["stage"], ckpt["modality"]) == (
@@ -2723,15 +2759,16 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
         if path and not ckpt and "model" not in (state := load_checkpoint(path, tower, state_dict_ok=tower == "image")):
             load_r3d_18(ResNet3d18(cfg.width, cfg.stem_kernel, cfg.stem_stride), state, path, check_only=True)
     seed_everything(cfg.seed)
+    text = {k: reports[k] for k in ("id_col", "text_cols") if k in reports}
     train_ds = CTRateDataset(data_dir, "train", cfg, None, labels_csv, cfg.augment, cfg.max_train_volumes,
-                             cache_root)
-    valid_ds = CTRateDataset(data_dir, "valid", cfg, cache_root=cache_root)  # the split's own (gold) labels
+                             cache_root, reports.get("train"), **text)
+    valid_ds = CTRateDataset(data_dir, "valid", cfg, None, reports.get("valid_labels"), cache_root=cache_root,
+                             reports_csv=reports.get("valid"), **text)  # the split's own (gold) labels
     if ckpt or init_text:
         tokenizer = Tokenizer(ckpt["vocab"] if ckpt else load_checkpoint(init_text, "text")["vocab"])
     else:  # deterministic: every run on the same training reports builds the same vocabulary
         tokenizer = Tokenizer.build(train_ds.reports, cfg.vocab_min_freq)
     train_ds.tokenizer = valid_ds.tokenizer = tokenizer
-    train_ds.volumes = valid_ds.volumes = (stage, modality) != ("supervised", "text")
 
     model = RadCLIP(cfg, len(tokenizer.vocab))
     for modality_, path in (("image", init_image), ("text", init_text)):
@@ -2785,7 +2822,7 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
         generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
     run = stage if stage == "clip" else f"{stage}/{modality}"
     print0(f"radclip train {run}: {sum(p.numel() for p in params):,} trainable "
-           f"parameters, {len(train_ds)} train / {len(valid_ds)} valid volumes, global batch "
+           f"parameters, {len(train_ds)} train / {len(valid_ds)} valid {'reports' if text_only else 'volumes'}, global batch "
            f"{batch}, {max_steps} steps, {device}, amp={amp_dtype or 'fp32'} (from --amp "
            f"{cfg.amp}), channels_last={channels_last} (from {cfg.channels_last}), world {world}")
     provenance = {"torch": str(torch.__version__), "device": str(device), "seed": cfg.seed,
@@ -2911,17 +2948,40 @@ def _unit_grid(x):
     return torch.round(x * 2.0**24)
 
 
-def zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale):
-    """P(finding present), (N, F) numpy: softmax over the pair of scaled cosine similarities
-    to the finding's positive and negative prompt, as in CT-CLIP's zero_shot.py.
-    image_emb (N, E), pos_emb and neg_emb (F, E): tensors or arrays; logit_scale: log(1/T),
-    as in clip_loss. AUC and the Youden threshold do not depend on it (the score is monotone
-    in the similarity gap). float64: in float32 the softmax is exactly 1.0 once the scaled
-    gap exceeds ~17, and such ties change the AUC."""
+def zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale, pair_finding=None):
+    """Log-odds that each finding is present, (N, F) float64 numpy: for a prompt pair, the log of
+    softmax(pos) / softmax(neg) over the scaled cosine similarities, exp(logit_scale) * (cos(image,
+    positive) - cos(image, negative)); a finding with several pairs (pair_finding (P,) gives each
+    pair's finding; default one pair per finding) scores the mean over its pairs, an ensemble as
+    RadFinder averages its templates. CT-CLIP ranks by the softmax probability instead: at scale
+    100 that is exactly 1.0 once the cosine gap passes ~0.37 (float64; ~0.17 in float32), and the
+    AUC then depends on the scale. The log-odds rank alike at every scale and never saturate.
+    image_emb (N, E), pos_emb and neg_emb (P, E): tensors or arrays."""
     img, pos, neg = (F.normalize(torch.as_tensor(e, dtype=torch.float64), dim=1)
                      for e in (image_emb, pos_emb, neg_emb))
-    logits = math.exp(float(logit_scale)) * torch.stack([img @ pos.T, img @ neg.T], dim=-1)
-    return logits.softmax(dim=-1)[..., 0].numpy()
+    log_odds = math.exp(float(logit_scale)) * (img @ pos.T - img @ neg.T)
+    index = torch.arange(len(pos)) if pair_finding is None else torch.as_tensor(pair_finding)
+    n_findings = int(index.max()) + 1
+    total = torch.zeros(len(img), n_findings, dtype=torch.float64).index_add_(1, index, log_odds)
+    return (total / torch.bincount(index, minlength=n_findings).clamp(min=1)).numpy()
+
+
+def encode_prompts(model, tokenizer, triples, cfg, features=None):
+    """(pos_emb (P, E), neg_emb (P, E), pair_finding (P,), unknown) for zero_shot_prompts' triples;
+    unknown is, per finding, the share of its prompts' words the tokenizer does not know (they
+    read as <unk>: a from-scratch tower knows only the words of its training reports). features
+    maps token ids to embeddings (default: the CLIP space, model.encode_text)."""
+    features = features or model.encode_text
+    texts = [(pos, neg) for _, pos, neg in triples]
+    with torch.no_grad():
+        model.eval()
+        pos_emb, neg_emb = (features(torch.stack([tokenizer.encode(t[k], cfg.context_len) for t in texts]))
+                            for k in (0, 1))
+    unknown = {}
+    for (f, pos, neg) in triples:
+        w = words(pos + " " + neg)
+        unknown.setdefault(FINDINGS[f], []).append(sum(x not in tokenizer.index for x in w) / max(1, len(w)))
+    return pos_emb, neg_emb, [f for f, _, _ in triples], {f: float(np.mean(u)) for f, u in unknown.items()}
 
 
 def diagnosis_metrics(labels, scores, names=FINDINGS):
@@ -3056,6 +3116,13 @@ def resampled_auc(labels, scores, counts):
     return out
 
 
+def bootstrap_counts(n, n_boot=1000, seed=0):
+    """(n_boot, n): how often each of n items is drawn in each resample with replacement."""
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    return np.bincount((draws + n * np.arange(n_boot)[:, None]).ravel(),
+                       minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+
 def bootstrap_ci(labels, scores, per_query, n_boot=1000, seed=0):
     """95% percentile intervals, {"macro AUC" and each name in per_query: (point, lo, hi)}.
     Every round resamples the N volumes with replacement, the same rounds for all metrics.
@@ -3064,10 +3131,7 @@ def bootstrap_ci(labels, scores, per_query, n_boot=1000, seed=0):
     rankings of the full set (the usual cheap bootstrap for retrieval). CT-CLIP's
     bootstrap_values.py draws indices, then scores the full set in every round anyway."""
     labels, scores = _binary(labels), np.asarray(scores, dtype=np.float64)
-    n = len(labels)
-    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    counts = np.bincount((draws + n * np.arange(n_boot)[:, None]).ravel(),
-                         minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+    n, counts = len(labels), bootstrap_counts(len(labels), n_boot, seed)
     point = {"macro AUC": np.nanmean(resampled_auc(labels, scores, np.ones((1, n))))}
     rounds = {"macro AUC": np.nanmean(resampled_auc(labels, scores, counts), axis=1)}
     for name, values in per_query.items():
@@ -3076,12 +3140,11 @@ def bootstrap_ci(labels, scores, per_query, n_boot=1000, seed=0):
             for name in rounds}
 
 
-def evaluate(image_emb, text_emb, pos_emb, neg_emb, logit_scale, labels, map_ks=(1, 5, 10, 50),
+def evaluate(image_emb, text_emb, scores, labels, map_ks=(1, 5, 10, 50),
              recall_ks=(5, 10, 50, 100), ctclip_quirks=False, n_boot=1000, seed=0, chunk=CHUNK):
-    """Every number of the paper's evaluation, as one dict (format_results prints it).
-    Row i of image_emb, text_emb and labels is one volume, its report and its labels."""
+    """Every number of the paper's evaluation, as one dict (format_results prints it). Row i of
+    image_emb, text_emb, scores (zero_shot_scores) and labels is one volume, its report and labels."""
     labels = _binary(labels)
-    scores = zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale)
     maps = map_per_query(image_emb, labels, map_ks, chunk, ctclip_quirks)
     hits = recall_per_query(text_emb, image_emb, recall_ks, chunk)
     per_query = {f"mAP@{map_ks[-1]}": maps[:, -1], f"Recall@{recall_ks[-1]}": hits[:, -1]}
@@ -3107,12 +3170,10 @@ def diagnosis_table(d):
     return lines
 
 
-def evaluate_external(image_emb, pos_emb, neg_emb, logit_scale, labels, n_boot=1000, seed=0,
-                      all_findings=False):
+def evaluate_external(scores, labels, n_boot=1000, seed=0, all_findings=False):
     """Zero-shot diagnosis under the RAD-ChestCT 16-class protocol (external_16), as one dict for
     format_results; all_findings adds the 18 findings as RADCHESTCT_MAPPING defines them. There
     are no reports, so no Recall@K; peers report no mAP@K on it, and neither do we."""
-    scores = zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale)
     y16, s16 = external_16(labels, scores)
     return dict(n=len(labels), protocol=EXTERNAL_PROTOCOL, diagnosis=diagnosis_metrics(y16, s16, EXTERNAL_CLASSES),
                 all_findings=diagnosis_metrics(labels, scores) if all_findings else None,
@@ -3126,6 +3187,10 @@ def format_results(r):
     lines = [f"Zero-shot diagnosis, N = {r['n']} volumes; threshold: {d['threshold_rule']}"]
     lines += [r["protocol"]] if "protocol" in r else []
     lines += diagnosis_table(d)
+    if "prompt_unknown_words" in r:
+        unknown = sorted(r["prompt_unknown_words"].items(), key=lambda kv: -kv[1])
+        lines.append(f"Prompts '{r['prompt']}': {np.mean([u for _, u in unknown]):.0%} of their words unknown to "
+                     "the tokenizer; most: " + ", ".join(f"{f} {u:.0%}" for f, u in unknown[:3]))
     if r.get("all_findings"):
         lines += ["", "The 18 findings as the mapping defines them (both calcifications are its "
                   "calcification; nothing maps to mosaic attenuation):"] + diagnosis_table(r["all_findings"])
@@ -3184,33 +3249,133 @@ def embed_split(ckpt_path, data_dir, split, device="auto", labels_csv=None, cach
     return model.cpu(), cfg, ds, image_emb, text_emb
 
 
-def run_eval(ckpt_path, data_dir, split="valid", prompt="ctclip", ctclip_quirks=False,
+def run_eval(ckpt_path, data_dir, split="valid", prompt="report", ctclip_quirks=False,
              scan_level=False, n_boot=1000, device="auto", labels_csv=None,
              map_ks=(1, 5, 10, 50), recall_ks=(5, 10, 50, 100), all_findings=False, cache_root=None,
              emb_cache=None):
-    """Embed a split once, then evaluate() it with the chosen zero-shot prompt pair (a split
-    without reports, RAD-ChestCT's: evaluate_external())."""
+    """Embed a split once, then evaluate() it with the chosen zero-shot prompts (a split without
+    reports, RAD-ChestCT's: evaluate_external())."""
     model, cfg, ds, image_emb, text_emb = embed_split(ckpt_path, data_dir, split, device, labels_csv,
                                                       cache_root, emb_cache)
-    pairs = zero_shot_prompts(load_prompts(), prompt)
-    tokenizer = Tokenizer(load_checkpoint(ckpt_path)["vocab"])
-    with torch.no_grad():
-        model.eval()
-        pos_emb, neg_emb = (model.encode_text(torch.stack([tokenizer.encode(pair[i], cfg.context_len)
-                                                           for pair in pairs])) for i in (0, 1))
-    labels = np.where(ds.labels.numpy() == -1, 1, ds.labels.numpy())  # silver "uncertain" counts as present
+    pos_emb, neg_emb, pair_finding, unknown = encode_prompts(
+        model, Tokenizer(load_checkpoint(ckpt_path)["vocab"]), zero_shot_prompts(load_prompts(), prompt), cfg)
     scale = model.logit_scale.clamp(max=math.log(cfg.logit_scale_max)).item()
+    scores = zero_shot_scores(image_emb, pos_emb, neg_emb, scale, pair_finding)
+    labels = np.where(ds.labels.numpy() == -1, 1, ds.labels.numpy())  # silver "uncertain" counts as present
+    about = dict(checkpoint=str(ckpt_path), split=split, prompt=prompt, prompt_unknown_words=unknown)
     if not ds.has_reports:
-        results = evaluate_external(image_emb, pos_emb, neg_emb, scale, labels, n_boot, all_findings=all_findings)
-        results.update(checkpoint=str(ckpt_path), split=split, prompt=prompt)
-        return results
+        return {**evaluate_external(scores, labels, n_boot, all_findings=all_findings), **about}
     if scan_level:  # one volume per scan: a sibling reconstruction is not a second answer
         keep = sorted({n.rsplit("_", 1)[0]: i for i, n in reversed(list(enumerate(ds.names)))}.values())
-        image_emb, text_emb, labels = image_emb[keep], text_emb[keep], labels[keep]
-    results = evaluate(image_emb, text_emb, pos_emb, neg_emb, scale, labels,
-                       map_ks, recall_ks, ctclip_quirks, n_boot)
-    results.update(checkpoint=str(ckpt_path), split=split, prompt=prompt,
-                   retrieval_unit="scan" if scan_level else "volume")
+        image_emb, text_emb, scores, labels = image_emb[keep], text_emb[keep], scores[keep], labels[keep]
+    return {**evaluate(image_emb, text_emb, scores, labels, map_ks, recall_ks, ctclip_quirks, n_boot), **about,
+            "retrieval_unit": "scan" if scan_level else "volume"}
+
+
+# -- The prompt check: zero-shot's geometry, measured on reports alone --
+# Zero-shot works only if a finding's prompts sit where the reports that have it sit. Reports need
+# no volumes, so this is measured on real reports: each finding scores every report by
+# cos(report, positive) - cos(report, negative), ensembled over its pairs as zero_shot_scores does,
+# and the AUC against the report's labels says how well the prompts separate the findings.
+def report_features(model, tokenizer, cfg, texts, stage):
+    """(N, E) embeddings of texts and the function that made them: CLIP's space for a CLIP
+    checkpoint; the pooled text features for a supervised one (its projection is untrained)."""
+    features = model.encode_text if stage == "clip" else model.text
+    with torch.no_grad():
+        model.eval()
+        return torch.cat([features(torch.stack([tokenizer.encode(t, cfg.context_len) for t in texts[i:i + 64]]))
+                          for i in range(0, len(texts), 64)]), features
+
+
+def auc_with_ci(labels, scores, n_boot=1000, seed=0):
+    """{finding: (AUC, lo, hi)} with 95% bootstrap intervals, and 'macro' the same over the findings
+    defined: bootstrap_ci's resamples, per finding."""
+    labels = _binary(labels)
+    counts = bootstrap_counts(len(labels), n_boot, seed)
+    point, rounds = resampled_auc(labels, scores, np.ones((1, len(labels))))[0], resampled_auc(labels, scores, counts)
+    rounds = np.c_[rounds, np.nanmean(rounds, axis=1)]
+    return {name: (float(p), *np.nanpercentile(r, [2.5, 97.5]).tolist()) for name, p, r in
+            zip([*FINDINGS, "macro"], [*point, np.nanmean(point)], rounds.T)}
+
+
+def check_prompts(model, tokenizer, cfg, stage, texts, labels, prompt_sets, n_boot=1000, seed=0):
+    """{prompt set: {'auc': auc_with_ci, 'unknown_words': {finding: share}}} of the prompt check on
+    texts and their (N, 18) labels; prompt_sets maps a name to zero_shot_prompts' triples."""
+    emb, features = report_features(model, tokenizer, cfg, texts, stage)
+    labels, out = np.where(np.asarray(labels) == -1, 1, labels), {}
+    for name, triples in prompt_sets.items():
+        pos, neg, pair_finding, unknown = encode_prompts(model, tokenizer, triples, cfg, features)
+        out[name] = {"auc": auc_with_ci(labels, zero_shot_scores(emb, pos, neg, 0.0, pair_finding), n_boot, seed),
+                     "unknown_words": unknown}
+    return out
+
+
+def choose_prompts(model, tokenizer, cfg, stage, texts, labels, candidates, k=3):
+    """{finding: the k candidate pairs whose prompt-check AUC on these reports is highest}."""
+    triples = [(FINDINGS.index(f), pos, neg) for f, pairs in candidates.items() for pos, neg in pairs]
+    emb, features = report_features(model, tokenizer, cfg, texts, stage)
+    pos, neg, pair_finding, _ = encode_prompts(model, tokenizer, triples, cfg, features)
+    y = np.where(np.asarray(labels) == -1, 1, labels)[:, pair_finding]  # (N, P): each pair's finding
+    auc = resampled_auc(y, zero_shot_scores(emb, pos, neg, 0.0), np.ones((1, len(y))))[0]
+    chosen = {}
+    for i in np.argsort(-np.nan_to_num(auc, nan=-1.0), kind="stable"):
+        f, pos_i, neg_i = triples[i]
+        if len(chosen.setdefault(FINDINGS[f], [])) < k:
+            chosen[FINDINGS[f]].append((pos_i, neg_i))
+    return {f: chosen[f] for f in FINDINGS if f in chosen}
+
+
+def prompt_check_table(results):
+    """The lines of check_prompts' results: AUC per finding and prompt set, CIs on the macro row."""
+    names = list(results)
+    lines = [f"{'finding':<36}" + "".join(f"{n[:14]:>15}" for n in names)]
+    for f in [*FINDINGS, "macro"]:
+        lines.append(f"{f:<36}" + "".join(f"{results[n]['auc'][f][0]:>15.3f}" for n in names))
+    lines.append(f"{'macro 95% CI':<36}" + "".join(f"{'[%.2f, %.2f]' % results[n]['auc']['macro'][1:]:>15}"
+                                                     for n in names))
+    lines.append(f"{'words unknown to the tokenizer':<36}" + "".join(
+        f"{np.mean(list(results[n]['unknown_words'].values())):>15.0%}" for n in names))
+    return lines
+
+
+def prompt_study(reports_csv, out, cfg, labels_csv=None, id_col="VolumeName", text_cols=REPORT_TEXT,
+                 seed=0, k=3, n_boot=1000, device="auto"):
+    """The whole protocol on labelled reports without volumes: seeded folds A (half), B and C (a
+    quarter each); a supervised text tower trained on A; the candidates' best k pairs per finding
+    chosen on B; on C, the text head and the rules labeler beside the prompt check of every template,
+    prompts.txt's report-language pairs and the chosen ones. Returns the results; out gets the folds,
+    the tower and prompt_study.json."""
+    rows = read_csv(reports_csv, (id_col, *text_cols), id_col)
+    labels = read_labels(labels_csv or reports_csv, id_col)
+    rows = [r for r in rows if r[id_col] in labels]
+    order = np.random.default_rng(seed).permutation(len(rows))
+    cut = [0, len(rows) // 2, len(rows) // 2 + len(rows) // 4, len(rows)]
+    out, folds = check_writable(out), {}
+    for name, lo, hi in zip("ABC", cut, cut[1:]):
+        fold = [rows[i] for i in order[lo:hi]]
+        folds[name] = ([report_text(r, text_cols) for r in fold], np.stack([labels[r[id_col]] for r in fold]))
+        write_csv(out / f"fold_{name}.csv", [{id_col: r[id_col], "report": t, **dict(zip(FINDINGS, y.tolist()))}
+                                             for r, t, y in zip(fold, *folds[name])], [id_col, "report", *FINDINGS])
+    ckpt_path = out / "text_A.pt"
+    train(cfg, "supervised", ckpt_path, None, "text", device=device,
+          reports=dict(train=out / "fold_A.csv", valid=out / "fold_B.csv", id_col=id_col, text_cols=("report",)))
+    model, cfg, tokenizer = model_from_checkpoint(ckpt_path)
+    prompts = load_prompts()
+    chosen = choose_prompts(model, tokenizer, cfg, "supervised", *folds["B"], prompts["candidates"], k)
+    sets = {name: zero_shot_prompts(prompts, name) for name in prompts["zero_shot"]}
+    sets["report"] = zero_shot_prompts(prompts)
+    if chosen:
+        sets[f"chosen top-{k}"] = zero_shot_prompts({"report_language": chosen})
+    texts, y = folds["C"]
+    with torch.no_grad():
+        head = model.text_cls(report_features(model, tokenizer, cfg, texts, "supervised")[0]).numpy()
+    rules = np.array([[{1: 1.0, -1: 0.5, 0: 0.0}[v] for v in rules_label(t).values()] for t in texts])
+    y01 = np.where(y == -1, 1, y)
+    results = {"n": {name: len(f[0]) for name, f in folds.items()}, "seed": seed,
+               "text_head": auc_with_ci(y01, head, n_boot, seed), "rules": auc_with_ci(y01, rules, n_boot, seed),
+               "prompt_check": check_prompts(model, tokenizer, cfg, "supervised", texts, y, sets, n_boot, seed),
+               "chosen": chosen}
+    atomic_write_bytes(out / "prompt_study.json", results_to_json(results).encode())
     return results
 
 
@@ -3426,8 +3591,18 @@ def cmd_train(args):
     if args.stage == "supervised" and (args.init_text if args.modality == "image" else args.init_image):
         raise RadclipError(f"a supervised {args.modality} stage trains one tower: pass only "
                            f"--init-{args.modality}")
+    reports = None
+    if args.reports or args.valid_reports:
+        if not (args.reports and args.valid_reports) or args.data:
+            raise RadclipError("a text stage from CSVs needs --reports and --valid-reports, and no --data")
+        reports = dict(train=args.reports, valid=args.valid_reports, valid_labels=args.valid_labels,
+                       id_col=args.id_col, text_cols=tuple(args.text_cols))
+    elif not args.data:
+        raise RadclipError("train needs --data (or, for --stage supervised --modality text, --reports and "
+                           "--valid-reports)")
     metrics = train(cfg, args.stage, args.out, args.data, args.modality, args.labels,
-                    args.init_image, args.init_text, args.restart, args.device, cache_root=args.cache_dir)
+                    args.init_image, args.init_text, args.restart, args.device, cache_root=args.cache_dir,
+                    reports=reports)
     print(results_to_json(metrics))
 
 
@@ -3476,6 +3651,34 @@ def cmd_bench(args):
     print(f"auto picks: amp={auto_amp}, channels_last={cl} (remembered for `train`)")
 
 
+def cmd_prompts(args):
+    if args.ckpt:  # one tower's check of prompts.txt on these reports
+        ckpt = load_checkpoint(args.ckpt, "text")
+        model, cfg, tokenizer = model_from_checkpoint(args.ckpt)
+        reports, labels = read_reports(args.reports, args.id_col, args.text_cols), read_labels(
+            args.labels or args.reports, args.id_col)
+        ids = match_ids("prompts", reports=reports, labels=labels)
+        prompts = load_prompts()
+        sets = {"report": zero_shot_prompts(prompts), **{n: zero_shot_prompts(prompts, n) for n in prompts["zero_shot"]}}
+        results = check_prompts(model, tokenizer, cfg, ckpt["stage"], [reports[i] for i in ids],
+                                np.stack([labels[i] for i in ids]), sets, args.n_boot)
+        print(f"prompt check of {args.ckpt} ({ckpt['stage']}) on {len(ids)} reports: AUC of cos(report, "
+              "positive) - cos(report, negative)")
+        print("\n".join(prompt_check_table(results)))
+        return
+    r = prompt_study(args.reports, args.out, config_from_args(args), args.labels, args.id_col,
+                     tuple(args.text_cols), args.seed, args.choose, args.n_boot, args.device)
+    print(f"\nprompt study, seed {r['seed']}: folds A/B/C = {r['n']['A']}/{r['n']['B']}/{r['n']['C']} reports; "
+          "the tower trained on A, the prompts chosen on B, everything below on C")
+    for name in ("text_head", "rules"):
+        print(f"{name:<36}macro AUC {'%.3f [%.3f, %.3f]' % r[name]['macro']}")
+    print("\n".join(prompt_check_table(r["prompt_check"])))
+    if r["chosen"]:
+        print(f"\nchosen on B (### report-language lines for prompts.txt):")
+        print("\n".join(f"{f} | {pos} | {neg}" for f, pairs in r["chosen"].items() for pos, neg in pairs))
+    print(f"\nwrote {Path(args.out) / 'prompt_study.json'}")
+
+
 def cmd_demo(args):
     demo(args.out, args.seed, args.device)
 
@@ -3510,8 +3713,15 @@ def build_parser():
     p.add_argument("--stage", choices=["supervised", "clip"], required=True)
     p.add_argument("--modality", choices=["image", "text"], default="image",
                    help="the tower a supervised stage trains")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="the CT-RATE folder (prep'd); a text stage needs only its CSVs")
     p.add_argument("--labels", help="training labels CSV (silver); default: the split's own")
+    p.add_argument("--reports", help="supervised text stage without --data: training reports CSV (labels: "
+                   "--labels, or its own 18 columns)")
+    p.add_argument("--valid-reports", help="with --reports: validation reports CSV")
+    p.add_argument("--valid-labels", help="with --valid-reports: its labels (default: its own 18 columns)")
+    p.add_argument("--id-col", default="VolumeName", help="with --reports: the id column (default VolumeName)")
+    p.add_argument("--text-cols", nargs="+", default=list(REPORT_TEXT),
+                   help="with --reports: columns joined into the report (default Impressions_EN Findings_EN)")
     p.add_argument("--out", required=True, help="checkpoint path (.pt)")
     p.add_argument("--init-image", help="image tower to start from: a radclip checkpoint's, or torchvision's "
                    "Kinetics-400 r3d_18 state_dict (the authors'; all but its stem and fc; needs --width 64)")
@@ -3556,8 +3766,8 @@ def build_parser():
     p.add_argument("--all-findings", action="store_true",
                    help="RAD-ChestCT: also score the 18 findings as the label mapping defines them")
     p.add_argument("--labels", help="labels CSV to score against; default: the split's own (gold)")
-    p.add_argument("--prompt", default="ctclip", help="zero-shot template pair from prompts.txt "
-                   "(ctclip, there-is, plain, compatible)")
+    p.add_argument("--prompt", default="report", help="zero-shot prompts from prompts.txt: report (the "
+                   "report-language pairs, ensembled; default) or a template pair (ctclip: CT-CLIP's, there-is, ...)")
     p.add_argument("--ctclip-quirks", action="store_true",
                    help="mAP as CT-CLIP's script computes it (query in its own gallery, K mixed)")
     p.add_argument("--scan-level", action="store_true",
@@ -3570,6 +3780,23 @@ def build_parser():
     p.add_argument("--emb-cache", help="embedding cache file (default: beside the checkpoint)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prompts", help="the prompt check on labelled reports, no volumes needed: the study "
+                       "(train a text tower, choose prompts, report), or --ckpt one tower's check")
+    p.add_argument("--reports", required=True, help="reports CSV (labels: --labels, or its own 18 columns)")
+    p.add_argument("--labels", help="labels CSV (0/1, or -1 read as present)")
+    p.add_argument("--id-col", default="VolumeName", help="the id column (default VolumeName)")
+    p.add_argument("--text-cols", nargs="+", default=list(REPORT_TEXT), help="columns joined into the report")
+    p.add_argument("--ckpt", help="check prompts.txt with this checkpoint's text tower instead of the study")
+    p.add_argument("--out", default="prompt_study", help="the study's folder (folds, tower, JSON)")
+    p.add_argument("--seed", type=field("seed"), default=0, help="the folds' and the tower's seed")
+    p.add_argument("--choose", type=number(int, 1, 100), default=3, help="candidate pairs kept per finding")
+    p.add_argument("--n-boot", type=number(int, 1, 10**6), default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--device", default="auto")
+    add_config_flags(p)
+    p.add_argument("--context-len", type=field("context_len"), help="report tokens the text tower reads")
+    p.add_argument("--epochs", type=field("supervised_epochs"), help="the tower's passes over fold A")
+    p.set_defaults(func=cmd_prompts, stage="supervised")
 
     p = sub.add_parser("demo", help="the whole paper on synthetic data, on a CPU, in minutes")
     p.add_argument("--out", default="demo", help="working folder; a rerun reuses what is there")

@@ -647,10 +647,13 @@ def test_prompts_define_exactly_the_findings_in_code_order():
     positions = [prompts["system"].index(f"- {f}: ") for f in rc.FINDINGS]
     assert positions == sorted(positions)
     assert "{report}" in prompts["user"] and "{findings}" not in prompts["system"]
-    assert next(iter(prompts["zero_shot"])) == "ctclip"
-    assert rc.zero_shot_prompts(prompts)[9] == ("Lung nodule is present.", "Lung nodule is not present.")
-    assert rc.zero_shot_prompts(prompts, "there-is")[0] == ("There is Medical material.", "There is no Medical material.")
-    with pytest.raises(rc.RadclipError, match="ctclip"):
+    assert rc.zero_shot_prompts(prompts, "ctclip")[9] == (9, "Lung nodule is present.", "Lung nodule is not present.")
+    assert rc.zero_shot_prompts(prompts, "there-is")[0] == (0, "There is Medical material.",
+                                                             "There is no Medical material.")
+    report = rc.zero_shot_prompts(prompts)  # the default: report-language pairs, every finding at least once
+    assert sorted({f for f, _, _ in report}) == list(range(18)) and len(report) > 18
+    assert all("{" not in pos + neg for _, pos, neg in report)  # sentences, not templates
+    with pytest.raises(rc.RadclipError, match="report, ctclip"):
         rc.zero_shot_prompts(prompts, "is-present")
 
 
@@ -662,6 +665,16 @@ def test_malformed_prompts_file_is_a_one_line_error(tmp_path):
         rc.load_prompts(path)
     path.write_text(text.replace("### zero-shot", "### zeroshot"))
     with pytest.raises(rc.RadclipError, match="missing section"):
+        rc.load_prompts(path)
+    section = text.index("### report-language")
+    broken = {"Bronchiectasis | ": "Bronchiectasia | ", "Consolidation | ": "Consolidation |  | "}
+    for old, new in broken.items():  # an unknown finding; an empty sentence
+        path.write_text(text[:section] + text[section:].replace(old, new))
+        with pytest.raises(rc.RadclipError, match="report-language"):
+            rc.load_prompts(path)
+    lines = [line for line in text[section:].splitlines() if not line.startswith("Emphysema |")]
+    path.write_text(text[:section] + "\n".join(lines))  # a finding without a pair
+    with pytest.raises(rc.RadclipError, match="missing: \\['Emphysema'\\]"):
         rc.load_prompts(path)
 
 
@@ -1343,11 +1356,35 @@ def test_zero_shot_auc_equals_sklearn():
     gap = 20.0 * (unit(img) @ unit(pos).T - unit(img) @ unit(neg).T)
     by_hand = 1 / (1 + np.exp(-gap))  # softmax over (positive, negative)
     scores = rc.zero_shot_scores(img, pos, neg, scale)
-    np.testing.assert_allclose(scores, by_hand, rtol=1e-12)
+    np.testing.assert_allclose(1 / (1 + np.exp(-scores)), by_hand, rtol=1e-12)  # the log-odds of it
     result = rc.diagnosis_metrics(labels, scores)
     aucs = [roc_auc_score(labels[:, f], by_hand[:, f]) for f in range(18)]
     np.testing.assert_allclose([m["auc"] for m in result["per_finding"].values()], aucs, rtol=1e-12)
     assert result["macro"]["auc"] == pytest.approx(np.mean(aucs), rel=1e-12)
+
+
+def test_an_ensemble_scores_the_mean_of_its_pairs_log_odds():
+    rng = np.random.default_rng(2)
+    img, pos, neg = (rng.standard_normal(shape) for shape in [(30, 8), (5, 8), (5, 8)])
+    pair_finding = [0, 0, 1, 2, 2]  # finding 0 has two pairs, finding 1 one, finding 2 two
+    single = rc.zero_shot_scores(img, pos, neg, 1.5)  # (30, 5): each pair on its own
+    ensemble = rc.zero_shot_scores(img, pos, neg, 1.5, pair_finding)
+    np.testing.assert_allclose(ensemble, np.c_[single[:, :2].mean(1), single[:, 2], single[:, 3:].mean(1)],
+                               rtol=1e-12)
+
+
+def test_log_odds_rank_alike_at_every_logit_scale_where_the_softmax_saturates():
+    # four unit vectors whose cosine gaps to (positive, negative) are 0.40, 0.45, 0.50 and 0.55
+    gaps = np.array([0.40, 0.45, 0.50, 0.55])
+    pos, neg = np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]])
+    img = np.stack([gaps / 2 + 0.2, 0.2 - gaps / 2, np.sqrt(1 - (gaps / 2 + 0.2) ** 2 - (0.2 - gaps / 2) ** 2)], 1)
+    labels = np.array([0, 0, 1, 1])
+    softmax = {scale: 1 / (1 + np.exp(-scale * gaps)) for scale in (30.0, 100.0)}
+    assert roc_auc_score(labels, softmax[30.0]) == 1.0 and roc_auc_score(labels, softmax[100.0]) == 0.5
+    for scale in (30.0, 100.0):
+        scores = rc.zero_shot_scores(img, pos, neg, math.log(scale))[:, 0]
+        np.testing.assert_allclose(scores, scale * gaps, rtol=1e-12)
+        assert roc_auc_score(labels, scores) == 1.0
 
 
 def test_finding_without_positives_has_nan_auc_and_is_counted():
@@ -1461,6 +1498,57 @@ def test_eval_command_writes_table_and_json_and_reuses_embeddings(tmp_path, caps
     assert rc.main(args + ["--ctclip-quirks"]) == 0
     assert cache.stat().st_mtime_ns == stamp  # same checkpoint and data: embeddings reused
     assert "quirks included" in json.loads((tmp_path / "r.json").read_text())["map_definition"]
+
+
+def labelled_reports_csv(path, n, seed=0):
+    """Reports with their 18 labels in one CSV, as the shared expert set is: pleural effusion and
+    emphysema vary (and are written as reports write them), the others are absent."""
+    rng, rows = np.random.default_rng(seed), []
+    for i in range(n):
+        y = dict.fromkeys(rc.FINDINGS, 0)
+        y["Pleural effusion"], y["Emphysema"] = int(rng.random() < 0.5), int(rng.random() < 0.5)
+        text = ["Trachea and both main bronchi are open.",
+                "Pleural effusion is seen in the right hemithorax." if y["Pleural effusion"]
+                else "Pleural effusion-thickening was not detected.",
+                "Emphysematous changes are observed in both lungs." if y["Emphysema"] else "Both lungs are aerated."]
+        rows.append({"AccessionNo": f"r{i}", "report_text": " ".join(text), **y})
+    rc.write_csv(path, rows, ["AccessionNo", "report_text", *rc.FINDINGS])
+    return path
+
+
+def test_the_text_tower_trains_from_report_csvs_alone(tmp_path, capsys):
+    train_csv, valid_csv = labelled_reports_csv(tmp_path / "a.csv", 64), labelled_reports_csv(tmp_path / "b.csv", 32, 1)
+    args = ["train", "--stage", "supervised", "--modality", "text", "--reports", str(train_csv), "--valid-reports",
+            str(valid_csv), "--id-col", "AccessionNo", "--text-cols", "report_text", "--out", str(tmp_path / "t.pt"),
+            "--epochs", "15", "--workers", "0"]
+    assert rc.main(args) == 0  # no --data, no volumes, no prep cache anywhere
+    metrics = rc.load_checkpoint(tmp_path / "t.pt")["metrics"]
+    assert metrics["auc"]["Pleural effusion"] > 0.9 and metrics["auc"]["Emphysema"] > 0.9
+    assert math.isnan(metrics["auc"]["Cardiomegaly"])  # no positives: undefined, not 0.5
+    assert not list(tmp_path.glob("**/index.csv"))
+    assert rc.main(["prompts", "--ckpt", str(tmp_path / "t.pt"), "--reports", str(valid_csv), "--id-col",
+                    "AccessionNo", "--text-cols", "report_text", "--n-boot", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt check of" in out and "words unknown to the tokenizer" in out and "ctclip" in out
+    assert rc.main(["train", "--stage", "clip", "--reports", str(train_csv), "--valid-reports", str(valid_csv),
+                    "--out", str(tmp_path / "c.pt")]) == 1
+    assert "supervised --modality text" in capsys.readouterr().err
+
+
+def test_the_prompt_study_trains_on_a_chooses_on_b_and_reports_on_c(tmp_path, capsys):
+    reports = labelled_reports_csv(tmp_path / "all.csv", 80)
+    assert rc.main(["prompts", "--reports", str(reports), "--id-col", "AccessionNo", "--text-cols", "report_text",
+                    "--out", str(tmp_path / "study"), "--epochs", "3", "--workers", "0", "--n-boot", "20",
+                    "--choose", "2"]) == 0
+    folds = {k: {r["AccessionNo"] for r in read_rows(tmp_path / "study" / f"fold_{k}.csv")} for k in "ABC"}
+    assert [len(f) for f in folds.values()] == [40, 20, 20] and not (folds["A"] & folds["B"] | folds["B"] & folds["C"]
+                                                                      | folds["A"] & folds["C"])
+    r = json.loads((tmp_path / "study" / "prompt_study.json").read_text())
+    assert r["n"] == {"A": 40, "B": 20, "C": 20}
+    candidates = rc.load_prompts()["candidates"]
+    assert all(1 <= len(pairs) <= 2 and all(list(p) in map(list, candidates[f]) for p in pairs)
+               for f, pairs in r["chosen"].items())
+    assert {"ctclip", "report"} <= set(r["prompt_check"]) and "chosen on B" in capsys.readouterr().out
 
 
 # ---- Boundaries: every input is checked where it enters; bad input is one line, nothing is lost ----
