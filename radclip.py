@@ -3294,8 +3294,8 @@ def auc_with_ci(labels, scores, n_boot=1000, seed=0):
     counts = bootstrap_counts(len(labels), n_boot, seed)
     point, rounds = resampled_auc(labels, scores, np.ones((1, len(labels))))[0], resampled_auc(labels, scores, counts)
     rounds = np.c_[rounds, np.nanmean(rounds, axis=1)]
-    return {name: (float(p), *np.nanpercentile(r, [2.5, 97.5]).tolist()) for name, p, r in
-            zip([*FINDINGS, "macro"], [*point, np.nanmean(point)], rounds.T)}
+    return {name: (float(p), *(np.nanpercentile(r, [2.5, 97.5]).tolist() if np.isfinite(r).any() else [math.nan] * 2))
+            for name, p, r in zip([*FINDINGS, "macro"], [*point, np.nanmean(point)], rounds.T)}
 
 
 def check_prompts(model, tokenizer, cfg, stage, texts, labels, prompt_sets, n_boot=1000, seed=0):
