@@ -1357,10 +1357,11 @@ class CTRateDataset(torch.utils.data.Dataset):
         if self.volumes:
             self.cache = cache_dir(data_dir, cfg, cache_root) / split
             if not (self.cache / "index.csv").is_file():
-                raise RadclipError(f"{self.cache}: no preprocessed volumes; run `python radclip.py prep --data "
-                                   f"{data_dir}{f' --cache-dir {cache_root}' if cache_root else ''} --split "
-                                   f"{split}` with the same preset and preprocessing flags first")
-            sources["volumes"] = [r["VolumeName"] for r in read_csv(self.cache / "index.csv", ("VolumeName",))]
+                raise RadclipError(f"{self.cache}: no preprocessed volumes; run `python radclip.py prep "
+                                   f"--data {data_dir}{f' --cache-dir {cache_root}' if cache_root else ''} "
+                                   f"--split {split}` with the same preset and preprocessing flags first")
+            index = read_csv(self.cache / "index.csv", ("VolumeName",))
+            sources["volumes"] = [r["VolumeName"] for r in index]
             labels_csv = labels_csv or (ctrate_csv(data_dir, split, "labels") if self.has_reports
                                         else self.cache / "labels.csv")
             reports_csv = ctrate_csv(data_dir, split, "reports") if self.has_reports else None
@@ -1607,14 +1608,15 @@ def load_prompts(path=PROMPTS_PATH):
         rows = [[c.strip() for c in line.split("|")] for line in sections.get(section, []) if line.strip()]
         for row in rows:
             if len(row) != n or not all(row):
-                raise RadclipError(f"{path}: a '### {section}' line needs {n} non-empty fields split by '|': {row}")
+                raise RadclipError(f"{path}: a '### {section}' line needs {n} non-empty fields split by '|': "
+                                   f"{row}")
         return rows
 
     def by_finding(section):
         pairs = {f: [] for f in FINDINGS}
         for f, pos, neg in fields(section, 3):
             if f not in pairs:
-                raise RadclipError(f"{path}: '### {section}' names {f!r}, which is not one of the 18 findings")
+                raise RadclipError(f"{path}: '### {section}' names {f!r}, not one of the 18 findings")
             pairs[f].append((pos, neg))
         return pairs
 
@@ -1646,7 +1648,8 @@ def zero_shot_prompts(prompts, prompt="report"):
         return [(FINDINGS.index(f), pos, neg) for f, pairs in prompts["report_language"].items()
                 for pos, neg in pairs]
     if prompt not in prompts["zero_shot"]:
-        raise RadclipError(f"no zero-shot prompt {prompt!r}; prompts.txt has report, {', '.join(prompts['zero_shot'])}")
+        raise RadclipError(f"no zero-shot prompt {prompt!r}; prompts.txt has report, "
+                           f"{', '.join(prompts['zero_shot'])}")
     pos, neg = prompts["zero_shot"][prompt]
     return [(i, pos.replace("{finding}", f), neg.replace("{finding}", f)) for i, f in enumerate(FINDINGS)]
 
@@ -2822,7 +2825,8 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
         generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
     run = stage if stage == "clip" else f"{stage}/{modality}"
     print0(f"radclip train {run}: {sum(p.numel() for p in params):,} trainable "
-           f"parameters, {len(train_ds)} train / {len(valid_ds)} valid {'reports' if text_only else 'volumes'}, global batch "
+           f"parameters, {len(train_ds)} train / {len(valid_ds)} valid "
+           f"{'reports' if text_only else 'volumes'}, global batch "
            f"{batch}, {max_steps} steps, {device}, amp={amp_dtype or 'fp32'} (from --amp "
            f"{cfg.amp}), channels_last={channels_last} (from {cfg.channels_last}), world {world}")
     provenance = {"torch": str(torch.__version__), "device": str(device), "seed": cfg.seed,
@@ -3189,8 +3193,8 @@ def format_results(r):
     lines += diagnosis_table(d)
     if "prompt_unknown_words" in r:
         unknown = sorted(r["prompt_unknown_words"].items(), key=lambda kv: -kv[1])
-        lines.append(f"Prompts '{r['prompt']}': {np.mean([u for _, u in unknown]):.0%} of their words unknown to "
-                     "the tokenizer; most: " + ", ".join(f"{f} {u:.0%}" for f, u in unknown[:3]))
+        lines.append(f"Prompts '{r['prompt']}': {np.mean([u for _, u in unknown]):.0%} of their words "
+                     "unknown to the tokenizer; most: " + ", ".join(f"{f} {u:.0%}" for f, u in unknown[:3]))
     if r.get("all_findings"):
         lines += ["", "The 18 findings as the mapping defines them (both calcifications are its "
                   "calcification; nothing maps to mosaic attenuation):"] + diagnosis_table(r["all_findings"])
@@ -3268,8 +3272,8 @@ def run_eval(ckpt_path, data_dir, split="valid", prompt="report", ctclip_quirks=
     if scan_level:  # one volume per scan: a sibling reconstruction is not a second answer
         keep = sorted({n.rsplit("_", 1)[0]: i for i, n in reversed(list(enumerate(ds.names)))}.values())
         image_emb, text_emb, scores, labels = image_emb[keep], text_emb[keep], scores[keep], labels[keep]
-    return {**evaluate(image_emb, text_emb, scores, labels, map_ks, recall_ks, ctclip_quirks, n_boot), **about,
-            "retrieval_unit": "scan" if scan_level else "volume"}
+    results = evaluate(image_emb, text_emb, scores, labels, map_ks, recall_ks, ctclip_quirks, n_boot)
+    return {**results, **about, "retrieval_unit": "scan" if scan_level else "volume"}
 
 
 # -- The prompt check: zero-shot's geometry, measured on reports alone --
@@ -3283,8 +3287,8 @@ def report_features(model, tokenizer, cfg, texts, stage):
     features = model.encode_text if stage == "clip" else model.text
     with torch.no_grad():
         model.eval()
-        return torch.cat([features(torch.stack([tokenizer.encode(t, cfg.context_len) for t in texts[i:i + 64]]))
-                          for i in range(0, len(texts), 64)]), features
+        ids = torch.stack([tokenizer.encode(t, cfg.context_len) for t in texts])
+        return torch.cat([features(ids[i:i + 64]) for i in range(0, len(ids), 64)]), features
 
 
 def auc_with_ci(labels, scores, n_boot=1000, seed=0):
@@ -3292,10 +3296,13 @@ def auc_with_ci(labels, scores, n_boot=1000, seed=0):
     defined: bootstrap_ci's resamples, per finding."""
     labels = _binary(labels)
     counts = bootstrap_counts(len(labels), n_boot, seed)
-    point, rounds = resampled_auc(labels, scores, np.ones((1, len(labels))))[0], resampled_auc(labels, scores, counts)
+    point = resampled_auc(labels, scores, np.ones((1, len(labels))))[0]
+    rounds = resampled_auc(labels, scores, counts)
     rounds = np.c_[rounds, np.nanmean(rounds, axis=1)]
-    return {name: (float(p), *(np.nanpercentile(r, [2.5, 97.5]).tolist() if np.isfinite(r).any() else [math.nan] * 2))
-            for name, p, r in zip([*FINDINGS, "macro"], [*point, np.nanmean(point)], rounds.T)}
+    ci = [np.nanpercentile(r, [2.5, 97.5]).tolist() if np.isfinite(r).any() else [math.nan] * 2
+          for r in rounds.T]  # a finding without positives has no AUC and no interval
+    return {name: (float(p), *lo_hi)
+            for name, p, lo_hi in zip([*FINDINGS, "macro"], [*point, np.nanmean(point)], ci)}
 
 
 def check_prompts(model, tokenizer, cfg, stage, texts, labels, prompt_sets, n_boot=1000, seed=0):
@@ -3305,8 +3312,8 @@ def check_prompts(model, tokenizer, cfg, stage, texts, labels, prompt_sets, n_bo
     labels, out = np.where(np.asarray(labels) == -1, 1, labels), {}
     for name, triples in prompt_sets.items():
         pos, neg, pair_finding, unknown = encode_prompts(model, tokenizer, triples, cfg, features)
-        out[name] = {"auc": auc_with_ci(labels, zero_shot_scores(emb, pos, neg, 0.0, pair_finding), n_boot, seed),
-                     "unknown_words": unknown}
+        scores = zero_shot_scores(emb, pos, neg, 0.0, pair_finding)
+        out[name] = {"auc": auc_with_ci(labels, scores, n_boot, seed), "unknown_words": unknown}
     return out
 
 
@@ -3354,11 +3361,13 @@ def prompt_study(reports_csv, out, cfg, labels_csv=None, id_col="VolumeName", te
     for name, lo, hi in zip("ABC", cut, cut[1:]):
         fold = [rows[i] for i in order[lo:hi]]
         folds[name] = ([report_text(r, text_cols) for r in fold], np.stack([labels[r[id_col]] for r in fold]))
-        write_csv(out / f"fold_{name}.csv", [{id_col: r[id_col], "report": t, **dict(zip(FINDINGS, y.tolist()))}
-                                             for r, t, y in zip(fold, *folds[name])], [id_col, "report", *FINDINGS])
+        write_csv(out / f"fold_{name}.csv",
+                  [{id_col: r[id_col], "report": t, **dict(zip(FINDINGS, y.tolist()))}
+                   for r, t, y in zip(fold, *folds[name])], [id_col, "report", *FINDINGS])
     ckpt_path = out / "text_A.pt"
     train(cfg, "supervised", ckpt_path, None, "text", device=device,
-          reports=dict(train=out / "fold_A.csv", valid=out / "fold_B.csv", id_col=id_col, text_cols=("report",)))
+          reports=dict(train=out / "fold_A.csv", valid=out / "fold_B.csv", id_col=id_col,
+                       text_cols=("report",)))
     model, cfg, tokenizer = model_from_checkpoint(ckpt_path)
     prompts = load_prompts()
     chosen = choose_prompts(model, tokenizer, cfg, "supervised", *folds["B"], prompts["candidates"], k)
@@ -3372,8 +3381,10 @@ def prompt_study(reports_csv, out, cfg, labels_csv=None, id_col="VolumeName", te
     rules = np.array([[{1: 1.0, -1: 0.5, 0: 0.0}[v] for v in rules_label(t).values()] for t in texts])
     y01 = np.where(y == -1, 1, y)
     results = {"n": {name: len(f[0]) for name, f in folds.items()}, "seed": seed,
-               "text_head": auc_with_ci(y01, head, n_boot, seed), "rules": auc_with_ci(y01, rules, n_boot, seed),
-               "prompt_check": check_prompts(model, tokenizer, cfg, "supervised", texts, y, sets, n_boot, seed),
+               "text_head": auc_with_ci(y01, head, n_boot, seed),
+               "rules": auc_with_ci(y01, rules, n_boot, seed),
+               "prompt_check": check_prompts(model, tokenizer, cfg, "supervised", texts, y, sets, n_boot,
+                                             seed),
                "chosen": chosen}
     atomic_write_bytes(out / "prompt_study.json", results_to_json(results).encode())
     return results
@@ -3659,7 +3670,7 @@ def cmd_prompts(args):
             args.labels or args.reports, args.id_col)
         ids = match_ids("prompts", reports=reports, labels=labels)
         prompts = load_prompts()
-        sets = {"report": zero_shot_prompts(prompts), **{n: zero_shot_prompts(prompts, n) for n in prompts["zero_shot"]}}
+        sets = {n: zero_shot_prompts(prompts, n) for n in ["report", *prompts["zero_shot"]]}
         results = check_prompts(model, tokenizer, cfg, ckpt["stage"], [reports[i] for i in ids],
                                 np.stack([labels[i] for i in ids]), sets, args.n_boot)
         print(f"prompt check of {args.ckpt} ({ckpt['stage']}) on {len(ids)} reports: AUC of cos(report, "
@@ -3668,7 +3679,7 @@ def cmd_prompts(args):
         return
     r = prompt_study(args.reports, args.out, config_from_args(args), args.labels, args.id_col,
                      tuple(args.text_cols), args.seed, args.choose, args.n_boot, args.device)
-    print(f"\nprompt study, seed {r['seed']}: folds A/B/C = {r['n']['A']}/{r['n']['B']}/{r['n']['C']} reports; "
+    print(f"\nprompt study, seed {r['seed']}: folds A/B/C = {'/'.join(map(str, r['n'].values()))} reports; "
           "the tower trained on A, the prompts chosen on B, everything below on C")
     for name in ("text_head", "rules"):
         print(f"{name:<36}macro AUC {'%.3f [%.3f, %.3f]' % r[name]['macro']}")
@@ -3719,7 +3730,7 @@ def build_parser():
                    "--labels, or its own 18 columns)")
     p.add_argument("--valid-reports", help="with --reports: validation reports CSV")
     p.add_argument("--valid-labels", help="with --valid-reports: its labels (default: its own 18 columns)")
-    p.add_argument("--id-col", default="VolumeName", help="with --reports: the id column (default VolumeName)")
+    p.add_argument("--id-col", default="VolumeName", help="with --reports: the id column")
     p.add_argument("--text-cols", nargs="+", default=list(REPORT_TEXT),
                    help="with --reports: columns joined into the report (default Impressions_EN Findings_EN)")
     p.add_argument("--out", required=True, help="checkpoint path (.pt)")
@@ -3767,7 +3778,7 @@ def build_parser():
                    help="RAD-ChestCT: also score the 18 findings as the label mapping defines them")
     p.add_argument("--labels", help="labels CSV to score against; default: the split's own (gold)")
     p.add_argument("--prompt", default="report", help="zero-shot prompts from prompts.txt: report (the "
-                   "report-language pairs, ensembled; default) or a template pair (ctclip: CT-CLIP's, there-is, ...)")
+                   "report-language pairs, ensembled; default) or a template pair (ctclip: CT-CLIP's, ...)")
     p.add_argument("--ctclip-quirks", action="store_true",
                    help="mAP as CT-CLIP's script computes it (query in its own gallery, K mixed)")
     p.add_argument("--scan-level", action="store_true",
@@ -3791,7 +3802,7 @@ def build_parser():
     p.add_argument("--out", default="prompt_study", help="the study's folder (folds, tower, JSON)")
     p.add_argument("--seed", type=field("seed"), default=0, help="the folds' and the tower's seed")
     p.add_argument("--choose", type=number(int, 1, 100), default=3, help="candidate pairs kept per finding")
-    p.add_argument("--n-boot", type=number(int, 1, 10**6), default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--n-boot", type=number(int, 1, 10**6), default=1000, help="bootstrap resamples")
     p.add_argument("--device", default="auto")
     add_config_flags(p)
     p.add_argument("--context-len", type=field("context_len"), help="report tokens the text tower reads")
