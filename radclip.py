@@ -827,84 +827,175 @@ def sample_labels(rng, n):
 
 
 # -- Reports in CT-RATE's style (radiology English translated from Turkish) --
-# TERMS: each finding's names when present | and when negated (a name, or a whole sentence);
-# the CT-RATE name is always among the present ones. Most negations name the finding, so a
-# keyword match that ignores negation is fooled by them.
-TERMS = {f: tuple(names.split("|") for names in pair) for f, pair in {
-    "Medical material": ("medical material|metallic material|foreign material of medical origin",
-                         "medical material|foreign body"),
-    "Arterial wall calcification": ("atheromatous plaques in the aorta|calcified atherosclerotic plaques in the "
-                                    "aortic wall|arterial wall calcification",
-                                    "atheromatous plaque in the aorta|arterial wall calcification"),
-    "Cardiomegaly": ("cardiomegaly|increased heart size|enlarged heart",
-                     "cardiomegaly|Mediastinal main vascular structures, heart contour, size are normal."),
-    "Pericardial effusion": ("pericardial effusion|pericardial fluid",
-                             "pericardial effusion|Pericardial effusion-thickening was not observed."),
-    "Coronary artery wall calcification": ("calcified plaques in the coronary arteries|coronary artery "
-                                           "calcification|coronary atherosclerosis|coronary artery wall "
-                                           "calcification", "coronary artery calcification|coronary artery "
-                                           "wall calcification"),
-    "Hiatal hernia": ("hiatal hernia|hiatus hernia|sliding hiatal hernia", "hiatal hernia|Thoracic esophagus "
-                      "calibration was normal and no significant tumoral wall thickening was detected."),
-    "Lymphadenopathy": ("lymphadenopathy|enlarged lymph nodes|lymph nodes of pathological size",
-                        "lymphadenopathy|No enlarged lymph nodes in pathological size and appearance were "
-                        "detected in mediastinal and bilateral hilar regions."),
-    "Emphysema": ("emphysema|centrilobular emphysematous changes|emphysematous areas", "emphysema"),
-    "Atelectasis": ("atelectasis|subsegmental atelectasis|atelectatic changes", "atelectasis"),
-    "Lung nodule": ("a nodule|a pulmonary nodule|a solid nodule|a lung nodule",
-                    "mass or nodule|pulmonary nodule|lung nodule"),
-    "Lung opacity": ("ground glass opacities|ground-glass density increase|patchy ground glass opacity|"
-                     "lung opacity", "ground glass opacity|pulmonary opacity|lung opacity"),
-    "Pulmonary fibrotic sequela": ("sequelae fibrotic changes|fibrotic bands|linear sequelae fibrotic densities|"
-                                   "pulmonary fibrotic sequela",
-                                   "fibrotic sequela|fibrotic band|pulmonary fibrotic sequela"),
-    "Pleural effusion": ("pleural effusion|pleural fluid", "pleural effusion|pleural effusion-thickening"),
-    "Mosaic attenuation pattern": ("mosaic attenuation pattern|mosaic attenuation|mosaic perfusion pattern",
-                                   "mosaic attenuation"),
-    "Peribronchial thickening": ("peribronchial thickening|bronchial wall thickening|peribronchial cuffing",
-                                 "peribronchial thickening|bronchial wall thickening"),
-    "Consolidation": ("consolidation|consolidation with air bronchograms|pneumonic consolidation",
-                      "consolidation|pneumonic consolidation"),
-    "Bronchiectasis": ("bronchiectasis|cylindrical bronchiectasis|bronchiectatic changes", "bronchiectasis"),
-    "Interlobular septal thickening": ("interlobular septal thickening|thickening of the interlobular septa|"
-                                       "septal thickening", "interlobular septal thickening"),
-}.items()}
-PRESENT = ["{S}{d}.", "There are findings consistent with {s}{d}.", "Appearance compatible with {s}{d} was seen.",
-           "{S} is present{d}."]
-HEDGED = ["Possible {s}{d}.", "Findings suspicious for {s}{d}.", "{S}{d} cannot be excluded.", "{S}{d}?"]
-NEGATED = ["No {s} was detected.", "No {s} was observed.", "There is no {s}.", "{S} was not observed.",
-           "{S} is not present."]
-OPENING = ["Trachea and both main bronchi are open.", "Trachea and both main bronchi are in the midline and open."]
-CLOSING = [["Upper abdominal organs included in the sections are normal.",
-            "No space-occupying lesion was detected in the liver that entered the cross-sectional area."],
-           ["Bone structures in the study area are natural.",
-            "No lytic-destructive lesions were detected in the bone structures within the sections."]]
-CLINICAL = ["Cough.", "Dyspnea.", "Chest pain.", "Fever.", "Control.", "Shortness of breath.", "Not given."]
-TECHNIQUE = ["Non-contrast thorax CT images were obtained in the axial plane.",
-             "Thorax CT was performed without contrast.", "Not given."]
-NORMAL = ["No significant pathology was detected.", "Thorax CT within normal limits."]
+# Real reports walk the scan in one order (airways, mediastinum, lungs, upper abdomen, bones), mostly in stock
+# sentences on normal anatomy and on findings outside the 18 (cysts, adrenals, the spine), and name a finding in
+# words of their own, never by its label ("atheroma plaques in the aorta", not "arterial wall calcification").
+# Of the absent findings only some are negated by name: in 800 real reports lymph nodes 96% of the time,
+# effusions ~70%, nodules 37%, consolidation 5%, the rest ~never. Hedges are mostly a differential in brackets
+# ("(atelectasis?)"), "may be compatible with" or "differential diagnosis". Sentences are grammars, so that few
+# repeat word for word, and the stock ones bring numbers, decimals and brackets too: counting them tells no label.
+def say(rng, grammar, sentence=True, **slots):
+    """One choice made for each {a|b|...} (innermost first; the top level is a choice too; "3*a" weighs a
+    3), a number for each <lo-hi> (with lo's decimals), each $slot filled; a sentence is tidied, capitalised."""
+    def choose(m):
+        options = [re.fullmatch(r"(?:(\d+)\*)?(.*)", o, re.S).groups() for o in m[1].split("|")]
+        weights = np.array([int(w or 1) for w, _ in options], float)
+        return options[rng.choice(len(options), p=weights / weights.sum())][1]
+    grammar = "{" + grammar + "}"
+    while "{" in grammar:
+        grammar = re.sub(r"\{([^{}]*)\}", choose, grammar)
+    number = lambda m: f"{rng.uniform(float(m[1]), float(m[2])):.{len(m[1].partition('.')[2])}f}"  # noqa: E731
+    text = re.sub(r"\$(\w+)", lambda m: slots[m[1]], re.sub(r"<([\d.]+)-([\d.]+)>", number, grammar))
+    if not sentence:
+        return text
+    text = re.sub(r"^[\s,]+| +(?=[.,?)])", "", re.sub(r"\s+", " ", text))
+    return text[:1].upper() + text[1:]
+
+
+LOBE = ("in {the right lung {upper lobe {apical|anterior|posterior}|middle lobe {medial|lateral}|lower lobe {superior|"
+        "posterobasal|laterobasal}} segment|the left lung {upper lobe {apicoposterior|anterior}|{superior|inferior} "
+        "lingular|lower lobe {superior|posterobasal|anteromediobasal}} segment|the {right|left} lung {upper|lower} lobe"
+        "|both lung {lower lobes|apices}|the {dependent|subpleural} parts of both lungs|both lungs}")
+# "Finding: its names; where, when the volume gives no detail; an afterword when present; how often an
+# absent one is negated (CT-RATE's rate); how". None uses the finding's CT-RATE name.
+TERMS = {f: (names, place, after, float(rate), negation) for f, names, place, after, rate, negation in (
+    [part.strip() for part in spec.replace(": ", ";", 1).split(";")] for spec in (
+        "Medical material: {metallic {images|structures}|foreign material of medical origin|hyperdense material}; "
+        "{consistent with sternotomy wires|belonging to a {port|central venous} catheter extending to the superior "
+        "vena cava|belonging to a pacemaker and its lead|consistent with a stent in the {aorta|esophagus}};; 0;",
+        "Arterial wall calcification: {calcific |calcified |}atheroma{tous|} plaques|{calcific |}atherosclerotic "
+        "changes|wall calcifications; in the {thoracic aorta|aortic arch|wall of the {ascending|descending} aorta};;"
+        "0;",
+        "Cardiomegaly: cardiomegaly|increased heart size|an enlarged heart|an increase in the cardiothoracic {ratio|"
+        "index} in favor of the heart;;; 0.8; {mediastinal main vascular structures, heart contour, size are normal|"
+        "2*heart contour{ and|,} size {are|is} {normal|natural}|heart dimensions and compartments appear natural|CTR is"
+        " normal|the cardiothoracic ratio is <0.38-0.49>}.",
+        "Pericardial effusion: {minimal |mild |}pericardial effusion|{minimal |}effusion in the pericardial space; "
+        "{reaching <4-15> mm in its thickest part|in the form of thin smears|};; 0.75; {pericardial effusion-thickening"
+        "|pericardial thickening-effusion|pericardial effusion} {was not|is not} {observed|detected|seen}.",
+        "Coronary artery wall calcification: {calcific |calcified |}atheroma{tous|} plaques in the coronary {arteries|"
+        "vascular structures}|coronary artery calcifications|atherosclerotic changes in the coronary arteries; {|, "
+        "{most prominent |}in the {LAD|RCA|circumflex}};; 0;",
+        "Hiatal hernia: {a sliding type|a mild|a} hiatal hernia; {at the lower end of the esophagus|at the "
+        "esophagogastric junction|};; 0.7; {thoracic esophag{us|eal} calibration was normal and no significant {tumoral"
+        "|pathological} wall thickening was detected|no pathological wall thickness increase was observed in the "
+        "esophagus{ within the sections|}}.",
+        "Lymphadenopathy: {enlarged |}lymph nodes of pathological size|{pathologically |}enlarged lymph nodes|"
+        "lymphadenopathies|{a |}conglomerate of lymph nodes; in the {prevascular|{right |}{upper|lower} paratracheal|"
+        "subcarinal|aortopulmonary|{right|left|bilateral} hilar} {region|area}{, the largest <11-24> mm in short axis|"
+        "};; 0.96; {there {are|were} no {enlarged lymph nodes|lymph nodes of pathological size}|no pathological LAP "
+        "was detected} in {the mediastinum|the mediastinal and {bilateral |}hilar regions|prevascular, "
+        "pre-paratracheal, subcarinal or bilateral hilar-axillary regions}.",
+        "Emphysema: {minimal |mild |diffuse |}emphysematous changes|{centrilobular|paraseptal|panacinar} emphysema{ "
+        "areas|}; in {both lungs|the upper {lobes|zones} of both lungs};; 0;",
+        "Atelectasis: {linear |subsegmental |passive |plate-like |}atelectasis|atelectatic changes|{linear |}"
+        "atelectasis areas; " + LOBE + ";; 0;",
+        "Lung nodule: a {nonspecific |solid |non-calcified |}{pulmonary |parenchymal |}nodule|a nodular {lesion|"
+        "formation}|{a few |several |}millimetric {nonspecific |}nodules; {2*|of <2-9> mm|of <2.0-8.9> mm in diameter|"
+        "smaller than 5 mm} " + LOBE + "; { (intrapulmonary lymph node?)| (granuloma?)|, and several millimetric "
+        "nodules in both lungs|5*}; 0.37; {no {mass or nodule|mass nodule-infiltration|suspicious nodule, mass or "
+        "infiltration} {was|is} {detected|observed} in {both lungs|the lung parenchyma}|aeration of both lungs is "
+        "normal and no nodular or infiltrative lesion is seen}.",
+        "Lung opacity: ground{ |-}glass {opacities|densities|areas}|{patchy |}ground{ |-}glass density increases; "
+        + LOBE + "; { (infection?)| (early viral pneumonia?)|6*}; 0;",
+        "Pulmonary fibrotic sequela: {pleuroparenchymal |}sequelae {changes|density increases}|{linear |}fibrotic "
+        "bands|fibroatelectatic changes|{linear |}sequelae fibrotic densities; " + LOBE + ";; 0;",
+        "Pleural effusion: {minimal |mild |}pleural effusion|{an |}effusion in the pleural space; {in the {right|left} "
+        "hemithorax{, reaching <5-40> mm in its thickest part|}|in both hemithoraces};; 0.69; {{bilateral |}pleural "
+        "effusion-thickening was not {detected|observed}{ in both hemithorax|}|no pleural effusion was detected}.",
+        "Mosaic attenuation pattern: {a |}mosaic {attenuation|perfusion} pattern|areas of mosaic attenuation; in {both "
+        "lungs|both lung lower lobes}; { (small airway disease?)| (small airway disease? small vessel disease?)|4*};"
+        "0;",
+        "Peribronchial thickening: {minimal |}peribronchial thickening{s|}|{bronchial|peribronchial} wall thickening"
+        "{s|}|peribronchial {thickness increases|sheath thickening}; " + LOBE + ";; 0;",
+        "Consolidation: {patchy |focal |}consolidation{ areas|}|{an area|areas} of {pneumonic |}consolidation; " + LOBE
+        + "; { (pneumonia?)| (infection?)|6*}; 0.05; {no pneumonic infiltration or consolidation area was detected|"
+        "pneumonic infiltration or consolidation area is not observed} in {the lung parenchyma|both lungs}.",
+        "Bronchiectasis: {minimal |mild |}{cylindrical |tubular |traction |}bronchiectasis|bronchiectatic changes|"
+        "{mild |}dilatation of the segmental bronchi; {in the central parts of both lungs|" + LOBE + "};; 0;",
+        "Interlobular septal thickening: {smooth |}interlobular septal thickening{s|}|thickening of the interlobular "
+        "septa|{interlobular |}septal thickness increases; in {the {lower lobes|basal segments} of both lungs|both "
+        "lungs}; { (pulmonary edema?)| (interstitial edema?)|3*}; 0;"))}
+PRESENT = "{$s $p|there $be $s $p|$s $be {observed|seen|noted} $p|$s $p $was {observed|detected}}$c."
+HEDGED = ("{an appearance|{minimal|nonspecific} changes|a nonspecific finding} $b.|{an appearance that may be "
+          "compatible with $s $p is observed|findings that may be compatible with $s $p are observed}.|$s $p cannot be "
+          "excluded.|{the |}differential diagnosis includes $s $p.")
+STOCK = [  # (how often, a sentence), in a real report's order; a slice: where the findings of FINDINGS[slice] go
+    (1, "{trachea{,| and} both main bronchi|trachea and main bronchi} {are|were} {open|in the midline and open}{2*| "
+        "and no {occlusive|obstructive} pathology {is|was} {detected|observed} in the lumen}."),
+    (.5, "{mediastinal structures {cannot be|were not} evaluated optimally because {contrast material is not given|the"
+         " examination {is|was} {non-contrast|unenhanced}}|the mediastinum could not be evaluated optimally in the "
+         "non-contrast examination}{| and no {mass lesion|pathological soft tissue} {is|was} observed}."),
+    (.7, "{thoracic aorta diameter is normal|calibration of thoracic main vascular structures is natural|the widths of "
+         "the mediastinal main vascular structures are normal|the {ascending aorta|main pulmonary artery} {is|was "
+         "measured as} {3*<24-39>|<28.0-39.9>} mm in diameter}."),
+    (.3, "{4*the thyroid gland {is|appears} {normal|natural} in size{| and density}|a {hypodense |}nodule of <5-22> mm "
+         "{is|was} observed in the {right|left} lobe of the thyroid gland{ (colloid nodule?)|2*}|the thyroid gland is "
+         "enlarged and contains multiple nodules}."),
+    (1, slice(0, 7)),
+    (.25, "{{reactive |}lymph nodes {smaller|less} than {1 cm|10 mm} in short axis {are|were} observed in the "
+          "{bilateral |}axillary {region|regions}|{bilateral |}gynecomastia {is|was} observed|a lipoma of <15-60> mm "
+          "{is|was} observed in the subcutaneous fatty tissue of the {right|left} chest wall}."),
+    (.6, "{when examined in the lung parenchyma window|in the evaluation of both lung parenchyma};"),
+    (1, slice(7, 18)),
+    (.3, "{2*{there is no pneumothorax|no pneumothorax was detected}|{apical pleural thickening|pleural thickening "
+         "with microretractions} {is|was} observed {bilaterally|on the {right|left}}}."),
+    (.5, "{upper abdominal organs included in the sections|upper abdominal sections entering the examination area} "
+         "{are|were} {normal|natural}{| as far as can be observed| within the limits of a non-contrast examination}."),
+    (.8, "{6*{no space-occupying lesion was detected in the liver{ that entered the cross-sectional area| within the "
+         "sections|}|{the |}contour, size and parenchymal density of the liver are {normal|natural}}|2*{a decrease in "
+         "density consistent with hepatosteatosis|a diffuse hypodense appearance secondary to hepatosteatosis} {is|was}"
+         " observed in the liver|a {subcapsular |}hypodense lesion {of|measuring} {2*<3-24>|<2.0-9.9>} mm {is|was} "
+         "observed in {segment <2-8>|the {right|left} lobe} of the liver{ (cyst?)|, consistent with a {simple |}cyst|}"
+         "|the liver is larger than normal}."),
+    (.4, "{3*the {gallbladder|spleen|pancreas} {is|appears} {normal|natural}|{a stone of <4-18> mm is|calculi of up "
+         "to <4-18> mm are} observed in the gallbladder|an accessory spleen of <6-14> mm is observed}."),
+    (.7, "{4*{bilateral|both} adrenal glands {were|are} {normal|natural}{ and no space-occupying lesion was detected|"
+         "}|a {nodular |}thickening of <8-24> mm {is|was} observed in the {right|left} adrenal gland{ (adenoma?)|, "
+         "compatible with an adenoma|2*}}."),
+    (.5, "{3*both kidneys are {normal|natural} in size and contour|a {cortical |parapelvic |}cyst {of|measuring} "
+         "<5-45> mm {is|was} observed in the {upper|lower} pole of the {right|left} kidney{ (Bosniak {1|2})|3*}|a "
+         "non-obstructive stone of <3-9> mm is observed in the {right|left} kidney}."),
+    (.8, "{bone structures in the study area are natural{| and no lytic-destructive lesion is observed}|no "
+         "lytic-destructive lesions were detected in the bone structures {within the sections|in the study area}}."),
+    (.7, "{4*{vertebral corpus heights|thoracic vertebral corpus heights, alignments and densities} are {preserved|"
+         "natural|normal}|there is a loss of height of {about |}<10-40>% in the {T<4-12>|L1} vertebral corpus{, "
+         "compatible with a compression fracture|2*}}."),
+    (.6, "{degenerative changes|{degenerative |}osteophytes} {are|were} observed {in the thoracic vertebrae|at the "
+         "vertebral corpus corners|in the bone structures}."),
+    (.4, "{the neural foramina are open|intervertebral disc distances are preserved|schmorl nodules are observed in "
+         "the vertebral endplates|{mild |}{dextro|levo}scoliosis of the thoracic spine is observed|a {sclerotic bone "
+         "island|vertebral hemangioma} of <4-15> mm is observed in the {T<5-12>|L1} vertebral corpus}."),
+]
+CLINICAL = "{cough|dyspnea|chest pain|fever|control|shortness of breath|not given}."
+TECHNIQUE = "{non-contrast thorax CT images were obtained in the axial plane|thorax CT without contrast|not given}."
+NORMAL = "{thoracic CT examination within normal limits|no significant pathology was detected}."
 
 
 def write_report(rng, labels_row, hedged_mask, details=None):
-    """A CT-RATE style report: the present findings (hedged where hedged_mask: a labeler should read
-    -1 there) with details from the rendered volume, negations of about two thirds of the absent
-    ones, and normal-anatomy sentences."""
-    def sentence(templates, names, detail=""):
-        s = str(rng.choice(names))
-        return s if s.endswith(".") else str(rng.choice(templates)).format(
-            s=s, S=s[0].upper() + s[1:], d=" " + detail if detail else "")
-
-    findings, impressions = [str(rng.choice(OPENING))], []
-    for i, f in enumerate(FINDINGS):
-        present, negated = TERMS[f]
-        if labels_row[i]:
-            findings.append(sentence(HEDGED if hedged_mask[i] else PRESENT, present, (details or {}).get(f, "")))
-            impressions.append(sentence(HEDGED[-1:] if hedged_mask[i] else PRESENT[:1], present[:1]))
-        elif rng.random() < 0.65:
-            findings.append(sentence(NEGATED, negated))
-    findings += [str(rng.choice(group)) for group in CLOSING]
-    return {"ClinicalInformation_EN": str(rng.choice(CLINICAL)), "Technique_EN": str(rng.choice(TECHNIQUE)),
-            "Findings_EN": " ".join(findings), "Impressions_EN": " ".join(impressions) or str(rng.choice(NORMAL))}
+    """A CT-RATE style report: stock sentences in a real report's order, the present findings (with
+    the rendered volume's details, often; hedged where hedged_mask, so that a labeler reads -1), some
+    absent ones negated at CT-RATE's rates, and an impression naming the present ones."""
+    findings, impressions, verbosity = [], [], rng.uniform(0.3, 2)  # some radiologists write more, whatever they see
+    for how_often, stock in STOCK:
+        if isinstance(stock, str):
+            findings += [say(rng, stock)] if how_often == 1 or rng.random() < how_often * verbosity else []
+            continue
+        for i in range(len(FINDINGS))[stock]:
+            names, place, afterword, negated_rate, negation = TERMS[FINDINGS[i]]
+            if not labels_row[i]:
+                findings += [say(rng, negation)] if rng.random() < negated_rate else []
+                continue
+            s, detail = say(rng, names, False), (details or {}).get(FINDINGS[i])
+            p = detail if detail and not hedged_mask[i] and rng.random() < 0.4 else say(rng, place, False)
+            plural = re.search(r"(?<!si)s$", s.split(" of ")[0])  # "areas of ..." are, "atelectasis" is
+            b = f"({s} {p}?)" if re.fullmatch(r"[\w\s-]*", p) else f"{p} ({s}?)"  # all that is doubted before "?"
+            findings.append(say(rng, HEDGED if hedged_mask[i] else PRESENT, s=s, p=p, b=b, c=say(rng, afterword, False),
+                                be="are" if plural else "is", was="were" if plural else "was"))
+            impressions.append(say(rng, "$s?" if hedged_mask[i] else "$s{ $p|}.", s=say(rng, names, False),
+                                   p=say(rng, place, False) if p == detail else p))
+    return {"ClinicalInformation_EN": say(rng, CLINICAL), "Technique_EN": say(rng, TECHNIQUE),
+            "Findings_EN": " ".join(findings), "Impressions_EN": " ".join(impressions) or say(rng, NORMAL)}
 
 
 # -- Writing the dataset in CT-RATE's layout --

@@ -282,25 +282,76 @@ def test_labels_have_ctrate_prevalence_and_cooccurrence():
         assert col[b][col[a]].mean() > col[b].mean() + 0.1, (a, b)
 
 
-def test_reports_need_negation_handling():
+@pytest.fixture(scope="module")
+def reports():
+    """1000 synthetic reports (impression first, as report_text reads them), their labels and hedges,
+    with details of the form render_volume gives for the findings it measures."""
     rng = np.random.default_rng(0)
-    y = rc.sample_labels(rng, 400)
+    y = rc.sample_labels(rng, 1000)
     hedged = y.astype(bool) & (rng.random(y.shape) < 0.1)
-    reports = [rc.write_report(rng, row, h) for row, h in zip(y, hedged)]
-    terms = {f: [t.lower().removeprefix("a ") for t in sum(rc.TERMS[f], []) if not t.endswith(".")]
-             for f in rc.FINDINGS}
+    details = {"Cardiomegaly": "(cardiothoracic ratio {:.2f})", "Coronary artery wall calcification": "(LAD, RCA)",
+               "Lung nodule": "measuring {:.0f} mm in the left lung upper lobe, and 2 smaller",
+               "Lymphadenopathy": "in the subcarinal region, the largest {:.0f} mm in short axis",
+               "Pleural effusion": "in the left hemithorax, {:.0f} mm thick", "Hiatal hernia": "measuring {:.0f} mm"}
+    rows = [rc.write_report(rng, row, h, {f: d.format(rng.uniform(0.5, 30)) for f, d in details.items()
+                                          if row[rc.FINDINGS.index(f)]}) for row, h in zip(y, hedged)]
+    assert all(r[k] for r in rows for k in rc.REPORT_COLUMNS[1:])
+    return [r["Impressions_EN"] + " " + r["Findings_EN"] for r in rows], y, hedged
 
-    def mentioned(text, f, negation_aware):
-        sentences = re.split(r"(?<=[.?])\s+", text.lower())
-        return any(any(t in s for t in terms[f]) and not (negation_aware and re.search(r"\b(no|not)\b", s))
-                   for s in sentences)
 
-    for negation_aware, lo, hi in ((False, 0.0, 0.7), (True, 0.95, 1.0)):
-        pred = np.array([[mentioned(r["Findings_EN"], f, negation_aware) for f in rc.FINDINGS] for r in reports])
-        assert lo <= (pred == y.astype(bool)).mean() <= hi
-    hedge = re.compile(r"possible|cannot be excluded|suspicious for|\?", re.I)
-    assert all(hedge.search(r["Findings_EN"]) for r, h in zip(reports, hedged) if h.any())
-    assert all(r[k] for r in reports for k in rc.REPORT_COLUMNS[1:])
+def test_reports_need_negation_handling(reports):
+    """As in CT-RATE, absent lymph nodes, effusions and nodules are often negated by name, so a keyword
+    match that ignores negation is fooled; the rules labeler is not, and reads the hedged findings as -1."""
+    texts, y, hedged = reports[0][:300], reports[1][:300], reports[2][:300]
+    for f, keyword in (("Lymphadenopathy", "lymph"), ("Pericardial effusion", "pericardial"),
+                       ("Pleural effusion", "pleural"), ("Lung nodule", "nodul")):
+        named = np.array([keyword in t.lower() for t in texts])
+        assert named[y[:, rc.FINDINGS.index(f)] == 0].mean() > 0.3, f
+    labels = np.array([[rc.rules_label(t)[f] for f in rc.FINDINGS] for t in texts])
+    assert (labels[hedged] == -1).all() and (labels[(y == 1) & ~hedged] == 1).all()
+    assert (labels[y == 0] == 0).mean() > 0.99
+    hedge = re.compile(r"\?|\bmay\b|differential|cannot be excluded")
+    assert all(hedge.search(t) for t, h in zip(texts, hedged) if h.any())
+
+
+# Share of the reports without a finding that name it, measured on 800 real CT-RATE reports:
+# ~96% (lymph nodes), ~0-1% (emphysema, cardiomegaly, bronchiectasis, mosaic attenuation).
+@pytest.mark.parametrize("finding, name, lo, hi", [
+    ("Lymphadenopathy", r"lymph|\blap\b", 0.85, 1.0), ("Emphysema", r"emphysem", 0, 0.02),
+    ("Cardiomegaly", r"cardiomegal", 0, 0.02), ("Bronchiectasis", r"bronchiecta", 0, 0.02),
+    ("Mosaic attenuation pattern", r"mosaic", 0, 0.02)])
+def test_reports_negate_absent_findings_by_name_as_ctrate_does(reports, finding, name, lo, hi):
+    texts, y, _ = reports
+    absent = y[:, rc.FINDINGS.index(finding)] == 0
+    assert lo <= np.mean([bool(re.search(name, t.lower())) for t, a in zip(texts, absent) if a]) <= hi
+
+
+def test_reports_are_not_prompts_nor_label_names(reports):
+    """ "X is present." is in 3% of real reports; CT-RATE's column names below are in none."""
+    texts = [t.lower() for t in reports[0]]
+    assert np.mean([bool(re.search(r"\b(?:is|are)(?: not)? present\.", t)) for t in texts]) <= 0.05
+    for name in ("medical material", "arterial wall calcification", "coronary artery wall calcification",
+                 "lung opacity", "pulmonary fibrotic sequela"):
+        assert not any(name in t for t in texts), name
+
+
+def test_report_fingerprints_tell_little_about_labels(reports):
+    """Counts of numbers, decimals, brackets, words and negations predict the findings of 800 real
+    CT-RATE reports with a 5-fold logistic regression macro AUC of 0.74 (0.76-0.84 for the most told);
+    having a decimal or a bracket, with AUC <= 0.73. The old templates gave 0.82, and 1.0 for
+    cardiomegaly (the only decimal) and coronary calcification (the only brackets)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+    texts, y, _ = reports
+    counts = np.log1p([[len(re.findall(r"\d+(?:\.\d+)?", t)), len(re.findall(r"\d\.\d", t)), t.count("("),
+                        len(t.split()), len(re.findall(r"\b(?:no|not|without)\b", t.lower()))] for t in texts])
+    aucs = []
+    for k, f in enumerate(rc.FINDINGS):
+        for has, column in (("a decimal", 1), ("a bracket", 2)):
+            assert roc_auc_score(y[:, k], counts[:, column] > 0) < 0.75, (f, has)
+        p = cross_val_predict(LogisticRegression(max_iter=1000), counts, y[:, k], cv=5, method="predict_proba")
+        aucs.append(roc_auc_score(y[:, k], p[:, 1]))
+    assert np.mean(aucs) < 0.8 and max(aucs) < 0.9
 
 
 def test_cli_writes_and_refuses_to_overwrite(tmp_path):
