@@ -332,9 +332,11 @@ def ellipsoid(ax, c, r):
 
 
 def blob(hu, ax, c, r, value, where=None):
-    """Paint an ellipsoid (r: half-axes or one radius in mm), only inside the mask where if given."""
+    """Paint an ellipsoid (r: half-axes or one radius, mm) where the mask allows; returns where it painted."""
     s, rho = ellipsoid(ax, c, np.broadcast_to(r, 3))
-    hu[s][rho < 1 if where is None else (rho < 1) & where[s]] = value
+    painted = rho < 1 if where is None else (rho < 1) & where[s]
+    hu[s][painted] = value
+    return s, painted
 
 
 def disc(ax, p, normal, radius, half_thick):
@@ -364,33 +366,50 @@ def lung_radius(L, x, y, z):
     return np.where(z > L.base + L.dome * (1 - rr2), np.sqrt(rr2) / taper, np.inf)
 
 
-def lung_point(rng, a, r=(0.0, 0.8), z=(-100.0, 115.0)):
-    """A random point in the lungs with normalised radius in r and height in z (mm), clear of the
-    heart and inside the 288 mm box that the tiny preset crops around the volume centre. Grid-free,
-    so that both reconstructions of a scan place their findings alike."""
+def lung_point(rng, a, r=(0.0, 0.8), z=(-100.0, 115.0), lateral_mm=0.0):
+    """A random point in the lungs with normalised radius in r, height in z and |x| >= lateral_mm (mm),
+    clear of the heart and inside the 288 mm box that the tiny preset crops around the volume centre.
+    Grid-free, so that both reconstructions of a scan place their findings alike."""
     while True:
         L = a.lungs[rng.integers(2)]
         p = np.array([L.cx + L.a * rng.uniform(-1, 1), L.cy + L.b * rng.uniform(-1, 1), rng.uniform(*z)])
         in_heart = (((p - a.heart_c) / (a.heart_r + 25)) ** 2).sum() < 1
-        if r[0] <= lung_radius(L, *p) < r[1] and abs(p[0]) < 130 and not in_heart:
+        if r[0] <= lung_radius(L, *p) < r[1] and lateral_mm <= abs(p[0]) < 130 and not in_heart:
             return p
 
 
-def lobe_name(a, p):
-    side, L = ("right", a.lungs[0]) if p[0] < 0 else ("left", a.lungs[1])
+def where_in_lungs(a, *points):
+    """Where findings at points lie, in a report's words: in both lungs, or in the first one's lobe."""
+    p, (side, L) = points[0], ("right", a.lungs[0]) if points[0][0] < 0 else ("left", a.lungs[1])
+    if len({q[0] < 0 for q in points}) == 2:
+        return "in both lungs"
     if p[2] > L.hilum[2] + 10:
-        return f"{side} upper lobe"
+        return f"in the {side} upper lobe"
     if p[1] < L.cy - 0.2 * L.b:
-        return "right middle lobe" if side == "right" else "lingula"
-    return f"{side} lower lobe"
+        return "in the right middle lobe" if side == "right" else "in the lingula"
+    return f"in the {side} lower lobe"
 
 
-def paint_heart(hu, ax, a):
-    """The heart in its epicardial fat; where it lies, the lung is no longer lung."""
-    s, rho = ellipsoid(ax, a.heart_c, a.heart_r + 4)
-    a.lung[s] &= rho >= 1
-    hu[s][rho < 1] = a.fat
-    blob(hu, ax, a.heart_c, a.heart_r, a.tissue)
+def soft_room(hu, ax, a):
+    """Where the heart or a mass may grow: lung and fat inside the ribs, not vessels, airways or bone."""
+    inside_ribs = np.hypot(ax[0][:, None] / a.bw, ax[1][None, :] / a.bh)[..., None] < 0.84
+    return inside_ribs & (a.lung | (np.abs(hu - a.fat) < 1))
+
+
+def lung_patch(ax, a, p, r, edge=3.0):
+    """Slices around an ellipsoid (centre p, half-axes r mm) and a weight: 1 in its lung, to 0 at its rim."""
+    s, rho = ellipsoid(ax, p, np.broadcast_to(r, 3))
+    return s, np.clip((1 - rho) * edge, 0, 1) * a.lung[s]
+
+
+def paint_heart(hu, ax, a, effusion_mm=0.0, hu_effusion=0.0):
+    """The heart (a.tissue) in 4 mm of epicardial fat, in effusion_mm of pericardial fluid if given
+    (thickest dependently, behind), painted in soft_room: the lung there is lung no more."""
+    room = soft_room(hu, ax, a)                                       # before the layers: they cover each other
+    layers = [(a.heart_c + (0, effusion_mm / 3, 0), a.heart_r + 4 + effusion_mm, hu_effusion)] * (effusion_mm > 0)
+    for c, r, value in layers + [(a.heart_c, a.heart_r + 4, a.fat), (a.heart_c, a.heart_r, a.tissue)]:
+        s, painted = blob(hu, ax, c, r, value, room)
+        a.lung[s] &= ~painted
 
 
 def build_anatomy(rng, ax):
@@ -411,13 +430,13 @@ def build_anatomy(rng, ax):
     hu = np.where(body < 1, np.where((z < diaphragm) & (body < 0.84), abdomen, wall), np.float32(-1000))
     L = a.lungs[1]
     blob(hu, ax, (0.45 * a.bw, -0.3 * a.bh, L.base + L.dome - 45), (35, 30, 25), -1000)   # stomach gas
-    a.lung_r, lung_hu = np.full(hu.shape, np.inf, np.float32), U(-880, -820)
+    a.lung, lung_hu = np.zeros(hu.shape, bool), U(-880, -820)
     for L in a.lungs:
         s, xs, ys, zs = box(ax, (L.cx - L.a, L.cy - L.b, L.base), (L.cx + L.a, L.cy + L.b, L.top))
-        r = lung_radius(L, xs, ys, zs)
-        a.lung_r[s] = np.minimum(a.lung_r[s], r)
-        hu[s] = np.where(r < 1, lung_hu + 30 * (ys - L.cy) / L.b, hu[s])    # dependent lung is denser
-    a.lung, a.ctr = a.lung_r < 1, U(0.40, 0.48)                            # cardiothoracic ratio
+        inside = lung_radius(L, xs, ys, zs) < 1
+        a.lung[s] |= inside
+        hu[s] = np.where(inside, lung_hu + 30 * (ys - L.cy) / L.b, hu[s])  # dependent lung is denser
+    a.ctr = U(0.40, 0.48)                                                   # cardiothoracic ratio
     a.heart_r = np.array([1, U(0.7, 0.8), U(0.75, 0.85)]) * a.ctr * 0.84 * a.bw
     a.heart_c = np.array([U(0.2, 0.35) * a.heart_r[0], -0.82 * a.bh + a.heart_r[1] + U(0, 8),
                           L.base + L.dome + a.heart_r[2] * U(0.4, 0.6)])   # on the left dome
@@ -444,6 +463,7 @@ def build_anatomy(rng, ax):
         blob(hu, ax, station, U(2, 3.5), a.tissue)
     draw_bronchial_tree(rng, hu, ax, a)
     draw_skeleton(rng, hu, x, y, z, body, a)
+    a.lung &= hu < 80                                     # nor is the bone that the lungs' outline reaches
     return hu, a
 
 
@@ -496,31 +516,12 @@ def draw_skeleton(rng, hu, x, y, z, body, a):
 
 # -- The 18 findings, as they look on CT, at a random size, place and strength --
 # Sizes and contrasts are generous enough to survive the tiny preset's 4.5 x 4.5 x 9 mm voxels and
-# [-1000, 200] HU window. Each returns a detail (where, how big) that the report quotes.
-def metal_streaks(rng, hu, ax):
-    """Streaks that metal casts across its axial slices (beam hardening, photon starvation): rays of
-    +-100..300 HU around the metal's centre, fading over ~15 cm, as on real CT."""
-    rays, amplitude, phase = rng.integers(6, 12), rng.uniform(100, 300), rng.uniform(0, 2 * np.pi)
-    for k in np.flatnonzero((hu > 2000).any((0, 1))):
-        i, j = np.nonzero(hu[:, :, k] > 2000)
-        dx, dy = ax[0][:, None] - ax[0][i].mean(), ax[1][None, :] - ax[1][j].mean()
-        streaks = np.cos(rays * np.arctan2(dy, dx) + phase) ** 9 * np.exp(-np.hypot(dx, dy) / 150)
-        hu[:, :, k] += amplitude * streaks * (hu[:, :, k] > -950)        # the air around the body stays air
-
-
+# [-1000, 1000] HU window. Each returns a detail (where, how big) that the report quotes.
 def draw_medical_material(rng, hu, ax, a):
-    """Metal (2500-3500 HU): sternotomy wires, a pacemaker and its lead, a port catheter or an aortic
-    stent, with the streaks metal casts."""
-    detail = draw_device(rng, hu, ax, a, metal=rng.uniform(2500, 3500), kind=rng.integers(4))
-    metal_streaks(rng, hu, ax)
-    return detail
-
-
-def draw_device(rng, hu, ax, a, metal, kind):
-    """Device kind 0: sternotomy wires, 1: pacemaker, 2: port catheter, 3: aortic stent; returns its description."""
+    """Metal (2500-3500 HU): sternotomy wires, a pacemaker and its lead, a port catheter or an aortic stent."""
+    metal, kind = rng.uniform(2500, 3500), rng.integers(4)
     if kind == 0:                   # wire loops around the sternum: inside the bone they would not show
-        loop = [np.array([x, f * a.bh]) for x, f in ((-18, -0.95), (18, -0.95), (18, -0.82), (-18, -0.82))]
-        loop.append(loop[0])
+        loop = [np.array([x, f * a.bh]) for x, f in ((-18, -.95), (18, -.95), (18, -.82), (-18, -.82), (-18, -.95))]
         for z in np.arange(-60, 90, rng.uniform(22, 32)):
             draw_tubes(hu, ax, [(np.append(p, z), np.append(q, z), 3.0) for p, q in zip(loop, loop[1:])], metal)
         return "consistent with sternotomy wires"
@@ -553,8 +554,8 @@ def draw_arterial_wall_calcification(rng, hu, ax, a):
 
 
 def draw_cardiomegaly(rng, hu, ax, a):
-    """The heart (35-50 HU) repainted larger, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48): it
-    grows left, back and up, still resting on the diaphragm and the anterior chest wall."""
+    """The heart (35-50 HU) repainted larger, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48): it grows
+    left, back and up into lung and fat, still resting on the diaphragm and the anterior chest wall."""
     ctr = rng.uniform(0.56, 0.68)
     grow = a.heart_r * (ctr / a.ctr - 1)
     a.heart_c, a.heart_r, a.ctr = a.heart_c + grow * (0.4, 1, 1), a.heart_r + grow, ctr
@@ -565,10 +566,7 @@ def draw_cardiomegaly(rng, hu, ax, a):
 def draw_pericardial_effusion(rng, hu, ax, a):
     """Fluid (0-20 HU) 8-20 mm thick around the heart and its fat, thickest dependently (posterior)."""
     t = rng.uniform(8, 20)
-    s, rho = ellipsoid(ax, a.heart_c + (0, t / 3, 0), a.heart_r + 4 + t)
-    a.lung[s] &= rho >= 1
-    hu[s][rho < 1] = rng.uniform(0, 20)
-    paint_heart(hu, ax, a)
+    paint_heart(hu, ax, a, t, rng.uniform(0, 20))
     return f"reaching {t:.0f} mm in thickness"
 
 
@@ -598,24 +596,23 @@ def draw_coronary_artery_wall_calcification(rng, hu, ax, a):
 
 
 def draw_hiatal_hernia(rng, hu, ax, a):
-    """Stomach pulled above the diaphragm behind the heart: a walled sac of fluid (0-30 HU) under a gas cap."""
-    r, L = rng.uniform((28, 20, 25), (45, 30, 40)), a.lungs[1]
+    """Stomach above the diaphragm behind the heart, in lung and fat: a walled fluid sac (0-30 HU), a gas cap."""
+    r, L, room = rng.uniform((28, 20, 25), (45, 30, 40)), a.lungs[1], soft_room(hu, ax, a)
     c = np.array([rng.uniform(5, 30), a.heart_c[1] + a.heart_r[1] + 0.6 * r[1], L.base + L.dome + 0.7 * r[2]])
-    blob(hu, ax, c, r + 4, a.tissue)
-    s, rho = ellipsoid(ax, c, r)
+    blob(hu, ax, c, r + 4, a.tissue, room)
+    s, sac = blob(hu, ax, c, r, rng.uniform(0, 30), room)
     level = c[1] + rng.uniform(-0.5, 0.5) * r[1]                     # supine: the gas rises to the front
-    hu[s] = np.where(rho < 1, np.where(ax[1][None, s[1], None] > level, rng.uniform(0, 30), -1000), hu[s])
+    hu[s][sac & (ax[1][None, s[1], None] < level)] = -1000
     return f"measuring {2 * r[0]:.0f} mm"
 
 
 def draw_lymphadenopathy(rng, hu, ax, a):
-    """Enlarged nodes (18-32 mm short axis, 30-50 HU), one or two at each of 3-6 mediastinal and
-    hilar stations."""
+    """Enlarged nodes (18-32 mm short axis, 30-50 HU), 1-2 at each of 3-6 mediastinal and hilar stations."""
     names, short = rng.choice(list(a.stations), rng.integers(3, 7), replace=False), rng.uniform(18, 32, 6)
     for name, d in zip(names, short):
         for _ in range(rng.integers(1, 3)):
             c = a.stations[name] + rng.normal(0, 6, 3)
-            blob(hu, ax, c, d / 2 * np.array([1, 1, rng.uniform(1.2, 1.6)]), rng.uniform(30, 50))
+            blob(hu, ax, c, d / 2 * np.array([1, 1, rng.uniform(1.2, 1.6)]), rng.uniform(30, 50), soft_room(hu, ax, a))
     return f"in the {names[0]} region, the largest {short[:len(names)].max():.0f} mm in short axis"
 
 
@@ -631,8 +628,7 @@ def draw_emphysema(rng, hu, ax, a):
 
 
 def draw_atelectasis(rng, hu, ax, a):
-    """Collapsed lung (10-60 HU) in the lower lobes: a plate 6-12 mm thick, or a wedge that points
-    to the hilum and lies dependently (posterior-basal)."""
+    """Collapsed lung (10-60 HU) in the lower lobes: a plate 6-12 mm thick, or a dependent wedge to the hilum."""
     if rng.random() < 0.5:
         p = lung_point(rng, a, (0, 0.7), (-90, a.carina[2] - 30))
         s, m = disc(ax, p, unit((*rng.normal(size=2), 0.3 * rng.normal())), rng.uniform(25, 40), rng.uniform(3, 6))
@@ -644,42 +640,36 @@ def draw_atelectasis(rng, hu, ax, a):
         dist, cos_half_angle = np.sqrt(x ** 2 + y ** 2 + z ** 2), np.cos(np.radians(rng.uniform(15, 25)))
         m, p = (x * d[0] + y * d[1] + z * d[2] > cos_half_angle * dist) & (dist > 25), L.hilum + 60 * d
     hu[s][m & a.lung[s]] = rng.uniform(10, 60)
-    return f"in the {lobe_name(a, p)}"
+    return where_in_lungs(a, p)
 
 
 def draw_lung_nodule(rng, hu, ax, a):
     """2-6 solid nodules (20-60 HU), 15-30 mm across, slightly lobulated, in the lungs away from the
     hila (where vessels look much the same)."""
     sizes = np.sort(rng.uniform(15, 30, rng.integers(2, 7)))[::-1]
-    points = []
-    while len(points) < len(sizes):
-        p = lung_point(rng, a, (0.3, 0.85))
-        if abs(p[0]) > 55:                                              # lateral to the hila
-            points.append(p)
+    points = [lung_point(rng, a, (0.3, 0.85), lateral_mm=55) for _ in sizes]   # lateral to the hila
     for size, p in zip(sizes, points):
-        blob(hu, ax, p, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(20, 60))
-    more = f", and {len(sizes) - 1} smaller" if len(sizes) > 1 else ""
-    return f"measuring {sizes[0]:.0f} mm in the {lobe_name(a, points[0])}{more}"
+        blob(hu, ax, p, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(20, 60), a.lung)
+    return f"measuring {sizes[0]:.0f} mm {where_in_lungs(a, points[0])}, and {len(sizes) - 1} smaller"
 
 
 def draw_lung_opacity(rng, hu, ax, a):
     """Ground glass (-650 to -350 HU): 2-5 soft-edged patches 30-90 mm across; vessels show through."""
     points = [lung_point(rng, a) for _ in range(rng.integers(2, 6))]
     for p in points:
-        s, rho = ellipsoid(ax, p, rng.uniform(15, 45, 3))
-        hu[s] += np.clip((1 - rho) * 3, 0, 1) * a.lung[s] * np.maximum(rng.uniform(-650, -350) - hu[s], 0)
-    return "in both lungs" if len({p[0] < 0 for p in points}) == 2 else f"in the {lobe_name(a, points[0])}"
+        s, w = lung_patch(ax, a, p, rng.uniform(15, 45, 3))
+        hu[s] += w * np.maximum(rng.uniform(-650, -350) - hu[s], 0)
+    return where_in_lungs(a, *points)
 
 
 def draw_pulmonary_fibrotic_sequela(rng, hu, ax, a):
-    """4-8 dense (-50 to +40 HU) bands 5-8 mm thick and 50-80 mm long reaching the pleura, mostly in
-    the upper lobes."""
+    """4-8 dense (-50 to +40 HU) bands 5-8 mm thick and 50-80 mm long reaching the pleura, mostly in the upper lobes."""
     points = [lung_point(rng, a, (0.7, 0.95), (a.carina[2] - 40, 115)) for _ in range(rng.integers(4, 9))]
     for p in points:
         normal = unit((*rng.normal(size=2), 0.3 * rng.normal()))     # bands, mostly seen edge-on in axial slices
         s, m = disc(ax, p, normal, rng.uniform(25, 40), rng.uniform(2.5, 4))
         hu[s][m & a.lung[s]] = rng.uniform(-50, 40)
-    return f"in the {lobe_name(a, points[0])}"
+    return where_in_lungs(a, points[0])
 
 
 def draw_pleural_effusion(rng, hu, ax, a):
@@ -690,25 +680,20 @@ def draw_pleural_effusion(rng, hu, ax, a):
         s, x, y, z = box(ax, (L.cx - L.a, L.cy - L.b, L.base), (L.cx + L.a, L.cy + L.b, L.top))
         height = np.clip((z - L.base) / (L.top - L.base), 0, 1)
         fluid = (y - L.cy) / L.b + 0.6 * ((x - L.cx) / L.a) ** 2 > 1 - 2 * depth * (1.2 - height)
-        hu[s] = np.where(fluid & (lung_radius(L, x, y, z) < 1), rng.uniform(0, 20), hu[s])
+        hu[s][fluid & a.lung[s]] = rng.uniform(0, 20)
     where = "in both hemithoraces, up to" if len(sides) == 2 else f"in the {['right', 'left'][sides[0]]} hemithorax,"
     return f"{where} {2.4 * depth * a.lungs[sides[0]].b:.0f} mm thick"
 
 
-def parenchyma(hu, ax, where):
-    """Indices and (N, 3) mm coordinates of the lung parenchyma voxels (not vessels or airways) in where."""
-    idx = np.nonzero(where & (hu > -950) & (hu < -600))
-    return idx, np.stack([ax[k][idx[k]] for k in range(3)], 1).astype(np.float32)
-
-
 def draw_mosaic_attenuation_pattern(rng, hu, ax, a):
-    """A geographic patchwork of denser (+80..+150 HU) and darker (-60..-90 HU) lung in both lungs:
-    sharply bounded patches 20-40 mm across, where a sum of random plane waves crosses +-0.3."""
-    idx, p = parenchyma(hu, ax, a.lung)
-    waves = np.stack([unit(w) for w in rng.normal(size=(4, 3))]) * 2 * np.pi / rng.uniform(40, 80, (4, 1))
-    field = np.cos(p @ waves.T + rng.uniform(0, 2 * np.pi, 4)).sum(1)
-    hu[idx] += np.where(field > 0.3, rng.uniform(80, 150), np.where(field < -0.3, -rng.uniform(60, 90), 0))
-    return "in both lungs"
+    """Geographic patches of darker lung (air trapping or hypoperfusion: 60-120 HU below the lung
+    around them), sharply bounded: 4-8 of them, 25-60 mm across, a few percent of the lungs."""
+    points, darker = [lung_point(rng, a) for _ in range(rng.integers(4, 9))], np.zeros(hu.shape, np.float32)
+    for p in points:
+        s, w = lung_patch(ax, a, p, rng.uniform(12, 30, 3), edge=10)
+        darker[s] = np.maximum(darker[s], w)                          # overlapping patches: darker once
+    hu -= darker * ((hu > -950) & (hu < -600)) * rng.uniform(60, 120)  # parenchyma, not vessels or airways
+    return where_in_lungs(a, *points)
 
 
 def draw_peribronchial_thickening(rng, hu, ax, a):
@@ -721,15 +706,15 @@ def draw_peribronchial_thickening(rng, hu, ax, a):
 def draw_consolidation(rng, hu, ax, a):
     """Dense airspace opacity (-50 to +50 HU), 50-110 mm, with air bronchograms branching through it."""
     p, r = lung_point(rng, a, (0, 0.75)), rng.uniform(25, 55, 3)
-    s, rho = ellipsoid(ax, p, r)
-    hu[s] += np.clip((1 - rho) * 6, 0, 1) * a.lung[s] * (rng.uniform(-50, 50) - hu[s])
+    s, w = lung_patch(ax, a, p, r, edge=6)
+    hu[s] += w * (rng.uniform(-50, 50) - hu[s])
     inside = np.zeros(hu.shape, bool)
-    inside[s] = rho < 0.8
+    inside[s] = w == 1
     hilum = a.lungs[int(p[0] >= 0)].hilum
     start = p + unit(hilum - p) * r.min()                             # air bronchograms run from the hilar side
     draw_tubes(hu, ax, [(start, start + unit(p - hilum + rng.normal(0, 15, 3)) * 2 * r.max(), rng.uniform(2, 3.5))
                         for _ in range(rng.integers(2, 5))], -950, where=inside)
-    return f"in the {lobe_name(a, p)}"
+    return where_in_lungs(a, p)
 
 
 def draw_bronchiectasis(rng, hu, ax, a):
@@ -745,15 +730,18 @@ def draw_bronchiectasis(rng, hu, ax, a):
 
 
 def draw_interlobular_septal_thickening(rng, hu, ax, a):
-    """A polygonal network of thickened septa (3-5 mm lines, -250 to -50 HU) around 12-20 mm lobules
-    in the peripheral lung: three tilted families of parallel planes, 60 degrees apart."""
-    basal = rng.random() < 0.5
-    idx, p = parenchyma(hu, ax, (a.lung_r > 0.6) & (ax[2] < (a.carina[2] - 20 if basal else np.inf)))
+    """Thickened septa (3-5 mm lines, -250 to -50 HU) around 12-20 mm lobules in 2-4 subpleural regions
+    40-70 mm across, mostly basal: three tilted families of parallel planes 60 degrees apart."""
+    z, value = (-100, a.carina[2] - 20) if rng.random() < 0.7 else (-100, 115), rng.uniform(-250, -50)
+    points = [lung_point(rng, a, (0.75, 0.97), z) for _ in range(rng.integers(2, 5))]
     cell, width, theta = rng.uniform(12, 20), rng.uniform(3, 5), rng.uniform(0, np.pi / 3) + np.arange(3) * np.pi / 3
-    t = p @ np.stack([np.cos(theta), np.sin(theta), np.full(3, 0.35)]) / cell + rng.random(3)
-    septa = (np.abs(t - np.round(t)) * cell < width / 2).any(1)
-    hu[idx] = np.where(septa, np.maximum(hu[idx], rng.uniform(-250, -50)), hu[idx])
-    return "in the peripheral lower zones of both lungs" if basal else "in the periphery of both lungs"
+    planes, phase = np.stack([np.cos(theta), np.sin(theta), np.full(3, 0.35)]) / cell, rng.random(3)
+    for p in points:
+        s, w = lung_patch(ax, a, p, rng.uniform(20, 35))
+        t = np.stack(np.meshgrid(*(ax[k][s[k]] for k in range(3)), indexing="ij"), -1) @ planes + phase
+        septa = (np.abs(t - np.round(t)) * cell < width / 2).any(-1) & (w > 0.5) & (hu[s] > -950) & (hu[s] < -600)
+        hu[s][septa] = value                                          # in the parenchyma, between the vessels
+    return where_in_lungs(a, *points)
 
 
 DRAW = {  # painting order: the heart first (lung findings keep clear of it), the lungs, calcium, metal last
@@ -767,6 +755,17 @@ DRAW = {  # painting order: the heart first (lung findings keep clear of it), th
     "Arterial wall calcification": draw_arterial_wall_calcification, "Lymphadenopathy": draw_lymphadenopathy,
     "Hiatal hernia": draw_hiatal_hernia, "Medical material": draw_medical_material,
 }
+
+
+def metal_streaks(rng, hu, ax):
+    """Streaks that metal casts across its axial slices (beam hardening, photon starvation): rays of
+    +-100..300 HU around the metal's centre, fading over ~15 cm, as on real CT."""
+    rays, amplitude, phase = rng.integers(6, 12), rng.uniform(100, 300), rng.uniform(0, 2 * np.pi)
+    for k in np.flatnonzero((hu > 2000).any((0, 1))):
+        i, j = np.nonzero(hu[:, :, k] > 2000)
+        dx, dy = ax[0][:, None] - ax[0][i].mean(), ax[1][None, :] - ax[1][j].mean()
+        streaks = np.cos(rays * np.arctan2(dy, dx) + phase) ** 9 * np.exp(-np.hypot(dx, dy) / 150)
+        hu[:, :, k] += amplitude * streaks * (hu[:, :, k] > -950)        # the air around the body stays air
 
 
 def scanner_blur(hu):
@@ -792,6 +791,7 @@ def render_volume(rng, labels_row, scanner_rng=None):
     ax = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing_mm)]  # mm from the chest centre
     hu, a = build_anatomy(rng, ax)
     details = {f: draw(rng, hu, ax, a) for f, draw in DRAW.items() if labels_row[FINDINGS.index(f)]}
+    metal_streaks(rng, hu, ax)                                           # the scanner's, not the patient's
     hu = scanner_blur(hu)
     hu += scanner_rng.standard_normal(shape, dtype=np.float32) * scanner_rng.uniform(10, 25)
     affine = np.diag([-sxy, -sxy, sz, 1.0])                              # LPS voxel order, RAS world
@@ -3487,6 +3487,38 @@ def prompt_study(reports_csv, out, cfg, labels_csv=None, id_col="VolumeName", te
 # towers, and the same CLIP from scratch (the paper's ablation) -> the evaluation of both.
 # Every stage reuses its output, so a rerun after an interruption continues where it stopped.
 # ---------------------------------------------------------------------------------------
+# Findings that change how much of each tissue density a chest holds on real CT too, so that its
+# intensity histogram may rightly give them away (emphysema is measured as lung below -950 HU).
+HISTOGRAM_FINDINGS = ["Medical material", "Arterial wall calcification", "Coronary artery wall calcification",
+                      "Cardiomegaly", "Pericardial effusion", "Pleural effusion", "Emphysema"]
+
+
+def histogram_shortcuts(train_ds, valid_ds, bins=40):
+    """How far each finding shows in the intensity histogram alone, which keeps no place or shape:
+    per finding, seeded gradient boosting on the `bins`-bin histogram (normalised counts over
+    [-1, 1]) of each train volume's model input, scored by AUC on valid. Metal, calcium, fluid and
+    emphysema change how much of each density a chest holds on real CT too; any other finding that
+    scores high is a shortcut in the data, which a model can learn instead of the lesion. Returns
+    {finding: valid AUC}, NaN where a split lacks a class."""
+    from sklearn.ensemble import HistGradientBoostingClassifier  # here: a second of import only this needs
+    from threadpoolctl import threadpool_limits
+
+    def histograms(ds):
+        volumes = (ds[i][0].numpy() for i in range(len(ds)))
+        return np.stack([np.histogram(v, bins, (-1, 1))[0] / v.size for v in volumes])
+    x_train, x_valid = histograms(train_ds), histograms(valid_ds)
+    auc = {}
+    for k, f in enumerate(FINDINGS):
+        y_train, y_valid = train_ds.labels[:, k].numpy() == 1, valid_ds.labels[:, k].numpy() == 1
+        if min(len(set(y_train)), len(set(y_valid))) < 2:
+            auc[f] = float("nan")
+            continue
+        with threadpool_limits(1):  # a fit this small on shared cores runs 20x faster on one thread
+            model = HistGradientBoostingClassifier(random_state=0).fit(x_train, y_train)
+        auc[f] = float(roc_auc_score(y_valid, model.predict_proba(x_valid)[:, 1]))
+    return auc
+
+
 def demo(out="demo", seed=0, device="auto"):
     t0, out, times = time.perf_counter(), Path(out), {}
     data, silver = out / "data", out / "silver_train.csv"
@@ -3502,6 +3534,8 @@ def demo(out="demo", seed=0, device="auto"):
         timed("synth", synthesize_ctrate, data, seed=seed, workers=cfg.workers)
     for split in ("train", "valid"):
         timed("prep", prep_split, data, split, cfg, workers=cfg.workers)
+    histogram_auc = timed("histogram check", histogram_shortcuts, *(CTRateDataset(data, split, cfg)
+                                                                    for split in ("train", "valid")))
     if not silver.is_file():
         backend = "llm" if os.environ.get("OPENAI_BASE_URL") else "rules"
         print(f"demo: labelling the train reports with the {backend} backend"
@@ -3533,6 +3567,12 @@ def demo(out="demo", seed=0, device="auto"):
     print(f"silver labels vs the generator's truth (train): macro AUC {quality['macro']['auc']:.3f}; "
           f"supervised towers on valid: image macro AUC {supervised['image']['macro_auc']:.3f}, "
           f"text {supervised['text']['macro_auc']:.3f}")
+    print("valid AUC from the intensity histogram alone (* : real CT shows it there too; others should be ~0.5):")
+    for i in range(0, len(FINDINGS), 2):
+        print("  " + "".join(f"{f:<36}{histogram_auc[f]:.2f}{'*' if f in HISTOGRAM_FINDINGS else '':<6}"
+                             for f in FINDINGS[i:i + 2]).rstrip())
+    shortcuts = [f for f, auc in histogram_auc.items() if auc > 0.8 and f not in HISTOGRAM_FINDINGS]
+    print(f"  histogram shortcuts (> 0.80, no *): {', '.join(shortcuts) or 'none'}")
     print(f"{'CLIP initialised from':<24}{'zero-shot AUC [95% CI]':>26}{'mAP@50':>9}{'Recall@100':>12}")
     for name, r in results.items():
         p, lo, hi = r["ci"]["macro AUC"]
@@ -3540,7 +3580,7 @@ def demo(out="demo", seed=0, device="auto"):
     print(f"{results['scratch']['n']} valid volumes; Recall@100 chance = {100 / results['scratch']['n']:.3f}; "
           "mAP@50 with the query excluded from its gallery")
     summary = {"minutes": minutes, "seconds": times, "label_quality": quality, "supervised": supervised,
-               "results": results}
+               "histogram_auc": histogram_auc, "results": results}
     atomic_write_bytes(out / "demo_results.json", results_to_json(summary).encode())
     return summary
 

@@ -210,6 +210,62 @@ def test_calcium_sits_outside_the_lungs(name):
     assert lung_share_of_change(name) < 0.4
 
 
+@pytest.mark.parametrize("name", rc.FINDINGS)
+def test_no_finding_erases_bone(name, monkeypatch):
+    """Bone (above 150 HU before the finding) stays above 150 HU: findings displace lung and soft tissue."""
+    monkeypatch.setattr(rc, "metal_streaks", lambda *args: None)    # streaks are the scanner's, not the patient's
+    for seed in (0, 4):
+        normal, finding = render(seed, blur=False)[0], render.__wrapped__(seed, name, blur=False)[0]
+        bone = normal > 150
+        assert bone.sum() > 1000 and (finding[bone] > 150).all(), f"{name} (seed {seed}) paints over bone"
+
+
+@pytest.mark.parametrize("name", ["Cardiomegaly", "Pericardial effusion", "Hiatal hernia", "Lymphadenopathy"])
+def test_masses_displace_only_lung_and_fat(name):
+    """The great vessels, the esophagus, the spine and the airways keep their place around a mass."""
+    for seed in (0, 4):
+        normal, finding = render(seed, blur=False)[0], render(seed, name, blur=False)[0]
+        changed = np.abs(finding - normal) > 30
+        assert changed.sum() > 100 and (normal[changed] < -20).mean() > 0.98, f"{name} (seed {seed})"
+
+
+@pytest.mark.parametrize("name", ["Interlobular septal thickening", "Mosaic attenuation pattern"])
+def test_lung_patterns_are_local(name):
+    """Septal lines and mosaic patches change a few percent of the lung, not all of it: real ones
+    are regional, and a pattern everywhere would show in the intensity histogram alone."""
+    for seed in (0, 1, 2):
+        normal, finding = render(seed, blur=False)[0], render(seed, name, blur=False)[0]
+        lung = (normal > -920) & (normal < -750)
+        assert 0.003 < (np.abs(finding - normal) > 50)[lung].mean() < 0.15, f"{name} (seed {seed})"
+
+
+class ToySplit(list):
+    """What histogram_shortcuts reads of a CTRateDataset: ds[i][0], a volume, and ds.labels."""
+
+
+def toy_split(seed, n=160):
+    """Noise volumes: label 0 moves half the voxels up by 0.2 (a histogram shortcut); label 1 puts a
+    bright cube left or right (the same histogram either way); no volume has the other findings."""
+    rng = np.random.default_rng(seed)
+    split, y = ToySplit(), np.zeros((n, len(rc.FINDINGS)), np.int64)
+    y[:, :2] = rng.random((n, 2)) < 0.5
+    for shifted, right in y[:, :2]:
+        vol = rng.normal(-0.5, 0.1, (8, 16, 16)).astype(np.float32)
+        vol[:, :8] += 0.2 * shifted
+        x0 = 10 if right else 2
+        vol[2:6, 6:10, x0:x0 + 4] = 0.5
+        split.append((torch.from_numpy(vol)[None], None, None))
+    split.labels = torch.from_numpy(y)
+    return split
+
+
+def test_histogram_shortcuts_find_a_shifted_histogram_and_nothing_else():
+    auc = rc.histogram_shortcuts(toy_split(0), toy_split(1))
+    assert list(auc) == rc.FINDINGS
+    assert auc[rc.FINDINGS[0]] > 0.95 and 0.35 < auc[rc.FINDINGS[1]] < 0.65
+    assert all(math.isnan(auc[f]) for f in rc.FINDINGS[2:])                  # one class only: undefined
+
+
 def test_store_volume_orientations_round_trip(tmp_path):
     hu = np.random.default_rng(0).normal(0, 200, (6, 7, 8)).astype(np.float32)
     affine = np.diag([-2.0, -2.0, 3.0, 1.0])
