@@ -3761,6 +3761,7 @@ def cmd_eval(args):
         check_writable(out.parent)
     except RadclipError as e:
         raise RadclipError(f"{e} with --out") from None
+    zero_shot_prompts(load_prompts(), args.prompt)  # an unknown --prompt fails before any embedding
     results = run_eval(args.ckpt, args.data, args.split, args.prompt, args.ctclip_quirks,
                        args.scan_level, args.n_boot, args.device, args.labels,
                        sorted(args.map_k), sorted(args.recall_k), args.all_findings, args.cache_dir, args.emb_cache)
