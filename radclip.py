@@ -228,6 +228,19 @@ def make_config(preset="paper", **overrides):
 # ---------------------------------------------------------------------------------------
 # ---- 2. Utilities ----
 # ---------------------------------------------------------------------------------------
+def autocast(device, amp_dtype):
+    """Mixed precision in amp_dtype (resolve_amp's choice), or plain fp32 where it is None."""
+    return torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def finding_auc(labels, scores):
+    """ROC AUC of each column of (N, F) labels (1 is present) and scores, NaN where a column lacks a
+    class, never 0.5: the macro AUC is np.nanmean of it, over the findings where AUC is defined."""
+    labels, scores = np.asarray(labels) == 1, np.asarray(scores, np.float64)
+    return np.array([roc_auc_score(y, s) if 0 < y.sum() < len(y) else math.nan
+                     for y, s in zip(labels.T, scores.T)])
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -2772,6 +2785,13 @@ def embed(model, ds, fn, cfg, device, amp_dtype=None, channels_last=False, batch
         with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out.append(fn(model, vol, ids.to(device)).float().cpu())
     return torch.cat(out)
+
+
+def embed_pairs(model, ds, cfg, device, amp_dtype=None, channels_last=False):
+    """(image_emb (N, E), text_emb (N, E)): every volume of ds and its report in the CLIP space."""
+    both = embed(model, ds, lambda m, v, t: torch.cat([m.encode_image(v), m.encode_text(t)], 1),
+                 cfg, device, amp_dtype, channels_last)
+    return both[:, :cfg.embed_dim], both[:, cfg.embed_dim:]
 
 
 def print0(*args):
