@@ -80,9 +80,10 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_s
 from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------
-# ---- 1. Config and findings ----
-# The 18 CT-RATE findings, in CT-RATE's column order. This list is the one source of truth:
-# the prompts, the label CSVs and the classification heads all take it from here.
+# ---- 1. Findings and Config ----
+# The 18 CT-RATE findings, in CT-RATE's column order, are the one source of truth: the prompts,
+# the label CSVs and the classification heads all take them from here. Config holds the paper's
+# settings; each field also says which values it may take and what its --flag does.
 # ---------------------------------------------------------------------------------------
 FINDINGS = [
     "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
@@ -98,59 +99,66 @@ class RadclipError(Exception):
     """A problem with the user's input: the CLI prints it as one line and exits nonzero."""
 
 
+def knob(default, bounds, help):
+    """A Config field: the paper's value, the values it may take ((lo, hi) inclusive for a number or
+    each element of a tuple; else the allowed strings) and its --flag's help."""
+    return dataclasses.field(default=default, metadata={"bounds": bounds, "help": help})
+
+
 @dataclass
 class Config:
-    # Preprocessing. Paper/GreenRFM chest settings: 1.5 x 1.5 x 3 mm, HU window [-1000, 200]
-    # mapped to [-1, 1], a 192 x 192 x 96 input. spacing is (x, y, z); shapes are (D, H, W).
-    spacing_mm: tuple = (1.5, 1.5, 3.0)
-    input_shape: tuple = (96, 192, 192)
-    hu_window: tuple = (-1000.0, 200.0)
-    # Image tower: torchvision's r3d_18 topology with a 1-channel strided stem.
-    width: int = 64                 # channels of layer1; 64 is ResNet-18
-    stem_kernel: int = 2            # the authors' stem: 2x2x2 stride 2 ("lite": 4, stride 4)
-    stem_stride: int = 2
-    # Text tower: word-level tokenizer + a small pre-LN Transformer (paper: CXR-BERT).
-    context_len: int = 256
-    vocab_min_freq: int = 2
-    text_width: int = 256
-    text_layers: int = 4
-    text_heads: int = 4
+    # Preprocessing, the authors' chest settings (GreenRFM, their follow-up code). Spacing is
+    # (x, y, z) mm; every array is (D, H, W): superior->inferior, anterior->posterior, right->left.
+    spacing_mm: tuple = knob((1.5, 1.5, 3.0), (0.1, 20.0), "voxel size (x, y, z), mm")
+    input_shape: tuple = knob((96, 192, 192), (4, 1024), "model input (D, H, W), voxels")
+    hu_window: tuple = knob((-1000.0, 200.0), (-2000.0, 4000.0), "HU range mapped to [-1, 1]")
+    # Image tower: torchvision's r3d_18 with the authors' 1-channel strided stem ("lite": 4, stride 4).
+    width: int = knob(64, (1, 1024), "channels of ResNet layer1 (64 is ResNet-18)")
+    stem_kernel: int = knob(2, (1, 16), "the stem's cube size, voxels")
+    stem_stride: int = knob(2, (1, 16), "the stem's stride: 2 the authors' standard stem, 4 their lite one")
+    # Text tower: word-level tokenizer + a small pre-LN Transformer (the paper: CXR-BERT).
+    context_len: int = knob(256, (1, 8192), "report tokens the text tower reads; the rest is cut")
+    vocab_min_freq: int = knob(2, (1, 10**6), "training-report count a word needs to enter the vocabulary")
+    text_width: int = knob(256, (1, 4096), "text Transformer width")
+    text_layers: int = knob(4, (1, 64), "text Transformer blocks")
+    text_heads: int = knob(4, (1, 64), "attention heads (they divide --text-width)")
     # CLIP head
-    embed_dim: int = 512
-    logit_scale_init: float = math.log(1 / 0.07)
-    logit_scale_max: float = 100.0
-    learn_temperature: bool = True
-    aux_cls: float = 0.0            # GreenRFM-style classifier loss during CLIP; 0 = vanilla
+    embed_dim: int = knob(512, (1, 8192), "the shared embedding's size")
+    logit_scale_init: float = knob(math.log(1 / 0.07), (0.0, 10.0), "log of CLIP's first inverse temperature")
+    logit_scale_max: float = knob(100.0, (1.0, 1e4), "the inverse temperature's cap")
+    learn_temperature: bool = knob(True, (0, 1), "learn CLIP's temperature (else fixed at the initial one)")
+    aux_cls: float = knob(0.0, (0.0, 1e3), "weight of a classifier loss during CLIP (GreenRFM); 0: vanilla")
     # Optimisation (GreenRFM: AdamW, supervised lr 1e-4, CLIP lr 1e-5, batch 10, 5 epochs)
-    supervised_lr: float = 1e-4
-    clip_lr: float = 1e-5
-    supervised_epochs: float = 5.0  # passes over the training split; they set the step count
-    clip_epochs: float = 5.0
-    min_lr: float = 1e-6
-    weight_decay: float = 1e-4
-    batch_size: int = 10
-    accum_steps: int = 1
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    uncertain: str = "ignore"       # what -1 labels train as: ignore (masked) | zero | one
-    pos_weight: bool = False        # weight positives by neg/pos prevalence in BCE
-    augment: bool = True
-    max_train_volumes: int = 0      # 0: all; else the first N (the data-scaling ablation)
+    supervised_lr: float = knob(1e-4, (1e-9, 1.0), "peak learning rate of the supervised stage")
+    clip_lr: float = knob(1e-5, (1e-9, 1.0), "peak learning rate of the CLIP stage")
+    supervised_epochs: float = knob(5.0, (1e-3, 1e5), "passes over the training split (they set the steps)")
+    clip_epochs: float = knob(5.0, (1e-3, 1e5), "passes over the training split (they set the steps)")
+    min_lr: float = knob(1e-6, (0.0, 1.0), "where the cosine schedule ends")
+    weight_decay: float = knob(1e-4, (0.0, 10.0), "AdamW's, on weights (not biases, norms, temperature)")
+    batch_size: int = knob(10, (1, 65536), "volumes per micro-batch, per process")
+    accum_steps: int = knob(1, (1, 4096), "micro-batches per optimizer step")
+    warmup_steps: int = knob(100, (0, 10**7), "optimizer steps of linear warmup")
+    grad_clip: float = knob(1.0, (1e-6, 1e6), "gradient-norm clip")
+    uncertain: str = knob("ignore", ("ignore", "zero", "one"), "what -1 (uncertain) trains as: masked, 0, 1")
+    pos_weight: bool = knob(False, (0, 1), "weight positives by the negative/positive ratio in BCE")
+    augment: bool = knob(True, (0, 1), "random shifts of up to 8% per axis and shuffled report sentences")
+    max_train_volumes: int = knob(0, (0, 10**8), "train on the first N volumes only (0: all)")
     # Runtime
-    amp: str = "auto"               # auto: AMP on CUDA, fp32 on CPU (CPU bf16 is ~35x slower)
-    channels_last: str = "auto"     # auto: whatever `bench` measured faster on this device
-    workers: int = 4
-    seed: int = 0
-    eval_every: int = 500
-    save_every: int = 500
-    log_every: int = 20
+    amp: str = knob("auto", ("auto", "off", "fp16", "bf16"), "auto: bf16 (or fp16) on CUDA, fp32 on CPU")
+    channels_last: str = knob("auto", ("auto", "on", "off"), "auto: the faster one, measured at start-up")
+    workers: int = knob(4, (0, 256), "processes: prep's volumes in parallel, train's data loading")
+    seed: int = knob(0, (0, 2**32 - 1), "seeds the model, the sampler and the augmentation")
+    eval_every: int = knob(500, (1, 10**8), "validate every N optimizer steps")
+    save_every: int = knob(500, (1, 10**8), "checkpoint every N optimizer steps")
+    log_every: int = knob(20, (1, 10**8), "log every N optimizer steps")
 
 
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 PRESETS = {
     "paper": {},
-    # Sized for a 2-core CPU: a width-16 ResNet-18 with the lite stem at 32x64x64 trains at
-    # ~170 volumes/s. The window reaches 1000 HU: in [-1000, 200] calcium, metal and bone all
-    # clip to one value, and at 4.5 mm a plaque is a voxel-thick plate beside bone-bright ribs.
+    # Sized for a 2-core CPU: a width-16 ResNet-18 with the lite stem at 32 x 64 x 64. The window
+    # reaches 1000 HU: in [-1000, 200] calcium, metal and bone all clip to one value, and at 4.5 mm a
+    # plaque is a voxel-thick plate beside bone-bright ribs.
     "tiny": dict(spacing_mm=(4.5, 4.5, 9.0), input_shape=(32, 64, 64), hu_window=(-1000.0, 1000.0),
                  width=16, stem_kernel=4, stem_stride=4,
                  context_len=128, text_width=128, text_layers=2, text_heads=4,
@@ -158,29 +166,12 @@ PRESETS = {
                  supervised_epochs=28, clip_epochs=10, batch_size=32, warmup_steps=20, workers=2,
                  eval_every=100, save_every=100, log_every=10),
 }
-# The values each Config field may take: (lo, hi) inclusive for numbers (each element of a tuple),
-# or the allowed strings. make_config checks them all, so a bad flag, a bad preset and a bad
-# checkpoint config fail the same way, before any work. Counts that are 0 are never "some".
-BOUNDS = {
-    "spacing_mm": (0.1, 20.0), "input_shape": (4, 1024), "hu_window": (-2000.0, 4000.0),
-    "width": (1, 1024), "stem_kernel": (1, 16), "stem_stride": (1, 16),
-    "context_len": (1, 8192), "vocab_min_freq": (1, 10**6), "text_width": (1, 4096),
-    "text_layers": (1, 64), "text_heads": (1, 64), "embed_dim": (1, 8192),
-    "logit_scale_init": (0.0, 10.0), "logit_scale_max": (1.0, 1e4), "learn_temperature": (0, 1),
-    "aux_cls": (0.0, 1e3), "supervised_lr": (1e-9, 1.0), "clip_lr": (1e-9, 1.0), "min_lr": (0.0, 1.0),
-    "supervised_epochs": (1e-3, 1e5), "clip_epochs": (1e-3, 1e5), "weight_decay": (0.0, 10.0),
-    "batch_size": (1, 65536), "accum_steps": (1, 4096), "warmup_steps": (0, 10**7), "grad_clip": (1e-6, 1e6),
-    "uncertain": ("ignore", "zero", "one"), "pos_weight": (0, 1), "augment": (0, 1),
-    "max_train_volumes": (0, 10**8), "amp": ("auto", "off", "fp16", "bf16"),
-    "channels_last": ("auto", "on", "off"), "workers": (0, 256), "seed": (0, 2**32 - 1),
-    "eval_every": (1, 10**8), "save_every": (1, 10**8), "log_every": (1, 10**8),
-}
 
 
 def check_value(name, v):
-    """One value (or tuple element) of Config field `name`, converted, if BOUNDS allow it."""
-    bounds, default = BOUNDS[name], getattr(Config, name)
-    kind = type(default[0] if isinstance(default, tuple) else default)
+    """One value (or tuple element) of Config field `name`, converted, if its bounds allow it."""
+    f = CONFIG_FIELDS[name]
+    bounds, kind = f.metadata["bounds"], type(f.default[0] if isinstance(f.default, tuple) else f.default)
     if isinstance(bounds[0], str):
         if v not in bounds:
             raise RadclipError(f"must be one of {', '.join(bounds)}; got {v!r}")
@@ -192,42 +183,44 @@ def check_value(name, v):
     return kind(v)
 
 
-def check_field(name, value):
-    """value if every element is within BOUNDS[name], else a RadclipError naming the flag."""
-    default = getattr(Config, name)
-    try:
-        if not isinstance(default, tuple):
-            return check_value(name, value)
-        if len(value) != len(default):
-            raise RadclipError(f"takes {len(default)} values; got {len(value)}")
-        return tuple(check_value(name, v) for v in value)
-    except (RadclipError, TypeError, ValueError, OverflowError) as e:  # a hand-edited checkpoint config
-        raise RadclipError(f"--{name.replace('_', '-')} {e}") from None
-
-
 def make_config(preset="paper", **overrides):
-    """The preset's Config, with overrides that are not None (CLI flags map to fields), every
-    field checked against BOUNDS."""
+    """The preset's Config with the overrides that are not None (CLI flags, a checkpoint's config),
+    every field checked: a bad flag, preset or checkpoint fails the same way, before any work."""
     if preset not in PRESETS:
         raise RadclipError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(Config)}
-    bad = set(overrides) - fields
-    if bad:
-        raise RadclipError(f"unknown config field(s) {sorted(bad)}")
-    values = dict(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
-    cfg = Config(**{k: check_field(k, v) for k, v in values.items()})
+    if set(overrides) - set(CONFIG_FIELDS):
+        raise RadclipError(f"unknown config field(s) {sorted(set(overrides) - set(CONFIG_FIELDS))}")
+    values, checked = dict(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}), {}
+    for name, value in values.items():
+        default = CONFIG_FIELDS[name].default
+        try:
+            if isinstance(default, tuple) and len(value) != len(default):
+                raise RadclipError(f"takes {len(default)} values; got {len(value)}")
+            checked[name] = tuple(check_value(name, v) for v in value) if isinstance(default, tuple) \
+                else check_value(name, value)
+        except (RadclipError, TypeError, ValueError, OverflowError) as e:  # a hand-edited checkpoint too
+            raise RadclipError(f"--{name.replace('_', '-')} {e}") from None
+    cfg = Config(**checked)
     if cfg.hu_window[0] >= cfg.hu_window[1]:
         raise RadclipError(f"--hu-window needs LO < HI; got {cfg.hu_window}")
     if cfg.text_width % cfg.text_heads:
-        raise RadclipError(f"--text-width ({cfg.text_width}) must be a multiple of --text-heads ({cfg.text_heads})")
+        raise RadclipError(f"--text-width {cfg.text_width} is no multiple of --text-heads {cfg.text_heads}")
     if min(cfg.input_shape) < cfg.stem_kernel:
-        raise RadclipError(f"--input-shape {cfg.input_shape} is smaller than the stem's {cfg.stem_kernel} voxels")
+        raise RadclipError(f"--input-shape {cfg.input_shape} is under the {cfg.stem_kernel}-voxel stem")
     return cfg
 
 
 # ---------------------------------------------------------------------------------------
-# ---- 2. Utilities ----
+# ---- Utilities ----
+# Files are written whole or not at all, and checked for writability before the work that
+# would fill them; CSVs are read as CT-RATE and Excel write them.
 # ---------------------------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def autocast(device, amp_dtype):
     """Mixed precision in amp_dtype (resolve_amp's choice), or plain fp32 where it is None."""
     return torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None)
@@ -241,29 +234,6 @@ def finding_auc(labels, scores):
                      for y, s in zip(labels.T, scores.T)])
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def atomic_write_bytes(path, data):
-    """Write to a temporary file and rename: a crash, a Ctrl-C or a full disk never leaves a
-    half-written file, nor the temporary one; the previous file stays as it was."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):  # on a read-only mount even this fails
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise RadclipError(f"{path}: cannot write ({e.strerror or e}); any previous file is intact") from None
-        raise
-
-
 def check_writable(folder):
     """Create folder if needed and prove that a file can be written there, before any work is done
     that would then be lost (a step trained, a volume converted, a paid request sent)."""
@@ -273,12 +243,36 @@ def check_writable(folder):
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise RadclipError(f"{folder}: cannot write there ({e.strerror or e}); choose another output folder") from None
+        raise RadclipError(f"{folder}: cannot write there ({e.strerror or e}); pick another") from None
     return folder
+
+
+def atomic_write_bytes(path, data):
+    """Write to a temporary file and rename: a crash, a Ctrl-C or a full disk never leaves a
+    half-written file, nor the temporary one; the previous file stays as it was."""
+    path = check_writable(Path(path).parent) / Path(path).name
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # on a read-only mount even this fails
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RadclipError(f"{path}: cannot write ({e.strerror or e}); any old file is intact") from None
+        raise
 
 
 def sha256_file(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_csv(path, rows, columns):
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def read_csv(path, required=(), id_col=None):
@@ -287,35 +281,22 @@ def read_csv(path, required=(), id_col=None):
     path = Path(path)
     if not path.is_file():
         raise RadclipError(f"{path}: no such file")
-    data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise RadclipError(f"{path}: not UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); "
-                           "save it as UTF-8 (Excel: 'CSV UTF-8')") from None
-    try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        columns = reader.fieldnames or []
-        missing = [c for c in required if c not in columns]
+        reader = csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8-sig"), newline=""))
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise RadclipError(f"{path}: missing column(s) {missing}; found {columns}")
+            raise RadclipError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
         rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise RadclipError(f"{path}: not UTF-8 (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                           "save it as UTF-8 (Excel: 'CSV UTF-8')") from None
     except csv.Error as e:
         raise RadclipError(f"{path}: not a readable CSV ({e})") from None
-    if id_col:
-        twice = [i for i, n in Counter(r[id_col] for r in rows).items() if n > 1]
-        if twice:
-            raise RadclipError(f"{path}: {len(twice)} {id_col} values repeat, e.g. {twice[:3]}; "
-                               "each must name one row")
+    twice = [i for i, n in Counter(r[id_col] for r in rows).items() if n > 1] if id_col else []
+    if twice:
+        raise RadclipError(f"{path}: {len(twice)} {id_col} values repeat, e.g. {twice[:3]}; one row each")
     return rows
 
-
-def write_csv(path, rows, columns):
-    buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(check_writable(Path(path).parent) / Path(path).name, buf.getvalue().encode())
 
 
 # ---------------------------------------------------------------------------------------
@@ -3679,7 +3660,9 @@ def bench_prep(cfg, repeats=5):
 
 
 # ---------------------------------------------------------------------------------------
-# ---- 9. CLI ----
+# ---- 8. CLI ----
+# One subcommand per stage of the pipeline. The flags of Config fields come from Config itself,
+# so a flag, a preset and a checkpoint's config are checked alike; every subparser is here.
 # ---------------------------------------------------------------------------------------
 def number(kind, lo, hi=math.inf):
     """An argparse type: a `kind` number in [lo, hi]. NaN and inf are never in range."""
@@ -3687,77 +3670,75 @@ def number(kind, lo, hi=math.inf):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{' whole' if kind is int else ''} number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{' whole' * (kind is int)} number") from None
         if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be {f'>= {lo:g}' if hi == math.inf else f'in [{lo:g}, {hi:g}]'}"
-                                             f"; got {text}")
+            span = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}]"
+            raise argparse.ArgumentTypeError(f"must be {span}; got {text}")
         return v
     return parse
 
 
-def field(name):
-    """The argparse type of Config field `name`: BOUNDS checks it as make_config does."""
-    default = getattr(Config, name)
-    kind = type(default[0] if isinstance(default, tuple) else default)
-
-    def parse(text):
-        try:
-            return check_value(name, kind(text))
-        except (ValueError, RadclipError) as e:
-            raise argparse.ArgumentTypeError(str(e) if isinstance(e, RadclipError) else f"{text!r} is not a "
-                                             f"{'whole ' if kind is int else ''}number") from None
-    return parse
+METAVARS = {"spacing_mm": ("X", "Y", "Z"), "input_shape": ("D", "H", "W"), "hu_window": ("LO", "HI")}
 
 
-def add_config_flags(p):
-    """Flags that map one to one onto Config fields; None keeps the preset's value."""
+def add_config_flags(p, names=tuple(CONFIG_FIELDS)):
+    """--preset and a flag per Config field in names; None keeps the preset's value. The two stages'
+    epochs are one flag, --epochs, for the stage that runs."""
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="paper: the paper's settings (GPU); tiny: a 2-core CPU (default)")
-    p.add_argument("--spacing-mm", type=field("spacing_mm"), nargs=3, metavar=("X", "Y", "Z"), help="voxel size, mm")
-    p.add_argument("--input-shape", type=field("input_shape"), nargs=3, metavar=("D", "H", "W"), help="voxels")
-    p.add_argument("--hu-window", type=field("hu_window"), nargs=2, metavar=("LO", "HI"),
-                   help="HU range mapped to [-1, 1]")
-    p.add_argument("--workers", type=field("workers"), help="worker processes (prep: volumes in parallel; "
-                   "train: data loading)")
-    p.add_argument("--cache-dir", help="where prep's cache lives (default: DATA/cache), for a read-only --data")
-
-
-def add_model_flags(p):
-    p.add_argument("--width", type=field("width"), help="channels of ResNet layer1 (64 = ResNet-18)")
-    p.add_argument("--stem-kernel", type=field("stem_kernel"), help="the 1-channel stem's cube size, voxels")
-    p.add_argument("--stem-stride", type=field("stem_stride"), help="2: the authors' standard stem; 4: their lite one")
+    for name in names:
+        f = CONFIG_FIELDS[name]
+        flag, bounds, text = "--" + name.replace("_", "-"), f.metadata["bounds"], f.metadata["help"]
+        text = text.replace("%", "%%")  # argparse formats help with %
+        if name == "clip_epochs":
+            continue
+        if name == "supervised_epochs":
+            p.add_argument("--epochs", type=number(float, *bounds), help=f"{text} of the stage that runs")
+        elif isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif isinstance(bounds[0], str):
+            p.add_argument(flag, choices=bounds, help=text)
+        else:
+            kind = type(f.default[0] if isinstance(f.default, tuple) else f.default)
+            shape = {"nargs": len(f.default), "metavar": METAVARS[name]} if name in METAVARS else {}
+            p.add_argument(flag, type=number(kind, *bounds), help=f"{text} (paper: {f.default})", **shape)
 
 
 def config_from_args(args):
-    fields = {f.name for f in dataclasses.fields(Config)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields}
+    overrides = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
     if getattr(args, "epochs", None) is not None:
         overrides[f"{args.stage}_epochs"] = args.epochs
     return make_config(args.preset, **overrides)
 
 
+def cmd_synth(args):
+    if args.layout == "radchestct":
+        synthesize_radchestct(args.out, (args.n_train, args.n_valid, args.n_test), args.seed,
+                              args.npz_spacing_mm, args.workers)
+    else:
+        synthesize_ctrate(args.out, args.n_train, args.n_valid, args.seed, args.store, args.workers)
+
+
 def cmd_prep(args):
-    cfg = config_from_args(args)
-    failed = 0
+    cfg, failed = config_from_args(args), 0
     for split in args.split or ["train", "valid"]:
         if split in CTRATE_FILES:
-            n_cached, n_skipped, failures = prep_split(args.data, split, cfg, args.hu, cfg.workers, args.cache_dir)
+            done, skipped, failures = prep_split(args.data, split, cfg, args.hu, cfg.workers, args.cache_dir)
         else:
-            n_cached, n_skipped, failures = prep_radchestct(args.data, split, cfg, args.npz_spacing_mm, cfg.workers,
-                                                            args.cache_dir)
+            done, skipped, failures = prep_radchestct(args.data, split, cfg, args.npz_spacing_mm, cfg.workers,
+                                                      args.cache_dir)
         for err in failures:
             print(f"radclip: skipped {err}", file=sys.stderr)
         failed += len(failures)
-        print(f"prep {split}: {n_cached} volumes in {cache_dir(args.data, cfg, args.cache_dir) / split} "
-              f"({n_skipped} already done, {len(failures)} failed)")
+        print(f"prep {split}: {done} volumes in {cache_dir(args.data, cfg, args.cache_dir) / split} "
+              f"({skipped} already done, {len(failures)} failed)")
     return 1 if failed else 0
 
 
 def cmd_train(args):
     cfg = config_from_args(args)
     if args.stage == "supervised" and (args.init_text if args.modality == "image" else args.init_image):
-        raise RadclipError(f"a supervised {args.modality} stage trains one tower: pass only "
-                           f"--init-{args.modality}")
+        raise RadclipError(f"a supervised {args.modality} stage trains one tower: --init-{args.modality}")
     reports = None
     if args.reports or args.valid_reports:
         if not (args.reports and args.valid_reports) or args.data:
@@ -3767,9 +3748,8 @@ def cmd_train(args):
     elif not args.data:
         raise RadclipError("train needs --data (or, for --stage supervised --modality text, --reports and "
                            "--valid-reports)")
-    metrics = train(cfg, args.stage, args.out, args.data, args.modality, args.labels,
-                    args.init_image, args.init_text, args.restart, args.device, cache_root=args.cache_dir,
-                    reports=reports)
+    metrics = train(cfg, args.stage, args.out, args.data, args.modality, args.labels, args.init_image,
+                    args.init_text, args.restart, args.device, args.stop_after, args.cache_dir, reports)
     print(results_to_json(metrics))
 
 
@@ -3782,12 +3762,39 @@ def cmd_eval(args):
     except RadclipError as e:
         raise RadclipError(f"{e} with --out") from None
     zero_shot_prompts(load_prompts(), args.prompt)  # an unknown --prompt fails before any embedding
-    results = run_eval(args.ckpt, args.data, args.split, args.prompt, args.ctclip_quirks,
-                       args.scan_level, args.n_boot, args.device, args.labels,
-                       sorted(args.map_k), sorted(args.recall_k), args.all_findings, args.cache_dir, args.emb_cache)
+    results = run_eval(args.ckpt, args.data, args.split, args.prompt, args.ctclip_quirks, args.scan_level,
+                       args.n_boot, args.device, args.labels, sorted(args.map_k), sorted(args.recall_k),
+                       args.all_findings, args.cache_dir, args.emb_cache)
     print(format_results(results))
     atomic_write_bytes(out, results_to_json(results).encode())
     print(f"\nwrote {out}")
+
+
+def cmd_prompts(args):
+    cfg = config_from_args(args)
+    if args.ckpt:  # one tower's check of prompts.txt on these reports
+        model, cfg, tokenizer = model_from_checkpoint(args.ckpt, "text")
+        stage = load_checkpoint(args.ckpt)["stage"]
+        reports = read_reports(args.reports, args.id_col, args.text_cols)
+        labels = read_labels(args.labels or args.reports, args.id_col)
+        ids, prompts = match_ids("prompts", reports=reports, labels=labels), load_prompts()
+        sets = {n: zero_shot_prompts(prompts, n) for n in ["report", *prompts["zero_shot"]]}
+        results = check_prompts(model, tokenizer, cfg, stage, [reports[i] for i in ids],
+                                np.stack([labels[i] for i in ids]), sets, args.n_boot)
+        print(f"prompt check of {args.ckpt} ({stage}) on {len(ids)} reports: AUC of cos(report, positive) - "
+              "cos(report, negative)\n" + "\n".join(prompt_check_table(results)))
+        return
+    r = prompt_study(args.reports, args.out, cfg, args.labels, args.id_col, tuple(args.text_cols), cfg.seed,
+                     args.choose, args.n_boot, args.device)
+    print(f"\nprompt study, seed {r['seed']}: folds A/B/C = {'/'.join(map(str, r['n'].values()))} reports; "
+          "the tower trained on A, the prompts chosen on B, everything below on C")
+    for name in ("text_head", "rules"):
+        print(f"{name:<36}macro AUC {'%.3f [%.3f, %.3f]' % r[name]['macro_auc']}")
+    print("\n".join(prompt_check_table(r["prompt_check"])))
+    if r["chosen"]:
+        print("\nchosen on B (### report-language lines for prompts.txt):")
+        print("\n".join(f"{f} | {pos} | {neg}" for f, pairs in r["chosen"].items() for pos, neg in pairs))
+    print(f"\nwrote {Path(args.out) / 'prompt_study.json'}")
 
 
 def cmd_bench(args):
@@ -3795,144 +3802,124 @@ def cmd_bench(args):
     _, _, device = setup_distributed(args.device)
     if args.labeler:
         r = bench_labeler(args.labeler_reports, args.latency, args.labeler_workers)
-        print(json.dumps(r, indent=1))
-        return
+        return print(json.dumps(r, indent=1))
     if args.prep:
         print(f"bench --prep: preset {args.preset}, spacing {cfg.spacing_mm} mm, input {cfg.input_shape}, "
-              f"one thread, median of {args.steps}")
-        print(f"{'volume':<40}{'read only, s':>14}{'load + preprocess, s':>22}{'ratio':>7}")
+              f"one thread, median of {args.steps}\n{'volume':<40}{'read only, s':>14}{'load + prep, s':>16}")
         for r in bench_prep(cfg, args.steps):
-            print(f"{r['what']:<40}{r['read_s']:>14.2f}{r['prep_s']:>22.2f}{r['ratio']:>7.2f}")
+            print(f"{r['what']:<40}{r['read_s']:>14.2f}{r['prep_s']:>16.2f}")
         return
     rows = bench(cfg, device, args.data, args.steps, args.batch, cache_root=args.cache_dir)
-    print(f"bench: {device}, preset {args.preset}, width {cfg.width}, stem {cfg.stem_kernel}x{cfg.stem_kernel}x"
-          f"{cfg.stem_kernel} stride {cfg.stem_stride}, input {cfg.input_shape}, "
-          f"batch {args.batch}, median of {args.steps} steps, torch {torch.__version__}")
-    print(f"{'what':<28}{'amp':>6}{'channels_last':>15}{'volumes/s':>11}{'peak GiB':>10}")
+    print(f"bench: {device}, preset {args.preset}, width {cfg.width}, stem {cfg.stem_kernel}^3 stride "
+          f"{cfg.stem_stride}, input {cfg.input_shape}, batch {args.batch}, median of {args.steps} steps, "
+          f"torch {torch.__version__}\n{'what':<28}{'amp':>6}{'channels_last':>15}{'vol/s':>8}{'GiB':>6}")
     for r in rows:
-        peak = "n/a" if math.isnan(r["peak_gib"]) else f"{r['peak_gib']:.2f}"  # CUDA only
-        print(f"{r['what']:<28}{r['amp']:>6}{str(r['channels_last']):>15}{r['volumes_per_s']:>11.1f}{peak:>10}")
-    amp_dtype = resolve_amp("auto", device)
-    auto_amp = {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]
+        peak = "n/a" if math.isnan(r["peak_gib"]) else f"{r['peak_gib']:.2f}"  # peak memory, CUDA only
+        print(f"{r['what']:<28}{r['amp']:>6}{r['channels_last']!s:>15}{r['volumes_per_s']:>8.1f}{peak:>6}")
+    auto_amp = {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}[resolve_amp("auto", device)]
     speed = {r["channels_last"]: r["volumes_per_s"] for r in rows if r["amp"] == auto_amp}
-    cl = resolve_channels_last("auto", cfg, device, amp_dtype, measured=speed)
-    print(f"auto picks: amp={auto_amp}, channels_last={cl} (remembered for `train`)")
-
-
-def cmd_prompts(args):
-    if args.ckpt:  # one tower's check of prompts.txt on these reports
-        ckpt = load_checkpoint(args.ckpt, "text")
-        model, cfg, tokenizer = model_from_checkpoint(args.ckpt)
-        reports, labels = read_reports(args.reports, args.id_col, args.text_cols), read_labels(
-            args.labels or args.reports, args.id_col)
-        ids = match_ids("prompts", reports=reports, labels=labels)
-        prompts = load_prompts()
-        sets = {n: zero_shot_prompts(prompts, n) for n in ["report", *prompts["zero_shot"]]}
-        results = check_prompts(model, tokenizer, cfg, ckpt["stage"], [reports[i] for i in ids],
-                                np.stack([labels[i] for i in ids]), sets, args.n_boot)
-        print(f"prompt check of {args.ckpt} ({ckpt['stage']}) on {len(ids)} reports: AUC of cos(report, "
-              "positive) - cos(report, negative)")
-        print("\n".join(prompt_check_table(results)))
-        return
-    r = prompt_study(args.reports, args.out, config_from_args(args), args.labels, args.id_col,
-                     tuple(args.text_cols), args.seed, args.choose, args.n_boot, args.device)
-    print(f"\nprompt study, seed {r['seed']}: folds A/B/C = {'/'.join(map(str, r['n'].values()))} reports; "
-          "the tower trained on A, the prompts chosen on B, everything below on C")
-    for name in ("text_head", "rules"):
-        print(f"{name:<36}macro AUC {'%.3f [%.3f, %.3f]' % r[name]['macro']}")
-    print("\n".join(prompt_check_table(r["prompt_check"])))
-    if r["chosen"]:
-        print(f"\nchosen on B (### report-language lines for prompts.txt):")
-        print("\n".join(f"{f} | {pos} | {neg}" for f, pairs in r["chosen"].items() for pos, neg in pairs))
-    print(f"\nwrote {Path(args.out) / 'prompt_study.json'}")
-
-
-def cmd_demo(args):
-    demo(args.out, args.seed, args.device)
+    faster = "on" if speed[True] > speed[False] else "off"
+    print(f"faster here at --amp auto ({auto_amp}): --channels-last {faster}")
 
 
 SPLITS = [*CTRATE_FILES, "all", *RADCHESTCT_SPLITS]
+SHARED_FLAGS = {
+    "--device": dict(default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1"),
+    "--cache-dir": dict(help="prep's cache folder (default DATA/cache), for a read-only --data"),
+    "--id-col": dict(default="VolumeName", help="the CSVs' id column (default VolumeName)"),
+    "--text-cols": dict(nargs="+", default=list(REPORT_TEXT), help="columns joined into the report, in this "
+                        "order, 'Not given.' left out (default: Impressions_EN Findings_EN)"),
+    "--n-boot": dict(type=number(int, 1, 10**6), default=1000, help="bootstrap resamples for the CIs"),
+}
 
 
 def build_parser():
-    parser = Parser(prog="radclip", allow_abbrev=False, description="radclip: LLM silver labels, "
-                    "supervised pre-training and CLIP for 3D chest CT (arXiv 2509.13175)")
+    parser = Parser(prog="radclip", description="radclip: LLM silver labels, supervised pre-training and "
+                    "CLIP for 3D chest CT (arXiv 2509.13175)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    add_synth_parser(sub)
-    add_label_parser(sub)
+    def command(name, func, help, *shared):
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(func=func)
+        for flag in shared:
+            p.add_argument(flag, **SHARED_FLAGS[flag])
+        return p
 
-    p = sub.add_parser("prep", help="NIfTI or RAD-ChestCT .npz -> HU -> spacing -> window -> float16 .npy cache")
-    p.add_argument("--data", required=True, help="folder holding CT-RATE's dataset/, or RAD-ChestCT's "
-                   ".npz files and labels CSVs")
-    p.add_argument("--split", choices=SPLITS, action="append",
-                   help="repeatable; CT-RATE: train, valid (default: both); RAD-ChestCT: trn, val, tst "
-                        "(its ID prefixes) or all (the 3,630 scans peers score)")
+    p = command("synth", cmd_synth, "write a miniature synthetic CT-RATE (volumes, reports, labels)")
+    p.add_argument("--out", type=Path, required=True, help="output folder; the dataset goes to OUT/dataset")
+    p.add_argument("--n-train", type=number(int, 0), default=1000, help="training volumes (default 1000)")
+    p.add_argument("--n-valid", type=number(int, 0), default=300, help="validation volumes (default 300)")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="the same seed, the same data")
+    p.add_argument("--store", choices=["raw", "hu"], default="raw", help="raw: int16 HU - RescaleIntercept, "
+                   "as CT-RATE's first release; hu: HU, as its corrected one (Rescale columns kept)")
+    p.add_argument("--workers", type=number(int, 1, 256), default=2, help="processes rendering volumes")
+    p.add_argument("--layout", choices=["ctrate", "radchestct"], default="ctrate", help="radchestct: as "
+                   "RAD-ChestCT's .npz and labels; --n-train/--n-valid/--n-test scans as trn/val/tst")
+    p.add_argument("--n-test", type=number(int, 0), default=100, help="radchestct: tst scans (default 100)")
+    p.add_argument("--npz-spacing-mm", type=number(float, 0.1, 20), default=3.0,
+                   help="radchestct: isotropic voxel size (the release: 0.8; default 3, laptop-sized)")
+
+    p = command("label", cmd_label, "silver labels from reports (LLM or rules), or --eval them", "--id-col",
+                "--text-cols")
+    p.add_argument("--reports", help="reports CSV (CT-RATE's layout by default)")
+    p.add_argument("--out", help="labels CSV: the id + 18 findings as 1/0/-1 (--eval: the table as JSON)")
+    p.add_argument("--backend", choices=["llm", "rules"], default="llm",
+                   help="llm: an OpenAI-compatible server; rules: offline, also when no server is set")
+    p.add_argument("--base-url", help="URL ending in /v1 (default $OPENAI_BASE_URL); key: $OPENAI_API_KEY")
+    p.add_argument("--model", help="model name (default $OPENAI_MODEL)")
+    p.add_argument("--workers", type=number(int, 1, 256), default=8, help="requests in flight (default 8)")
+    p.add_argument("--timeout", type=number(float, 0.01, 3600), default=60.0, help="seconds per request")
+    p.add_argument("--max-retries", type=number(int, 0, 100), default=5, help="retries after a first try")
+    p.add_argument("--max-tokens", type=number(int, 16, 2**20), default=300,
+                   help="the answer's token limit; a reply cut by it is asked again with twice it")
+    p.add_argument("--cache", help="JSONL cache of answers (default: --out with .cache.jsonl)")
+    p.add_argument("--response-format", choices=RESPONSE_FORMATS, default="json_schema",
+                   help="asked of the server; if refused, radclip falls back to json_object, then none")
+    p.add_argument("--price-in", type=number(float, 0), help="USD per 1M prompt tokens, for the cost")
+    p.add_argument("--price-out", type=number(float, 0), help="USD per 1M completion tokens, for the cost")
+    p.add_argument("--dry-run", action="store_true", help="estimate requests, tokens and cost; send none")
+    p.add_argument("--eval", action="store_true", help="score --pred against --gold instead of labelling")
+    p.add_argument("--pred", help="with --eval: predicted labels CSV (-1 counts as present)")
+    p.add_argument("--gold", help="with --eval: reference labels CSV (other columns are ignored)")
+
+    p = command("prep", cmd_prep, "NIfTI or RAD-ChestCT .npz -> HU -> spacing -> window -> .npy",
+                "--cache-dir")
+    p.add_argument("--data", required=True, help="folder of CT-RATE's dataset/, or of RAD-ChestCT's files")
+    p.add_argument("--split", choices=SPLITS, action="append", help="repeatable; CT-RATE: train, valid "
+                   "(default: both); RAD-ChestCT: trn, val, tst (its ID prefixes) or all (the 3,630 scans)")
     p.add_argument("--npz-spacing-mm", type=number(float, 0.1, 20), default=0.8,
-                   help="RAD-ChestCT: the volumes' isotropic voxel size, which the .npz does not store "
-                        "(default 0.8, the release's)")
-    p.add_argument("--hu", choices=["auto", "raw", "hu"], default="auto",
-                   help="raw: apply the metadata's Rescale values; hu: stored values are HU "
-                        "(corrected release); auto: whichever makes air read -1000 HU")
-    add_config_flags(p)
-    p.set_defaults(func=cmd_prep)
+                   help="RAD-ChestCT: the isotropic voxel size, which a .npz does not store (release: 0.8)")
+    p.add_argument("--hu", choices=["auto", "raw", "hu"], default="auto", help="raw: apply the metadata's "
+                   "Rescale values; hu: stored values are HU; auto: whichever makes air read -1000 HU")
+    add_config_flags(p, ("spacing_mm", "input_shape", "hu_window", "workers"))
 
-    p = sub.add_parser("train", help="supervised pre-training or CLIP alignment")
+    p = command("train", cmd_train, "supervised pre-training or CLIP alignment", "--device", "--cache-dir",
+                "--id-col", "--text-cols")
     p.add_argument("--stage", choices=["supervised", "clip"], required=True)
-    p.add_argument("--modality", choices=["image", "text"], default="image",
-                   help="the tower a supervised stage trains")
+    p.add_argument("--modality", choices=["image", "text"], default="image", help="the supervised tower")
     p.add_argument("--data", help="the CT-RATE folder (prep'd); a text stage needs only its CSVs")
     p.add_argument("--labels", help="training labels CSV (silver); default: the split's own")
-    p.add_argument("--reports", help="supervised text stage without --data: training reports CSV (labels: "
-                   "--labels, or its own 18 columns)")
+    p.add_argument("--reports", help="a text stage without --data: training reports CSV (labels: --labels "
+                   "or its own 18 columns)")
     p.add_argument("--valid-reports", help="with --reports: validation reports CSV")
     p.add_argument("--valid-labels", help="with --valid-reports: its labels (default: its own 18 columns)")
-    p.add_argument("--id-col", default="VolumeName", help="with --reports: the id column")
-    p.add_argument("--text-cols", nargs="+", default=list(REPORT_TEXT),
-                   help="with --reports: columns joined into the report (default Impressions_EN Findings_EN)")
     p.add_argument("--out", required=True, help="checkpoint path (.pt)")
     p.add_argument("--init-image", help="image tower to start from: a radclip checkpoint's, or torchvision's "
                    "Kinetics-400 r3d_18 state_dict (the authors'; all but its stem and fc; needs --width 64)")
     p.add_argument("--init-text", help="text tower to start from: a radclip checkpoint's")
     p.add_argument("--restart", action="store_true", help="train afresh over a checkpoint of another run in "
                    "--out (without it, the same run resumes there and another run is an error)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1")
+    p.add_argument("--stop-after", type=number(int, 1), help="stop after this many optimizer steps, without "
+                   "changing the schedule; the same command without it resumes")
     add_config_flags(p)
-    p.add_argument("--seed", type=field("seed"))
-    add_model_flags(p)
-    p.add_argument("--context-len", type=field("context_len"), help="report tokens the text tower reads; the rest is cut")
-    p.add_argument("--batch-size", type=field("batch_size"), help="per process")
-    p.add_argument("--accum-steps", type=field("accum_steps"))
-    p.add_argument("--epochs", type=field("supervised_epochs"), help="passes over the training split (sets the steps); "
-                   "sets supervised_epochs or clip_epochs, by --stage")
-    p.add_argument("--supervised-lr", type=field("supervised_lr"))
-    p.add_argument("--clip-lr", type=field("clip_lr"))
-    p.add_argument("--warmup-steps", type=field("warmup_steps"), help="optimizer steps of linear warmup")
-    p.add_argument("--uncertain", choices=["ignore", "zero", "one"],
-                   help="how -1 (uncertain) labels train: masked out, as 0 or as 1")
-    p.add_argument("--pos-weight", action=argparse.BooleanOptionalAction,
-                   help="weight positives by the negative/positive ratio in BCE")
-    p.add_argument("--aux-cls", type=field("aux_cls"), help="weight of a classifier loss during CLIP (GreenRFM)")
-    p.add_argument("--learn-temperature", action=argparse.BooleanOptionalAction,
-                   help="--no-learn-temperature fixes CLIP's temperature at 0.07")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random shifts of up to 8%%")
-    p.add_argument("--max-train-volumes", type=field("max_train_volumes"), help="train on the first N volumes only")
-    p.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"],
-                   help="auto: bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"],
-                   help="auto: the faster one, measured once on this device")
-    p.add_argument("--eval-every", type=field("eval_every"), help="validate every N optimizer steps")
-    p.add_argument("--save-every", type=field("save_every"), help="checkpoint every N optimizer steps")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="zero-shot AUC, image-image mAP@K, report-image Recall@K, CIs")
+    p = command("eval", cmd_eval, "zero-shot AUC, image-image mAP@K, report-image Recall@K, CIs", "--device",
+                "--cache-dir", "--n-boot")
     p.add_argument("--ckpt", required=True, help="a CLIP checkpoint")
     p.add_argument("--data", required=True)
-    p.add_argument("--split", choices=SPLITS, default="valid",
-                   help="CT-RATE: valid (default), train; RAD-ChestCT: all, trn, val, tst (the 16-class "
-                        "external protocol, zero-shot only)")
-    p.add_argument("--all-findings", action="store_true",
-                   help="RAD-ChestCT: also score the 18 findings as the label mapping defines them")
+    p.add_argument("--split", choices=SPLITS, default="valid", help="CT-RATE: valid (default), train; "
+                   "RAD-ChestCT: all, trn, val, tst (the 16-class external protocol, zero-shot only)")
+    p.add_argument("--all-findings", action="store_true", help="RAD-ChestCT: also the 18 findings as mapped")
     p.add_argument("--labels", help="labels CSV to score against; default: the split's own (gold)")
     p.add_argument("--prompt", default="report", help="zero-shot prompts from prompts.txt: report (the "
                    "report-language pairs, ensembled; default) or a template pair (ctclip: CT-CLIP's, ...)")
@@ -3940,52 +3927,38 @@ def build_parser():
                    help="mAP as CT-CLIP's script computes it (query in its own gallery, K mixed)")
     p.add_argument("--scan-level", action="store_true",
                    help="retrieval over one volume per scan (reconstructions share a report)")
-    p.add_argument("--n-boot", type=number(int, 1, 10**6), default=1000, help="bootstrap resamples for the CIs")
-    p.add_argument("--map-k", type=number(int, 1), nargs="+", default=[1, 5, 10, 50], help="K values for mAP@K")
-    p.add_argument("--recall-k", type=number(int, 1), nargs="+", default=[5, 10, 50, 100], help="K values for Recall@K")
+    p.add_argument("--map-k", type=number(int, 1), nargs="+", default=[1, 5, 10, 50], help="Ks of mAP@K")
+    p.add_argument("--recall-k", type=number(int, 1), nargs="+", default=[5, 10, 50, 100], help="of Recall@K")
     p.add_argument("--out", help="results JSON (default: beside the checkpoint)")
-    p.add_argument("--cache-dir", help="prep's cache folder, if prep had --cache-dir")
     p.add_argument("--emb-cache", help="embedding cache file (default: beside the checkpoint)")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("prompts", help="the prompt check on labelled reports, no volumes needed: the study "
-                       "(train a text tower, choose prompts, report), or --ckpt one tower's check")
+    p = command("prompts", cmd_prompts, "the prompt check on labelled reports, no volumes: the study "
+                "(train a text tower, choose prompts, report) or --ckpt one tower's check",
+                "--device", "--id-col", "--text-cols", "--n-boot")
     p.add_argument("--reports", required=True, help="reports CSV (labels: --labels, or its own 18 columns)")
-    p.add_argument("--labels", help="labels CSV (0/1, or -1 read as present)")
-    p.add_argument("--id-col", default="VolumeName", help="the id column (default VolumeName)")
-    p.add_argument("--text-cols", nargs="+", default=list(REPORT_TEXT), help="columns joined into the report")
+    p.add_argument("--labels", help="labels CSV (0/1; -1 counts as present)")
     p.add_argument("--ckpt", help="check prompts.txt with this checkpoint's text tower instead of the study")
     p.add_argument("--out", default="prompt_study", help="the study's folder (folds, tower, JSON)")
-    p.add_argument("--seed", type=field("seed"), default=0, help="the folds' and the tower's seed")
     p.add_argument("--choose", type=number(int, 1, 100), default=3, help="candidate pairs kept per finding")
-    p.add_argument("--n-boot", type=number(int, 1, 10**6), default=1000, help="bootstrap resamples")
-    p.add_argument("--device", default="auto")
     add_config_flags(p)
-    p.add_argument("--context-len", type=field("context_len"), help="report tokens the text tower reads")
-    p.add_argument("--epochs", type=field("supervised_epochs"), help="the tower's passes over fold A")
-    p.set_defaults(func=cmd_prompts, stage="supervised")
+    p.set_defaults(stage="supervised")
 
-    p = sub.add_parser("demo", help="the whole paper on synthetic data, on a CPU, in minutes")
+    p = command("demo", lambda args: demo(args.out, args.seed, args.device),
+                "the whole paper on synthetic data, on a CPU, in minutes", "--device")
     p.add_argument("--out", default="demo", help="working folder; a rerun reuses what is there")
-    p.add_argument("--seed", type=field("seed"), default=0)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
 
-    p = sub.add_parser("bench", help="training volumes/s per amp x channels-last; labeler reports/s")
-    add_config_flags(p)
-    add_model_flags(p)
+    p = command("bench", cmd_bench, "volumes/s per amp x channels-last, labeler reports/s, prep s/volume",
+                "--device", "--cache-dir")
     p.add_argument("--data", help="also time data loading from this folder's prep cache")
     p.add_argument("--steps", type=number(int, 1, 1000), default=5, help="timed steps per variant (median)")
     p.add_argument("--batch", type=number(int, 1, 4096), default=8, help="volumes per timed step")
-    p.add_argument("--device", default="auto")
     p.add_argument("--labeler", action="store_true", help="time the LLM labeler against a local server")
-    p.add_argument("--prep", action="store_true", help="time prep per volume at real size (CT-RATE .nii.gz, "
-                   "RAD-ChestCT .npz) beside reading the array alone; use --preset paper")
-    p.add_argument("--latency", type=number(float, 0, 60), default=0.2, help="the local server's seconds per reply")
+    p.add_argument("--prep", action="store_true", help="time prep per real-size volume beside reading it")
+    p.add_argument("--latency", type=number(float, 0, 60), default=0.2, help="the local server's s per reply")
     p.add_argument("--labeler-reports", type=number(int, 1, 10**6), default=1000)
     p.add_argument("--labeler-workers", type=number(int, 1, 256), default=16)
-    p.set_defaults(func=cmd_bench)
+    add_config_flags(p)
     return parser
 
 
@@ -4001,7 +3974,7 @@ AFTER_INTERRUPT = {  # what is true after Ctrl-C, per command
     "synth": "the same command writes the dataset again from the start",
     "prep": "finished volumes are cached; the same command does the rest",
     "label": "every answer received is cached; the same command asks only for the rest",
-    "train": "the same command resumes from the last checkpoint saved in --out (if none was, it starts afresh)",
+    "train": "the same command resumes from the last checkpoint saved in --out (if none was, afresh)",
     "eval": "nothing was written; the same command starts again",
     "demo": "the same command goes on from the last finished stage, and training from its checkpoints",
 }

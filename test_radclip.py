@@ -1679,8 +1679,8 @@ def cli(args, capsys):
 
 
 def bad_value(name):
-    """A value out of BOUNDS for Config field `name`."""
-    bounds, default = rc.BOUNDS[name], getattr(rc.Config, name)
+    """A value out of the bounds of Config field `name`."""
+    bounds, default = rc.CONFIG_FIELDS[name].metadata["bounds"], getattr(rc.Config, name)
     if isinstance(bounds[0], str):
         return "bogus"
     v = bounds[0] - 1 if bounds[0] > -math.inf else math.nan
@@ -1689,7 +1689,7 @@ def bad_value(name):
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(rc.Config)])
 def test_every_config_field_is_range_checked_where_a_config_is_made(name):
-    assert name in rc.BOUNDS  # a new field needs its bounds
+    assert rc.CONFIG_FIELDS[name].metadata["help"]  # a new field needs its bounds and its help
     for value in (bad_value(name),) + ((math.nan,) if isinstance(getattr(rc.Config, name), float) else ()):
         with pytest.raises(rc.RadclipError, match="--" + name.replace("_", "-")):
             rc.make_config("tiny", **{name: value})
@@ -1939,7 +1939,7 @@ def test_a_full_disk_during_a_real_write_is_one_line(tmp_path):
             "rc.atomic_write_bytes(sys.argv[1], b'x' * 5000)")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.json")], capture_output=True, text=True,
                          cwd=HERE)
-    assert run.returncode == 1 and "cannot write (File too large); any previous file is intact" in run.stderr
+    assert run.returncode == 1 and "cannot write (File too large); any old file is intact" in run.stderr
     assert (tmp_path / "x.json").read_text() == "previous" and len(list(tmp_path.iterdir())) == 1
 
 
