@@ -439,7 +439,6 @@ def test_resampling_keeps_a_sphere_radius_in_mm():
     hu = np.where(x**2 + y**2 + z**2 < radius_mm**2, 100.0, -1000.0).astype(np.float32)
     cfg = rc.make_config("tiny", spacing_mm=(2.0, 2.0, 2.0), input_shape=(64, 96, 96), hu_window=(-1000, 200))
     inside = rc.preprocess(hu.transpose(2, 1, 0), spacing[::-1], cfg) > (100 + 400) / 600 - 0.5
-    assert (3 * inside.sum() * 8.0 / (4 * math.pi)) ** (1 / 3) == pytest.approx(radius_mm, abs=1)
     for axis in range(3):  # the diameter along each axis, in mm
         extent = np.any(inside, axis=tuple(a for a in range(3) if a != axis)).sum() * 2.0
         assert extent == pytest.approx(2 * radius_mm, abs=4)
@@ -499,8 +498,7 @@ def test_orientation_on_disk_does_not_change_the_result(tmp_path):
         assert spacing == (4.0, 2.0, 2.0)
     assert np.array_equal(out["RAS"], out["LPS"]) and np.array_equal(out["RAS"], out["LPI"])
     d, h, w = np.argwhere(out["RAS"] == 300).mean(0)
-    assert w > hu.shape[0] / 2 and h < hu.shape[1] / 2 and d > hu.shape[2] / 2  # left on the right, anterior up,
-    # inferior slices last: the radiological view
+    assert w > hu.shape[0] / 2 and h < hu.shape[1] / 2 and d > hu.shape[2] / 2  # the radiological view
 
 
 def test_prep_without_dataset_folder_is_one_line_error(tmp_path, capsys):
@@ -573,23 +571,6 @@ def synth_radchestct(root, n=(2, 1, 1)):
     return ["prep", "--data", str(root), "--split", "all", "--npz-spacing-mm", "4", "--workers", "1"]
 
 
-def test_prep_drops_label_rows_without_a_volume_with_a_warning_and_prints_positives(tmp_path, capsys):
-    prep = synth_radchestct(tmp_path)
-    missing = sorted(tmp_path.glob("val*.npz"))[0]
-    missing.unlink()
-    code, out, err = cli(prep, capsys)
-    assert code == 0 and f"1 of 4 IDs in labels are missing elsewhere and left out (e.g. {missing.stem})" in err
-    assert "3 abnormalities that no finding maps to are not used" in out
-    assert re.search(r"Interlobular septal thickening +\d +252\n", out)  # here beside the published count
-    written = rc.read_labels(rc.cache_dir(tmp_path, rc.make_config("tiny")) / "all" / "labels.csv")
-    assert len(written) == 3 and missing.stem not in written
-    ds = rc.CTRateDataset(tmp_path, "all", rc.make_config("tiny"))  # no reports needed
-    assert len(ds) == 3 and not ds.has_reports and ds[0][0].shape == (1, 32, 64, 64)
-    code, _, err = cli(prep[:-4] + ["--npz-spacing-mm", "0.8"], capsys)  # the cache knows its spacing
-    assert code == 1
-    one_line_error(err, "prepped at --npz-spacing-mm 4")
-
-
 def test_orientation_marker_lands_alike_from_radchestct_npz_and_ctrate_nifti(tmp_path, monkeypatch):
     hu = np.full((40, 40, 20), -1000.0, np.float32)  # (x, y, z) LPS voxel order, as render_volume returns
     hu[8:32, 8:32, 2:18] = 40
@@ -641,18 +622,25 @@ def test_bad_radchestct_inputs_are_one_line_errors(tmp_path, capsys, npz, labels
     assert code == 1 and "Traceback" not in err and len(lines) == 1 and message in lines[0], lines
 
 
-def test_eval_of_a_ctrate_checkpoint_on_radchestct_scores_16_classes_without_reports(tmp_path, capsys):
+def test_radchestct_prep_and_eval_of_a_ctrate_checkpoint_on_16_classes_without_reports(tmp_path, capsys):
     cfg = tiny_training_data(tmp_path)
     rc.train(cfg, "clip", tmp_path / "clip.pt", tmp_path)
-    prep = synth_radchestct(tmp_path / "rad", (3, 2, 2))
-    flags = ["--spacing-mm", "8", "8", "16", "--input-shape", "8", "16", "16"]
-    assert rc.main(prep + flags) == 0
-    args = ["eval", "--ckpt", str(tmp_path / "clip.pt"), "--data", str(tmp_path / "rad"), "--split", "all",
-            "--n-boot", "20", "--all-findings", "--out", str(tmp_path / "r.json")]
-    assert rc.main(args) == 0
-    out = capsys.readouterr().out
-    assert "Zero-shot diagnosis, N = 7" in out and "16-class protocol" in out and "Retrieval: skipped" in out
-    assert "The 18 findings as the mapping defines them" in out
+    prep = synth_radchestct(tmp_path / "rad", (3, 2, 2)) + ["--spacing-mm", "8", "8", "16", "--input-shape", "8", "16", "16"]
+    missing = sorted((tmp_path / "rad").glob("val*.npz"))[0]
+    missing.unlink()
+    code, out, err = cli(prep, capsys)
+    assert code == 0 and f"1 of 7 IDs in labels are missing elsewhere and left out (e.g. {missing.stem})" in err
+    assert "3 abnormalities that no finding maps to are not used" in out
+    assert re.search(r"\n  Interlobular septal thickening +\d +252\n", out)  # here beside the published count
+    labels = rc.read_labels(rc.cache_dir(tmp_path / "rad", cfg) / "all" / "labels.csv")
+    assert len(labels) == 6 and missing.stem not in labels
+    code, _, err = cli(prep[:7] + ["--npz-spacing-mm", "0.8"] + prep[9:], capsys)  # the cache knows its spacing
+    assert code == 1
+    one_line_error(err, "prepped at --npz-spacing-mm 4")
+    code, out, _ = cli(["eval", "--ckpt", tmp_path / "clip.pt", "--data", tmp_path / "rad", "--split", "all",
+                        "--n-boot", "20", "--all-findings", "--out", tmp_path / "r.json"], capsys)
+    assert code == 0 and "Zero-shot diagnosis, N = 6" in out and "16-class protocol" in out
+    assert "Retrieval: skipped" in out and "The 18 findings as the mapping defines them" in out  # no reports
     results = json.loads((tmp_path / "r.json").read_text())
     assert list(results["diagnosis"]["per_finding"]) == rc.EXTERNAL_CLASSES
     assert "Mosaic attenuation pattern" in results["all_findings"]["undefined"]
@@ -1751,31 +1739,28 @@ def test_a_duplicated_id_is_an_error_never_last_row_wins(tmp_path, capsys):
 
 
 # Volumes and metadata
-BAD_VOLUMES = {  # name: (how it is broken, what its one line says beside the name)
-    "train_3_a_1.nii.gz": ("corrupt", "ImageFileError: "),  # exceptions of any kind stay in the worker
-    "train_4_a_1.nii.gz": ("truncated", "EOFError: "),
-    "train_5_a_1.nii.gz": ("2-D", "expected one 3-D volume"), "train_6_a_1.nii.gz": ("4-D", "3-D"),
-    "train_7_a_1.nii.gz": ("no metadata row", "not in the metadata CSV"),
-    "train_8_a_1.nii.gz": ("NaN voxels", "holds NaN"),
-    **{f"train_1{i}_a_1.nii.gz": ((field, value), f"{field}={value!r}") for i, (field, value) in enumerate([
-        ("XYSpacing", ""), ("XYSpacing", "[0, 0]"), ("XYSpacing", "[-0.7, -0.7]"), ("XYSpacing", "[nan, nan]"),
-        ("XYSpacing", "[1e6, 1e6]"), ("ZSpacing", "1e-6"), ("ZSpacing", ""), ("RescaleSlope", "abc"),
-        ("RescaleSlope", "0"), ("RescaleIntercept", "inf")])}}
+BAD_METADATA = [("XYSpacing", ""), ("XYSpacing", "[0, 0]"), ("XYSpacing", "[-0.7, -0.7]"), ("XYSpacing", "[nan, nan]"),
+                ("XYSpacing", "[1e6, 1e6]"), ("ZSpacing", "1e-6"), ("ZSpacing", ""), ("RescaleSlope", "abc"),
+                ("RescaleSlope", "0"), ("RescaleIntercept", "inf")]
+BAD_VOLUMES = {  # name: what its one line says beside the name
+    "train_3_a_1.nii.gz": "ImageFileError: ", "train_4_a_1.nii.gz": "EOFError: ",  # any exception stays in the worker
+    "train_5_a_1.nii.gz": "expected one 3-D volume", "train_6_a_1.nii.gz": "3-D",
+    "train_7_a_1.nii.gz": "not in the metadata CSV", "train_8_a_1.nii.gz": "holds NaN",
+    **{f"train_1{i}_a_1.nii.gz": f"{field}={value!r}" for i, (field, value) in enumerate(BAD_METADATA)}}
 
 
 def test_each_unusable_volume_is_named_and_skipped_and_prep_resumes(tmp_path, capsys):
     good = chest() + 1024
     write_tiny_ctrate(tmp_path, dict.fromkeys(["train_1_a_1.nii.gz", "train_2_a_1.nii.gz", *BAD_VOLUMES], good))
-    meta = [r for r in rc.read_csv(rc.ctrate_csv(tmp_path, "train", "metadata")) if "_7_" not in r["VolumeName"]]
-    for r in meta:
-        how = BAD_VOLUMES.get(r["VolumeName"], ("",))[0]
-        if isinstance(how, tuple):
-            r[how[0]] = how[1]
-    rc.write_csv(rc.ctrate_csv(tmp_path, "train", "metadata"), meta, list(meta[0]))
+    meta = {r["VolumeName"]: r for r in rc.read_csv(rc.ctrate_csv(tmp_path, "train", "metadata"))}
+    del meta["train_7_a_1.nii.gz"]
+    for i, (field, value) in enumerate(BAD_METADATA):
+        meta[f"train_1{i}_a_1.nii.gz"][field] = value
+    rc.write_csv(rc.ctrate_csv(tmp_path, "train", "metadata"), meta.values(), list(meta["train_1_a_1.nii.gz"]))
     path = {p.name: p for p in (tmp_path / "dataset" / "train").rglob("*.nii.gz")}
     path["train_3_a_1.nii.gz"].write_bytes(gzip.compress(b"not a nifti at all" * 20))
     data = path["train_4_a_1.nii.gz"].read_bytes()
-    path["train_4_a_1.nii.gz"].write_bytes(data[:len(data) // 2])
+    path["train_4_a_1.nii.gz"].write_bytes(data[:len(data) // 2])  # truncated
     nib.save(nib.Nifti1Image(good[..., 0], np.eye(4)), str(path["train_5_a_1.nii.gz"]))
     nib.save(nib.Nifti1Image(np.stack([good, good], -1), np.eye(4)), str(path["train_6_a_1.nii.gz"]))
     write_nifti(path["train_8_a_1.nii.gz"], np.where(np.arange(20) == 3, np.nan, good), (2.0, 2.0, 4.0), "RAS")
@@ -1783,7 +1768,7 @@ def test_each_unusable_volume_is_named_and_skipped_and_prep_resumes(tmp_path, ca
     assert code == 1 and "Traceback" not in err and f"0 already done, {len(BAD_VOLUMES)} failed" in out
     skipped = dict(re.findall(r"radclip: skipped (\S+?): (.*)", err))
     assert set(skipped) == set(BAD_VOLUMES)
-    for name, (_, message) in BAD_VOLUMES.items():
+    for name, message in BAD_VOLUMES.items():
         assert message in skipped[name], (name, skipped[name])
     cache = rc.cache_dir(tmp_path, rc.make_config("tiny")) / "train"
     assert [r["VolumeName"] for r in rc.read_csv(cache / "index.csv")] == ["train_1_a_1.nii.gz", "train_2_a_1.nii.gz"]
