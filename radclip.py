@@ -1296,7 +1296,7 @@ def preprocess(hu, spacing_zyx, cfg):
         x = np.moveaxis(x[i0 - i0[0]].astype(np.float32) * (1 - w) + x[i1 - i0[0]] * w, 0, axis)
     lo, hi = cfg.hu_window
     out = np.full(cfg.input_shape, -1.0, np.float32)
-    out[tuple(dst)] = (np.clip(x, lo, hi) - lo) / (hi - lo) * 2 - 1  # [-1000, 200]: GreenRFM's (hu + 400) / 600
+    out[tuple(dst)] = (np.clip(x, lo, hi) - lo) / (hi - lo) * 2 - 1  # for [-1000, 200]: GreenRFM's (hu+400)/600
     return out.astype(np.float16)
 
 
