@@ -1294,9 +1294,9 @@ def preprocess(hu, spacing_zyx, cfg):
         x = np.moveaxis(x, axis, 0)
         w = w.reshape(-1, 1, 1)
         x = np.moveaxis(x[i0 - i0[0]].astype(np.float32) * (1 - w) + x[i1 - i0[0]] * w, 0, axis)
-    lo, hi = cfg.hu_window
+    lo, hi = cfg.hu_window  # at [-1000, 200] the window is GreenRFM's (hu + 400) / 600
     out = np.full(cfg.input_shape, -1.0, np.float32)
-    out[tuple(dst)] = (np.clip(x, lo, hi) - lo) / (hi - lo) * 2 - 1  # for [-1000, 200]: GreenRFM's (hu+400)/600
+    out[tuple(dst)] = (np.clip(x, lo, hi) - lo) / (hi - lo) * 2 - 1
     return out.astype(np.float16)
 
 
