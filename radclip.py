@@ -1167,72 +1167,64 @@ def cmd_synth(args):
 
 
 # ---------------------------------------------------------------------------------------
-# ---- 3b. From NIfTI to model input ----
-# Every volume, synthetic or real, takes this one path: stored values -> Hounsfield units ->
-# one fixed orientation -> the configured spacing -> the HU window -> a fixed shape. The
-# result is cached as float16 .npy so that training reads it with memory mapping.
+# ---- 3. Volumes to model input and the dataset, CT-RATE and RAD-ChestCT ----
+# Every volume, synthetic or real, takes one path: stored values -> Hounsfield units -> one fixed
+# orientation -> the configured spacing -> the HU window -> a fixed shape, cached as float16 .npy
+# that training reads with memory mapping. An example is (volume, report, labels), matched by
+# VolumeName; RAD-ChestCT, the external test set, is read into the same cache the same way.
 # ---------------------------------------------------------------------------------------
 CTRATE_FILES = {  # CT-RATE names its CSVs inconsistently ("valid" here, "validation" there)
     "train": ("train_reports.csv", "train_predicted_labels.csv", "train_metadata.csv"),
     "valid": ("validation_reports.csv", "valid_predicted_labels.csv", "validation_metadata.csv"),
 }
+METADATA_USED = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept")  # what prep reads
 
 
 def ctrate_csv(data_dir, split, kind):
     """Path of a split's 'reports', 'labels' or 'metadata' CSV in CT-RATE's layout."""
     folder = {"reports": "radiology_text_reports", "labels": "multi_abnormality_labels",
-              "metadata": "metadata"}[kind]
-    name = CTRATE_FILES[split][("reports", "labels", "metadata").index(kind)]
-    return Path(data_dir) / "dataset" / folder / name
+              "metadata": "metadata"}
+    return Path(data_dir) / "dataset" / folder[kind] / CTRATE_FILES[split][list(folder).index(kind)]
 
 
 def volume_name(path):
+    """A volume's VolumeName (name.nii.gz) from its path."""
     return Path(path).name.removesuffix(".gz").removesuffix(".nii") + ".nii.gz"
 
 
-def parse_spacing(text):
-    """CT-RATE writes XYSpacing as a string such as "[0.75, 0.75]": parse it, never slice it."""
-    return [float(v) for v in str(text).strip("[]() ").replace(",", " ").split()]
-
-
 def volume_meta(meta, name):
-    """(spacing_mm of the stored axes, slope, intercept) from a metadata row, or a RadclipError
-    naming the volume: an empty, zero, negative, NaN or absurd spacing, a slope that is no number."""
+    """(spacing_mm of the stored axes, slope, intercept) from a metadata row, or a RadclipError naming
+    the volume: no row, an empty, zero, negative, NaN or absurd spacing, a slope that is no number."""
     if meta is None:
         raise RadclipError(f"{name}: not in the metadata CSV")
     try:
-        xy = parse_spacing(meta["XYSpacing"])
+        xy = [float(v) for v in str(meta["XYSpacing"]).strip("[]() ").replace(",", " ").split()]  # not sliced
         spacing = [xy[0], xy[-1], float(meta["ZSpacing"])] if len(xy) in (1, 2) else []
-    except (ValueError, TypeError, IndexError):
-        spacing = []
-    if not (spacing and all(0.05 <= s <= 30 for s in spacing)):
-        raise RadclipError(f"{name}: metadata spacing XYSpacing={meta['XYSpacing']!r}, ZSpacing="
-                           f"{meta['ZSpacing']!r} is not 1 or 2 and 1 numbers in [0.05, 30] mm")
-    try:
         slope, intercept = float(meta["RescaleSlope"]), float(meta["RescaleIntercept"])
+        usable = spacing and all(0.05 <= s <= 30 for s in spacing) and slope != 0 and \
+            math.isfinite(slope + intercept)
     except (ValueError, TypeError):
-        slope = intercept = math.nan
-    if not (math.isfinite(slope) and slope != 0 and math.isfinite(intercept)):
-        raise RadclipError(f"{name}: metadata RescaleSlope={meta['RescaleSlope']!r}, RescaleIntercept="
-                           f"{meta['RescaleIntercept']!r} are not a nonzero and a finite number")
+        usable = False
+    if not usable:
+        found = ", ".join(f"{k}={meta[k]!r}" for k in METADATA_USED[1:])
+        raise RadclipError(f"{name}: metadata {found}: expected 1 or 2 and 1 spacings in [0.05, 30] mm, "
+                           "a nonzero slope and a finite intercept")
     return np.array(spacing), slope, intercept
 
 
 def to_hu(stored, slope, intercept, mode, name="", out=None):
-    """Hounsfield units from stored values. The original CT-RATE release stores raw values
-    (HU = slope * raw + intercept, from the metadata CSV); the corrected release stores HU.
-    CT-CLIP applies the CSV scaling to both and so scales the corrected release twice.
-    out: where int16 HU may be written (load_hu passes the array it has just read)."""
-    if mode == "hu":
-        return stored
+    """Hounsfield units from stored values. The original CT-RATE release stores raw values (HU =
+    slope * raw + intercept, from the metadata CSV), the corrected release HU; CT-CLIP applies the
+    CSV scaling to both. out: where int16 HU may be written (load_hu passes the array it has read)."""
     if mode == "auto":  # air (outside the body, in the lungs) reads about -1000 HU in the right version
         sample = stored[::3, ::3, ::3]
-        air = [np.mean((x > -1100) & (x < -900)) for x in (sample, sample * np.float32(slope) + np.float32(intercept))]
+        air = [np.mean((x > -1100) & (x < -900)) for x in (sample, sample * slope + intercept)]
         if max(air) < 0.01:
             raise RadclipError(f"{name}: no voxel reads like air (-1000 HU) with or without the "
                                "metadata's Rescale values; pass --hu raw or --hu hu")
-        if air[1] <= air[0]:
-            return stored
+        mode = "raw" if air[1] > air[0] else "hu"
+    if mode == "hu":
+        return stored
     if stored.dtype == np.int16 and slope == 1 and float(intercept).is_integer() and \
             -32768 <= int(stored.min()) + intercept and int(stored.max()) + intercept <= 32767:
         return np.add(stored, np.int16(intercept), out=out)  # CT-RATE's case: exact, no float copy
@@ -1240,57 +1232,59 @@ def to_hu(stored, slope, intercept, mode, name="", out=None):
 
 
 def load_hu(path, meta, hu_mode="auto"):
-    """A NIfTI volume as (hu (D, H, W) float32, spacing_mm (z, y, x)).
-    Axes are put in the radiological display order: D runs superior->inferior, H anterior->
-    posterior, W the patient's right->left. Spacing comes from the metadata CSV, like the
-    authors' and CT-CLIP's code, and orientation from the NIfTI affine (CT-CLIP ignores it)."""
+    """A NIfTI volume as (hu (D, H, W), spacing_zyx): D runs superior->inferior, H anterior->posterior,
+    W the patient's right->left (the radiological view). Spacing comes from the metadata CSV, like
+    the authors' and CT-CLIP's code; orientation from the NIfTI affine, which CT-CLIP ignores."""
     name = volume_name(path)
     spacing, slope, intercept = volume_meta(meta, name)
     img = nib.load(str(path))
     if len(img.shape) != 3 or min(img.shape) < 8:
-        raise RadclipError(f"{name}: has shape {img.shape}; expected one 3-D volume of at least 8 voxels a side")
+        raise RadclipError(f"{name}: has shape {img.shape}; expected one 3-D volume, 8 voxels a side or more")
     stored = np.asanyarray(img.dataobj)  # int16 as stored: CT-RATE's header scaling is identity
     if stored.dtype.kind == "f" and not np.isfinite(stored).all():
         raise RadclipError(f"{name}: holds NaN or infinite voxels")
-    hu = to_hu(stored, slope, intercept, hu_mode, name, out=stored)
     ornt = nib.orientations.io_orientation(img.affine)  # stored axis -> (RAS axis, flip)
-    hu = nib.orientations.apply_orientation(hu, ornt)   # now x: L->R, y: P->A, z: I->S
-    spacing = spacing[np.argsort(ornt[:, 0])]
-    hu = hu.transpose(2, 1, 0)[::-1, ::-1, ::-1]  # a view: preprocess copies only what it keeps
-    return hu, tuple(spacing[::-1])
+    hu = nib.orientations.apply_orientation(to_hu(stored, slope, intercept, hu_mode, name, stored), ornt)
+    hu = hu.transpose(2, 1, 0)[::-1, ::-1, ::-1]  # RAS (x, y, z) -> (D, H, W): a view, not a copy
+    return hu, tuple(spacing[np.argsort(ornt[:, 0])][::-1])
+
+
+def centre_slices(size, target, shift=0):
+    """(source, destination) slices that put an axis of length size into one of length target about
+    the centre, moved by shift voxels: a crop where it is longer, a pad where it is shorter."""
+    offset = int((target - size) / 2) + shift  # toward zero: a crop and a pad drop the same odd voxel
+    source = slice(max(0, -offset), min(size, target - offset))
+    return source, slice(source.start + offset, source.stop + offset)
 
 
 def preprocess(hu, spacing_zyx, cfg):
     """(D, H, W) HU at any spacing (any dtype; a strided view will do) -> float16 at cfg.spacing_mm,
-    windowed to [-1, 1], cropped or padded (with air) about the centre to cfg.input_shape.
-    The samples are F.interpolate(size=..., mode="trilinear", align_corners=False)'s on the whole
-    volume, computed one axis at a time from only the voxels the crop keeps, so that no
-    full-volume float copy is made: 3.8 s -> 1.5 s for a 512 x 512 x 300 volume (`bench --prep`)."""
+    windowed to [-1, 1], cropped or padded (with air) about the centre to cfg.input_shape. These are
+    F.interpolate(mode="trilinear", align_corners=False)'s samples of the whole volume, computed one
+    axis at a time from only the voxels the crop keeps: no full-volume float copy is made."""
     taps, dst = [], []
     for n, s, t, m in zip(hu.shape, spacing_zyx, cfg.spacing_mm[::-1], cfg.input_shape):
-        size = max(1, round(n * s / t))  # the resampled length; cfg holds (x, y, z), arrays (z, y, x)
-        a, b, k = max(0, (size - m) // 2), max(0, (m - size) // 2), min(size, m)
-        src = np.maximum((np.arange(a, a + k) + 0.5) * (n / size) - 0.5, 0)  # PyTorch's source index
+        size = max(1, round(n * s / t))  # the resampled length of this axis
+        keep, put = centre_slices(size, m)
+        src = np.maximum((np.arange(keep.start, keep.stop) + 0.5) * (n / size) - 0.5, 0)  # PyTorch's
         i0 = np.floor(src).astype(np.intp)
         taps.append((i0, np.minimum(i0 + 1, n - 1), (src - i0).astype(np.float32)))
-        dst.append(slice(b, b + k))
+        dst.append(put)
     x = hu[tuple(slice(i0[0], i1[-1] + 1) for i0, i1, _ in taps)]  # a view of the voxels they read
     for axis, (i0, i1, w) in enumerate(taps):  # linear along each axis in turn: trilinear
         x = np.moveaxis(x, axis, 0)
         w = w.reshape(-1, 1, 1)
         x = np.moveaxis(x[i0 - i0[0]].astype(np.float32) * (1 - w) + x[i1 - i0[0]] * w, 0, axis)
-    lo, hi = cfg.hu_window
+    lo, hi = cfg.hu_window  # at [-1000, 200] the window is GreenRFM's (hu + 400) / 600
     out = np.full(cfg.input_shape, -1.0, np.float32)
-    out[tuple(dst)] = (np.clip(x, lo, hi) - lo) / (hi - lo) * 2 - 1  # GreenRFM's (hu + 400) / 600 for [-1000, 200]
+    out[tuple(dst)] = (np.clip(x, lo, hi) - lo) / (hi - lo) * 2 - 1
     return out.astype(np.float16)
 
 
 def cache_dir(data_dir, cfg, root=None):
     """One cache per preprocessing setting, so presets never read each other's arrays. It lives in
     root (--cache-dir) if given, else in data_dir/cache: datasets often sit on read-only mounts."""
-    sx, sy, sz = cfg.spacing_mm
-    d, h, w = cfg.input_shape
-    lo, hi = cfg.hu_window
+    (sx, sy, sz), (d, h, w), (lo, hi) = cfg.spacing_mm, cfg.input_shape, cfg.hu_window
     return Path(root or Path(data_dir) / "cache") / f"{sx:g}x{sy:g}x{sz:g}mm_{d}x{h}x{w}_hu{lo:g}to{hi:g}"
 
 
@@ -1306,67 +1300,60 @@ def _prep_one(job):
     try:
         hu, spacing = load_radchestct(path, meta) if path.suffix == ".npz" else load_hu(path, meta, hu_mode)
         x = preprocess(hu, spacing, cfg)
-        if not np.isfinite(x).all():
+        if not np.isfinite(x).all():  # NaN voxels, or an infinity that the resampling spreads
             raise RadclipError("the preprocessed volume holds NaN")
         buf = io.BytesIO()
         np.save(buf, x)
         atomic_write_bytes(out, buf.getvalue())
-        return None
     except Exception as e:  # a corrupt file, bad metadata, a full disk: this volume's failure only
         message = str(e) if isinstance(e, RadclipError) else f"{type(e).__name__}: {e}"
         return message if message.startswith(path.name) else f"{path.name}: {message}"
 
 
-def run_prep_jobs(todo, desc, workers):
-    """_prep_one over todo in a pool of processes; returns the failures, one line each."""
-    failures = []
+def prep_volumes(sources, out_dir, cfg, workers, hu_mode=None):
+    """{VolumeName: (path, meta)} preprocessed into out_dir by a pool of processes, those done listed in
+    index.csv; returns (done, n_skipped, failures). A rerun skips every .npy: each is written
+    atomically, so it is whole or absent."""
+    outs = {n: out_dir / (n.removesuffix(".nii.gz") + ".npy") for n in sources}
+    todo = [(*sources[n], outs[n], cfg, hu_mode) for n in sources if not outs[n].exists()]
     with multiprocessing.get_context("fork").Pool(max(1, workers), worker_signals) as pool:
-        for err in tqdm(pool.imap_unordered(_prep_one, todo), total=len(todo),
-                        desc=desc, unit="vol", disable=not todo):
-            if err:
-                failures.append(err)
-    return failures
+        results = tqdm(pool.imap_unordered(_prep_one, todo), f"prep {out_dir.name}", len(todo), unit="vol",
+                       disable=not todo)
+        failures = [err for err in results if err]
+    done = [n for n in sources if outs[n].exists()]
+    write_csv(out_dir / "index.csv", [{"VolumeName": n} for n in done], ["VolumeName"])
+    return done, len(sources) - len(todo), failures
 
 
 def prep_split(data_dir, split, cfg, hu_mode="auto", workers=2, cache_root=None):
-    """Preprocess one split into cache_dir; returns (n_cached, n_skipped, failures). A rerun
-    skips every finished file: each .npy is written atomically, so it is whole or absent."""
+    """Preprocess one CT-RATE split into cache_dir; returns (n_cached, n_skipped, failures)."""
     root = Path(data_dir) / "dataset" / split
     if not root.is_dir():
         raise RadclipError(f"{root}: not found; --data must hold CT-RATE's dataset/{split}/ folder")
-    meta = {r["VolumeName"]: r for r in read_csv(
-        ctrate_csv(data_dir, split, "metadata"),
-        ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"), "VolumeName")}
-    paths = sorted(root.rglob("*.nii.gz"))
+    meta = {r["VolumeName"]: r for r in read_csv(ctrate_csv(data_dir, split, "metadata"), METADATA_USED,
+                                                 "VolumeName")}
+    sources = {volume_name(p): (p, meta.get(volume_name(p))) for p in sorted(root.rglob("*.nii.gz"))}
     out_dir = check_writable(cache_dir(data_dir, cfg, cache_root) / split)
-    outs = [out_dir / volume_name(p).replace(".nii.gz", ".npy") for p in paths]
-    todo = [(p, meta.get(volume_name(p)), o, cfg, hu_mode) for p, o in zip(paths, outs)
-            if not o.exists()]
-    failures = run_prep_jobs(todo, f"prep {split}", workers)
-    done = [volume_name(p) for p, o in zip(paths, outs) if o.exists()]
-    write_csv(out_dir / "index.csv", [{"VolumeName": n} for n in done], ["VolumeName"])
-    return len(done), len(paths) - len(todo), failures
+    done, n_skipped, failures = prep_volumes(sources, out_dir, cfg, workers, hu_mode)
+    return len(done), n_skipped, failures
 
 
-# ---------------------------------------------------------------------------------------
-# ---- 3c. Reports, labels and the dataset ----
-# A training example is (volume, report, labels), matched by CT-RATE's VolumeName. The report
-# is Findings + Impressions, as in the paper; the labels are silver (LLM), rules or gold.
-# ---------------------------------------------------------------------------------------
+# -- Reports, labels and the dataset --
+# The impression comes first: it names what is present in a few words, so when a long report is
+# cut at the text tower's context the cut falls in the findings' detail, not the summary. The
+# labeler reads the same text as the tower, so its labels say what the tower was shown.
 REPORT_TEXT = ("Impressions_EN", "Findings_EN")
 
 
 def report_text(row, columns=REPORT_TEXT):
-    """The report as the model reads it; CT-RATE writes empty sections as 'Not given.'. The impression
-    comes first: it names what is present in a few words, so when a long report is cut at the text
-    tower's context, the cut falls in the findings' detail (and the negations), not the summary."""
+    """The report as the towers and the labeler read it; CT-RATE writes empty sections as 'Not given.'."""
     parts = [(row.get(c) or "").strip() for c in columns]
     return " ".join(p for p in parts if p and p != "Not given.")
 
 
 def read_reports(path, id_col="VolumeName", text_cols=REPORT_TEXT):
-    rows = read_csv(path, (id_col, *text_cols), id_col)
-    return {r[id_col]: report_text(r, text_cols) for r in rows}
+    """{id: report_text} from a reports CSV."""
+    return {r[id_col]: report_text(r, text_cols) for r in read_csv(path, (id_col, *text_cols), id_col)}
 
 
 def read_labels(path, id_col="VolumeName", reference=False):
@@ -1375,32 +1362,26 @@ def read_labels(path, id_col="VolumeName", reference=False):
     allowed = (0, 1) if reference else (-1, 0, 1)
     labels = {}
     for line, r in enumerate(read_csv(path, (id_col, *FINDINGS), id_col), start=2):
-        for f in FINDINGS:
-            try:
-                ok = float(r[f]) in allowed  # "2", "0.6", "inf", "yes", "" and a missing cell are not
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise RadclipError(f"{path}: line {line}, column {f!r}: {r[f]!r} is not one of "
-                                   f"{', '.join(map(str, allowed))}")
-        labels[r[id_col]] = np.array([float(r[f]) for f in FINDINGS]).astype(np.int8)
+        number = [re.fullmatch(r"\s*-?\d+(\.\d*)?\s*", r[f] or "") for f in FINDINGS]  # not "inf", "yes", ""
+        y = [float(r[f]) if ok else math.nan for f, ok in zip(FINDINGS, number)]
+        if bad := [f for f, v in zip(FINDINGS, y) if v not in allowed]:
+            raise RadclipError(f"{path}: line {line}, column {bad[0]!r}: {r[bad[0]]!r} is not one of "
+                               f"{', '.join(map(str, allowed))}")
+        labels[r[id_col]] = np.array(y, np.int8)
     return labels
 
 
 def match_ids(name, **sources):
     """IDs present in every source, in the first source's order. Mismatches are reported with
     a count and examples, never dropped silently: a wrong labels file must be noticed."""
-    keys = [set(v) for v in sources.values()]
-    common = set.intersection(*keys)
-    for (src, ids) in sources.items():
-        lost = [i for i in ids if i not in common]
-        if lost:
+    common = set.intersection(*(set(ids) for ids in sources.values()))
+    for src, ids in sources.items():
+        if lost := sorted(set(ids) - common):
             print(f"radclip: warning: {name}: {len(lost)} of {len(ids)} IDs in {src} are missing "
-                  f"elsewhere and left out (e.g. {', '.join(sorted(lost)[:3])})", file=sys.stderr)
-    first = next(iter(sources.values()))
+                  f"elsewhere and left out (e.g. {', '.join(lost[:3])})", file=sys.stderr)
     if not common:
         raise RadclipError(f"{name}: no VolumeName is shared by {', '.join(sources)}")
-    return [i for i in first if i in common]
+    return [i for i in next(iter(sources.values())) if i in common]
 
 
 def words(text):
@@ -1423,34 +1404,34 @@ class Tokenizer:
         return cls(cls.specials + sorted(w for w, c in counts.items() if c >= min_freq))
 
     def encode(self, text, context_len):
-        """(context_len,) int64 ids, 0-padded. Longer reports are cut at the end: in the Findings,
-        since report_text puts the Impression first (in training, shuffle_sentences moves it)."""
+        """(context_len,) int64 ids, 0-padded; a longer report loses its end (see REPORT_TEXT)."""
         ids = [self.index.get(w, 1) for w in words(text)][:context_len]
         return torch.tensor(ids + [0] * (context_len - len(ids)), dtype=torch.long)
 
 
 class CTRateDataset(torch.utils.data.Dataset):
-    """(volume (1, D, H, W), token ids (L,), labels (18,)) for one split, from prep's cache. With
-    reports_csv, a text-only dataset from that CSV alone (labels from labels_csv, by default the same
-    file's 18 columns): no volumes, no prep cache; the volume is a placeholder zero."""
+    """(volume (1, D, H, W), token ids (L,), labels (18,)) for one split, from prep's cache; the item
+    (index, aug_seed) is augmented by that seed. With reports_csv, a text-only dataset from that CSV
+    alone (labels: labels_csv, or the same file's 18 columns) whose volume is a placeholder zero."""
 
     def __init__(self, data_dir, split, cfg, tokenizer=None, labels_csv=None, augment=False, limit=0,
                  cache_root=None, reports_csv=None, id_col="VolumeName", text_cols=REPORT_TEXT):
         self.cfg, self.tokenizer, self.augment = cfg, tokenizer, augment
-        self.volumes, self.has_reports = reports_csv is None, reports_csv is not None or split in CTRATE_FILES
+        self.volumes = reports_csv is None
+        self.has_reports = reports_csv is not None or split in CTRATE_FILES  # RAD-ChestCT has none
         sources = {}
         if self.volumes:
             self.cache = cache_dir(data_dir, cfg, cache_root) / split
             if not (self.cache / "index.csv").is_file():
+                flag = f" --cache-dir {cache_root}" if cache_root else ""
                 raise RadclipError(f"{self.cache}: no preprocessed volumes; run `python radclip.py prep "
-                                   f"--data {data_dir}{f' --cache-dir {cache_root}' if cache_root else ''} "
-                                   f"--split {split}` with the same preset and preprocessing flags first")
+                                   f"--data {data_dir}{flag} --split {split}` first, with the same flags")
             index = read_csv(self.cache / "index.csv", ("VolumeName",))
             sources["volumes"] = [r["VolumeName"] for r in index]
             labels_csv = labels_csv or (ctrate_csv(data_dir, split, "labels") if self.has_reports
                                         else self.cache / "labels.csv")
             reports_csv = ctrate_csv(data_dir, split, "reports") if self.has_reports else None
-        if reports_csv:  # RAD-ChestCT's splits have none
+        if reports_csv:
             sources["reports"] = read_reports(reports_csv, id_col, text_cols)
         sources["labels"] = read_labels(labels_csv or reports_csv, id_col)
         self.names = match_ids(f"{split} split", **sources)[:limit or None]
@@ -1468,8 +1449,8 @@ class CTRateDataset(torch.utils.data.Dataset):
             else torch.zeros(0, dtype=torch.long)
         if not self.volumes:
             return torch.zeros(1), ids, self.labels[i]
-        vol = torch.from_numpy(np.load(self.cache / (self.names[i].removesuffix(".nii.gz") + ".npy"),
-                                       mmap_mode="r").astype(np.float32))[None]
+        npy = self.cache / (self.names[i].removesuffix(".nii.gz") + ".npy")
+        vol = torch.from_numpy(np.load(npy, mmap_mode="r").astype(np.float32))[None]
         return vol if gen is None else augment_volume(vol, gen), ids, self.labels[i]
 
 
@@ -1484,22 +1465,20 @@ def shuffle_sentences(text, gen):
 def augment_volume(vol, gen, max_shift=0.08):
     """A random shift (a crop of an air-padded volume) of up to 8% per axis. No flips: left and
     right are not symmetric in the chest (heart, aorta), so a mirrored chest is not a chest."""
-    shifts = [int(torch.randint(-round(n * max_shift), round(n * max_shift) + 1, (1,), generator=gen))
-              for n in vol.shape[1:]]
-    out = torch.full_like(vol, -1.0)
-    src = [slice(max(0, -s), n - max(0, s)) for s, n in zip(shifts, vol.shape[1:])]
-    dst = [slice(max(0, s), n - max(0, -s)) for s, n in zip(shifts, vol.shape[1:])]
-    out[(slice(None), *dst)] = vol[(slice(None), *src)]
+    out, src, dst = torch.full_like(vol, -1.0), [slice(None)], [slice(None)]
+    for n in vol.shape[1:]:
+        shift = int(torch.randint(-round(n * max_shift), round(n * max_shift) + 1, (1,), generator=gen))
+        keep, put = centre_slices(n, n, shift)
+        src, dst = src + [keep], dst + [put]
+    out[tuple(dst)] = vol[tuple(src)]
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# ---- 3d. RAD-ChestCT, the external test set ----
+# -- RAD-ChestCT, the external test set --
 # The paper's fourth number, zero-shot AUC 77.3%, is on Duke's RAD-ChestCT (Draelos et al., Zenodo
 # record 6406114): scans as <NoteAcc_DEID>.npz and labels as 84 abnormalities x 52 locations.
-# prep reads it into the same cache as CT-RATE, through the same preprocess(), with the labels
-# collapsed over locations and mapped to the 18 findings; eval scores the 16-class protocol.
-# ---------------------------------------------------------------------------------------
+# prep reads it into the same cache, through the same preprocess(), with the labels collapsed
+# over locations and mapped to the 18 findings; eval scores the 16-class protocol.
 RADCHESTCT_SPLITS = {"trn": "imgtrain", "val": "imgvalid", "tst": "imgtest"}  # ID prefix: labels file
 # RadFinder's "standard" mapping (lmb-freiburg/radfinder), also BrgSA's. CT-CLIP, whose protocol the
 # published numbers follow, never released its own (users asked in its issues #24 and #29).
@@ -1507,7 +1486,8 @@ RADCHESTCT_MAPPING = {
     "Medical material": ("catheter_or_port", "tracheal_tube", "chest_tube", "breast_implant",
                          "pacemaker_or_defib", "stent", "clip", "staple", "gi_tube", "hardware", "suture"),
     "Arterial wall calcification": ("calcification",), "Cardiomegaly": ("cardiomegaly",),
-    "Pericardial effusion": ("pericardial_effusion",), "Coronary artery wall calcification": ("calcification",),
+    "Pericardial effusion": ("pericardial_effusion",),
+    "Coronary artery wall calcification": ("calcification",),
     "Hiatal hernia": ("hernia",), "Lymphadenopathy": ("lymphadenopathy",), "Emphysema": ("emphysema",),
     "Atelectasis": ("atelectasis",), "Lung nodule": ("nodule", "nodulegr1cm"), "Lung opacity": ("opacity",),
     "Pulmonary fibrotic sequela": ("scarring",), "Pleural effusion": ("pleural_effusion",),
@@ -1528,86 +1508,63 @@ RADCHESTCT_POSITIVES = dict(zip(EXTERNAL_CLASSES, (  # on all 3,630 public scans
 
 
 def external_16(labels, scores):
-    """(N, 18) labels and scores -> (N, 16) each, in EXTERNAL_CLASSES order. The calcification
-    class is either calcification: the larger of the two scores, and of the two labels (which
-    the mapping makes equal)."""
-    arterial, coronary, out = FINDINGS.index("Arterial wall calcification"), FINDINGS.index(EXTERNAL_DROPPED[0]), []
+    """(N, 18) labels and scores -> (N, 16) each, in EXTERNAL_CLASSES order. Calcification is either
+    calcification: the larger of the two scores, and of the two labels (which the mapping makes equal)."""
+    arterial, coronary = FINDINGS.index("Arterial wall calcification"), FINDINGS.index(EXTERNAL_DROPPED[0])
+    keep, out = [FINDINGS.index(f) for f in FINDINGS if f not in EXTERNAL_DROPPED], []
     for x in (labels, scores):
         x = np.array(x, dtype=np.float64)
         x[:, arterial] = x[:, [arterial, coronary]].max(1)
-        out.append(x[:, [FINDINGS.index(f) for f in FINDINGS if f not in EXTERNAL_DROPPED]])
+        out.append(x[:, keep])
     return out
 
 
-def collapse_locations(columns, values, path):
-    """(abnormalities, (N, A) bool): a scan has an abnormality if any of its `abnormality*location`
-    columns is 1. Names match exactly, so `nodule` does not catch `nodulegr1cm`."""
-    groups = {}
+def read_radchestct_labels(path):
+    """({NoteAcc_DEID: (18,) int8}, unmapped abnormalities) from one labels CSV of `abnormality*location`
+    columns: a finding is present where any location of any of its abnormalities is 1 (names match
+    exactly: `nodule` is not `nodulegr1cm`). Row by row: a dict per row of 4,368 columns (read_csv)
+    would take gigabytes."""
+    ids, present = [], []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the name
+            rows = csv.reader(f)
+            header = next(rows, [])
+            if "NoteAcc_DEID" not in header:
+                raise RadclipError(f"{path}: no NoteAcc_DEID column; is this a RAD-ChestCT labels file?")
+            columns = [c for c in header if c != "NoteAcc_DEID"]
+            for line, row in enumerate(rows, 2):
+                if len(row) != len(header):
+                    raise RadclipError(f"{path}: line {line} has {len(row)} fields, the header {len(header)}")
+                ids.append(row.pop(header.index("NoteAcc_DEID")))
+                cells = np.array(row)
+                if not (ok := np.isin(cells, ("0", "1", "0.0", "1.0"))).all():
+                    raise RadclipError(f"{path}: line {line}, column {columns[ok.argmin()]!r}: "
+                                       "a label is not 0 or 1")
+                present.append(np.isin(cells, ("1", "1.0")))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise RadclipError(f"{path}: not a readable UTF-8 CSV ({getattr(e, 'strerror', None) or e}); --data "
+                           "must hold RAD-ChestCT's labels CSVs and .npz files") from None
+    if len(set(ids)) < len(ids):
+        raise RadclipError(f"{path}: NoteAcc_DEID {Counter(ids).most_common(1)[0][0]} has two rows")
+    groups = {}  # abnormality: its columns, one per location
     for j, column in enumerate(columns):
         abnormality, star, location = column.partition("*")
         if not (abnormality and star and location) or "*" in location:
             raise RadclipError(f"{path}: column {column!r} is not of the form abnormality*location")
         groups.setdefault(abnormality, []).append(j)
-    return list(groups), np.stack([values[:, j].any(1) for j in groups.values()], 1)
-
-
-def map_findings(abnormalities, present, path):
-    """((N, 18) int8 labels, the abnormalities no finding uses) under RADCHESTCT_MAPPING."""
-    index = {a: i for i, a in enumerate(abnormalities)}
     mapped = {a for sources in RADCHESTCT_MAPPING.values() for a in sources}
-    missing = sorted(mapped - set(index))
-    if missing:
-        raise RadclipError(f"{path}: no column for the mapped abnormalities {missing}; expected "
-                           "columns named <abnormality>*<location>")
-    labels = np.stack([present[:, [index[a] for a in RADCHESTCT_MAPPING[f]]].any(1) for f in FINDINGS], 1)
-    return labels.astype(np.int8), sorted(set(index) - mapped)
-
-
-def read_radchestct_labels(path):
-    """({NoteAcc_DEID: (18,) int8}, unmapped abnormalities) from one labels CSV. Row by row with
-    csv.reader: a dict per row of 4,368 columns (read_csv) would take gigabytes."""
-    path = Path(path)
-    if not path.is_file():
-        raise RadclipError(f"{path}: no such file; --data must hold RAD-ChestCT's labels CSVs and .npz files")
-    try:
-        return radchestct_rows(path)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise RadclipError(f"{path}: not a UTF-8 CSV ({type(e).__name__}: {e})") from None
-
-
-def radchestct_rows(path):
-    """read_radchestct_labels' parsing, on a file that opens."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the name
-        rows = csv.reader(f)
-        header = next(rows, [])
-        if "NoteAcc_DEID" not in header:
-            raise RadclipError(f"{path}: no NoteAcc_DEID column; is this a RAD-ChestCT labels file?")
-        id_col = header.index("NoteAcc_DEID")
-        ids, values = [], []
-        for line, row in enumerate(rows, 2):
-            if len(row) != len(header):
-                raise RadclipError(f"{path}: line {line} has {len(row)} fields; the header has {len(header)}")
-            ids.append(row.pop(id_col))
-            try:
-                values.append(np.array(row, np.float32))
-            except ValueError:
-                raise RadclipError(f"{path}: line {line}: a label is not a number") from None
-    if not ids:
-        raise RadclipError(f"{path}: no label rows")
-    values, columns = np.stack(values), header[:id_col] + header[id_col + 1:]
-    if not np.isin(values, (0, 1)).all():
-        i, j = np.argwhere(~np.isin(values, (0, 1)))[0]
-        raise RadclipError(f"{path}: line {i + 2}, column {columns[j]!r}: a label is not 0 or 1")
-    if len(set(ids)) < len(ids):
-        raise RadclipError(f"{path}: NoteAcc_DEID {Counter(ids).most_common(1)[0][0]} has two rows")
-    labels, unmapped = map_findings(*collapse_locations(columns, values > 0, path), path)
-    return dict(zip(ids, labels)), unmapped
+    if mapped - set(groups):
+        raise RadclipError(f"{path}: no column for the mapped abnormalities {sorted(mapped - set(groups))}")
+    present = np.array(present).reshape(len(ids), len(columns))
+    labels = np.stack([present[:, [j for a in RADCHESTCT_MAPPING[f] for j in groups[a]]].any(1)
+                       for f in FINDINGS], 1).astype(np.int8)
+    return dict(zip(ids, labels)), sorted(set(groups) - mapped)
 
 
 def load_radchestct(path, spacing_mm=0.8):
-    """A RAD-ChestCT volume as (hu (D, H, W) int16, spacing_mm (z, y, x)). The file's (z, y, x)
-    runs superior->inferior, anterior->posterior, patient right->left: load_hu's (D, H, W)
-    already, so nothing is flipped. The file stores no spacing: 0.8 mm isotropic in the release."""
+    """A RAD-ChestCT volume as (hu (D, H, W) int16, spacing_zyx). The file's (z, y, x) runs
+    superior->inferior, anterior->posterior, patient right->left: load_hu's (D, H, W) already, so
+    nothing is flipped. The file stores no spacing: 0.8 mm isotropic in the release."""
     path = Path(path)
     try:
         with np.load(path) as npz:  # allow_pickle=False: a file cannot run code
@@ -1624,44 +1581,35 @@ def load_radchestct(path, spacing_mm=0.8):
 
 
 def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_root=None):
-    """Preprocess a RAD-ChestCT split (trn, val, tst, or all: the 3,630 scans peers score) into
-    cache_dir, as prep_split does a CT-RATE split, with its labels as the 18 findings beside the
-    index (labels.csv; VolumeName = NoteAcc_DEID), never in the dataset's read-only folder.
-    Prints the positives per class beside the published ones; returns as prep_split does."""
+    """Preprocess a RAD-ChestCT split (trn, val, tst, or all: the 3,630 scans peers score) as
+    prep_split does, with its labels as the 18 findings in labels.csv beside the index (VolumeName
+    = NoteAcc_DEID), and print the positives per class beside the published ones."""
     data_dir, prefixes = Path(data_dir), list(RADCHESTCT_SPLITS) if split == "all" else [split]
     if not npz_spacing_mm > 0:
         raise RadclipError(f"--npz-spacing-mm must be positive (got {npz_spacing_mm})")
     out_dir = check_writable(cache_dir(data_dir, cfg, cache_root) / split)
-    index, marker = out_dir / "index.csv", out_dir / "npz_spacing_mm.txt"  # the marker comes before any volume
+    marker = out_dir / "npz_spacing_mm.txt"  # written before any volume: the spacing the cache holds
     done_at = marker.read_text().strip() if marker.is_file() else f"{npz_spacing_mm:g}"
     if done_at != f"{npz_spacing_mm:g}":
         raise RadclipError(f"{out_dir}: prepped at --npz-spacing-mm {done_at}; pass that or delete it")
     atomic_write_bytes(marker, done_at.encode())
-    labels, unmapped = {}, set()
-    for prefix in prefixes:
-        name = f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv"
-        file_labels, file_unmapped = read_radchestct_labels(next(data_dir.rglob(name), data_dir / name))
-        labels.update(file_labels)
-        unmapped.update(file_unmapped)
+    files = [f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv" for prefix in prefixes]
+    read = [read_radchestct_labels(next(data_dir.rglob(name), data_dir / name)) for name in files]
+    labels = {i: y for file_labels, _ in read for i, y in file_labels.items()}
+    unmapped = sorted({a for _, file_unmapped in read for a in file_unmapped})
     volumes = {p.stem: p for p in data_dir.rglob("*.npz") if p.stem.startswith(tuple(prefixes))}
     names = match_ids(f"RAD-ChestCT {split}", labels=labels, volumes=volumes)  # warns of what it drops
-    outs = {n: out_dir / f"{n}.npy" for n in names}
-    todo = [(volumes[n], npz_spacing_mm, outs[n], cfg, None) for n in names if not outs[n].exists()]
-    failures = run_prep_jobs(todo, f"prep {split}", workers)
-    done = [n for n in names if outs[n].exists()]
-    write_csv(index, [{"VolumeName": n, "NpzSpacingMM": f"{npz_spacing_mm:g}"} for n in done],
-              ["VolumeName", "NpzSpacingMM"])
-    write_csv(out_dir / "labels.csv", [dict(zip(["VolumeName", *FINDINGS], [n, *labels[n]]))
-                                                      for n in done], ["VolumeName", *FINDINGS])
-    unmapped = sorted(unmapped)
+    sources = {n: (volumes[n], npz_spacing_mm) for n in names}
+    done, n_skipped, failures = prep_volumes(sources, out_dir, cfg, workers)
+    write_csv(out_dir / "labels.csv", [{"VolumeName": n, **dict(zip(FINDINGS, labels[n]))} for n in done],
+              ["VolumeName", *FINDINGS])
     print(f"prep {split}: {len(unmapped)} abnormalities that no finding maps to are not used"
           + (f" ({', '.join(unmapped[:6])}{', ...' if len(unmapped) > 6 else ''})" if unmapped else ""))
     y = np.array([labels[n] for n in done]).reshape(-1, len(FINDINGS))
-    positives = external_16(y, y)[0].sum(0)
     print(f"{'positives in the ' + str(len(done)) + ' scans':<44}{'here':>6}{'published, all 3,630':>22}")
-    for name, n in zip(EXTERNAL_CLASSES, positives):
+    for name, n in zip(EXTERNAL_CLASSES, external_16(y, y)[0].sum(0)):
         print(f"  {name:<42}{int(n):>6}{RADCHESTCT_POSITIVES[name]:>22,}")
-    return len(done), len(names) - len(todo), failures
+    return len(done), n_skipped, failures
 
 
 # ---------------------------------------------------------------------------------------
