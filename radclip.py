@@ -1708,28 +1708,33 @@ def load_prompts(path=PROMPTS_PATH):
     if missing:
         raise RadclipError(f"{path}: missing section(s) {missing}; each starts with a line '### <name>'")
 
-    def table(section, n=3, findings=True, every=True):
-        """{name: [the other fields of each of its lines]}, a line being n non-empty fields split by '|';
-        the names are findings (every one of them, if every)."""
+    def table(section, n=3, every=True):
+        """{name: [the other fields of each of its lines]}, a line being n non-empty fields split by '|'.
+        The names are findings (each at least once if every), except in the zero-shot templates."""
         rows = {}
-        for row in ([c.strip() for c in line.split("|")] for line in sections.get(section, []) if line.strip()):
+        for line in filter(str.strip, sections.get(section, [])):
+            row = [c.strip() for c in line.split("|")]
             if len(row) != n or not all(row):
-                raise RadclipError(f"{path}: a '### {section}' line needs {n} non-empty fields split by '|': {row}")
+                raise RadclipError(f"{path}: a '### {section}' line needs {n} non-empty fields split by '|': "
+                                   f"{row}")
             rows.setdefault(row[0], []).append(tuple(row[1:]))
+        if section == "zero-shot":
+            return rows
         lacking, unknown = [f for f in FINDINGS if every and f not in rows], sorted(set(rows) - set(FINDINGS))
-        if findings and (lacking or unknown):
+        if lacking or unknown:
             raise RadclipError(f"{path}: '### {section}' must name exactly the 18 findings "
                                f"(missing: {lacking}, unknown: {unknown})")
-        return {f: rows.get(f, []) for f in FINDINGS} if findings else rows
+        return {f: rows.get(f, []) for f in FINDINGS}
 
     definitions = {f: lines[-1][0] for f, lines in table("findings", 2).items()}
     finding_lines = "\n".join(f"- {f}: {definitions[f]}" for f in FINDINGS)
-    system, user = ("\n".join(sections[s]).strip().replace("{findings}", finding_lines) for s in ("system", "user"))
-    zero_shot = {name: pairs[-1] for name, pairs in table("zero-shot", findings=False).items()}
-    if "{report}" not in user or not all("{finding}" in t for pair in zero_shot.values() for t in pair):
-        raise RadclipError(f"{path}: '### user' needs {{report}}; zero-shot templates need {{finding}}")
-    if "report" in zero_shot:
-        raise RadclipError(f"{path}: no zero-shot template may be named 'report', the report-language pairs' name")
+    system, user = ("\n".join(sections[s]).strip().replace("{findings}", finding_lines)
+                    for s in ("system", "user"))
+    zero_shot = {name: pairs[-1] for name, pairs in table("zero-shot").items()}
+    if "{report}" not in user or "report" in zero_shot or not all(
+            "{finding}" in t for pair in zero_shot.values() for t in pair):
+        raise RadclipError(f"{path}: '### user' needs {{report}}; each zero-shot template, {{finding}} and "
+                           "a name other than 'report' (the report-language pairs' name)")
     return {"system": system, "user": user, "definitions": definitions, "zero_shot": zero_shot,
             "report_language": table("report-language"), "candidates": table("candidates", every=False)}
 
@@ -1767,7 +1772,8 @@ ARTERY = (r"(?<!abdominal )aort(?!ic valve|opulmonary)\w*|(?<!coronary )(?<!desc
           r"|(?<!coronary )vascular|(?<!coronary )vessels?|carotid|subclavian|brachiocephalic|truncus")
 # A sentence about another organ: its "nodule", "effusion" or "density" is not a lung finding.
 ELSEWHERE = (r"thyroid|adrenal|liver|hepat|renal|kidney|breast|spleen|splenic|pancrea|abdom|gall|bone"
-             r"|vertebra|\bribs?\b|fracture|soft tissue|subcutaneous|skin|muscle|axilla|perinephric|mediastin")
+             r"|vertebra|\bribs?\b|fracture|soft tissue|subcutaneous|skin|muscle|axilla|perinephric"
+             r"|mediastin")
 LUNG_NODE = r"(?:intrapulmonary|subpleural|perifissural) lymph"  # a lung nodule, not a lymphadenopathy
 THICKENED = r"thicken\w*|thickness"
 LEXICON = [  # (finding, a mention, unless its sentence matches this)
@@ -1788,8 +1794,8 @@ LEXICON = [  # (finding, a mention, unless its sentence matches this)
     ("Emphysema", r"emphysem\w*|bullae?|bullous|blebs?", None),
     ("Atelectasis", r"atelecta\w*", None),
     ("Atelectasis", r"collapse", ELSEWHERE),  # a vertebral collapse is not a lung's
-    ("Lung nodule", r"(?:micro)?nodules?|nodular (?:lesion|formation)s?|granulomas?|" + LUNG_NODE + r" nodes?",
-     ELSEWHERE + "|schmorl"),
+    ("Lung nodule", r"(?:micro)?nodules?|nodular (?:lesion|formation)s?|granulomas?|" + LUNG_NODE
+     + r" nodes?", ELSEWHERE + "|schmorl"),
     ("Lung opacity", r"opacit\w*|ground[- ]glass(?![- ](?:density |opacity )?nodul)", None),
     # "Density" is an opacity unless the sentence names what it is: scarring or consolidation.
     ("Lung opacity", r"densities|density increases?|increases? in density|increased density",
@@ -1800,17 +1806,18 @@ LEXICON = [  # (finding, a mention, unless its sentence matches this)
      r"|hydropn\w*thora\w*|fluid in the pleural", None),  # "pleural or pericardial effusion" too
     ("Pleural effusion", r"effusions?", "pericardi|" + ELSEWHERE),
     ("Mosaic attenuation pattern", r"mosaic", None),
-    ("Peribronchial thickening", r"peribronchial cuffing|" + near(r"peribronch\w*|bronchial walls?", THICKENED, 40),
-     None),
+    ("Peribronchial thickening",
+     r"peribronchial cuffing|" + near(r"peribronch\w*|bronchial walls?", THICKENED, 40), None),
     ("Consolidation", r"consolidat\w*", None),  # not "pneumonia": a diagnosis, not a CT finding
     ("Bronchiectasis", r"bronchiecta\w*|" + near(r"bronch\w*", r"dilat\w*|ectasi\w*", 20), None),
-    ("Interlobular septal thickening", r"interlobular septal|" + near(r"\w*septa\w*|interstiti\w*", THICKENED, 40),
-     None),
+    ("Interlobular septal thickening",
+     r"interlobular septal|" + near(r"\w*septa\w*|interstiti\w*", THICKENED, 40), None),
 ]
 LEXICON = [(f, re.compile(rf"\b(?:{p})\b"), unless and re.compile(unless)) for f, p, unless in LEXICON]
 
 SENTENCE = re.compile(r'(?<!\d)\.(?!\d)|[;:"•\n\u201c\u201d]|(?<=\?)')  # "2.3 mm" goes on; "?" stays
-CLAUSE = re.compile(r"\b(?:but|however|although|though|whereas|while|except|apart from|other than|yet)\b")
+CLAUSE = re.compile(r"\b(?:but|however|although|though|whereas|while|except|apart from|other than"
+                    r"|yet)\b")
 PREDICATE = re.compile(r"\b(?:is|are|was|were|be|been|has|have)(?:\s+not)?(?:\s+\w+ly)?\s+"
                        r"(?:\w+ed|seen|shown|present|absent|evident|visible|normal|natural|open|preserved)\b")
 # CheXpert's order: phrases that look negated but are hedges, then negation, then other hedges.
@@ -1826,8 +1833,9 @@ NEGATION_AFTER = re.compile(  # "not observed in the previous examination" means
     r"(?!\s+(?:in|on) the (?:previous|prior|old))"
     r"|\b(?:absent|ruled out|excluded|resolved|disappeared|regressed|removed)\b")
 UNCERTAINTY_BEFORE = re.compile(
-    r"\b(?:possibl\w*|probabl\w*|likely|suspicio\w*|suspect\w*|questionabl\w*|question of|may|might|could"
-    r"|cannot|suggest\w*|concern\w* for|doubtful|equivocal|vs|versus|differential|presum\w*|favou?r\w*)\b")
+    r"\b(?:possibl\w*|probabl\w*|likely|suspicio\w*|suspect\w*|questionabl\w*|question of|may|might"
+    r"|could|cannot|suggest\w*|concern\w* for|doubtful|equivocal|vs|versus|differential|presum\w*"
+    r"|favou?r\w*)\b")
 # After a mention only "X is suspected" or "X ...?" doubts X: in "consolidation, suspicious for
 # pneumonia" or "nodule (granuloma?)" the doubt is about the cause.
 UNCERTAINTY_AFTER = re.compile(r"\b(?:is|are|was|were) (?:\w+ly )?(?:suspected|possible|probable|likely"
@@ -1862,12 +1870,15 @@ def rules_label(text):
 # -- The LLM over raw HTTP --
 LABEL_SCHEMA = {"type": "object", "required": FINDINGS, "additionalProperties": False,
                 "properties": {f: {"type": "integer", "enum": [-1, 0, 1]} for f in FINDINGS}}
-RESPONSE_FORMATS = {  # asked of the server; where it refuses one, the next (OpenAI's, llama.cpp's, plain)
+RESPONSE_FORMATS = {  # what is asked of the server; where it refuses one, the next
     "json_schema": {"type": "json_schema", "json_schema": {"name": "ct_findings", "strict": True,
-                                                           "schema": LABEL_SCHEMA}},
-    "json_object": {"type": "json_object", "schema": LABEL_SCHEMA}, "none": None}  # llama.cpp enforces it
-HINTS = {401: "set OPENAI_API_KEY to a valid key for this server", 402: "add credit to the account or use another key",
-         403: "check that the key may use model {model!r}", 404: "check --base-url (it ends in /v1) and --model {model!r}",
+                                                           "schema": LABEL_SCHEMA}},  # OpenAI's nested form
+    "json_object": {"type": "json_object", "schema": LABEL_SCHEMA},  # llama.cpp's servers enforce this schema
+    "none": None}
+HINTS = {401: "set OPENAI_API_KEY to a valid key for this server",
+         402: "add credit to the account or use another key",  # and a 429 insufficient_quota
+         403: "check that the key may use model {model!r}",
+         404: "check --base-url (it ends in /v1) and --model {model!r}",
          "parameter": "the server does not take a parameter radclip sends; try --response-format none",
          "every report": "the first {n} reports were all refused: check --model, --max-tokens and --base-url"}
 
@@ -1886,8 +1897,9 @@ def parse_labels(content):
         if isinstance(labels, dict):
             break
     by_name = {str(k).strip().lower(): v for k, v in labels.items()} if isinstance(labels, dict) else {}
-    if set(by_name) != {f.lower() for f in FINDINGS} or any(str(v) not in ("-1", "0", "1") for v in by_name.values()):
-        raise ValueError(f"not one JSON object of the 18 findings as -1, 0 or 1: {reply[:200]}")  # true is no 1
+    valid = all(str(v) in ("-1", "0", "1") for v in by_name.values())  # not true, though true == 1
+    if not valid or set(by_name) != {f.lower() for f in FINDINGS}:
+        raise ValueError(f"not one JSON object of the 18 findings as -1, 0 or 1: {reply[:200]}")
     return {f: int(by_name[f.lower()]) for f in FINDINGS}
 
 
@@ -1905,7 +1917,7 @@ class LLMLabeler:
         if not ok or re.search(r"\s", base_url):  # refused before any request
             raise RadclipError(f"--base-url {base_url!r} is not a URL like http://localhost:8000/v1")
         self.url, self.model, self.prompts = base_url.rstrip("/") + "/chat/completions", model, prompts
-        self.timeout, self.max_retries, self.max_tokens = timeout, max_retries, max_tokens  # an answer is ~150
+        self.timeout, self.max_retries, self.max_tokens = timeout, max_retries, max_tokens
         self.response_format, self.params = response_format, {"temperature": 0, "seed": seed}
         self.key = os.environ.get("OPENAI_API_KEY", "")  # from the environment only; written nowhere
         self.session = requests.Session()
@@ -1948,22 +1960,19 @@ class LLMLabeler:
             self.count(self.retries, cause)
             if cause == "truncated reply":  # at temperature 0 the same limit cuts the same answer
                 max_tokens *= 2
-            elif retry_after is None or not 0 <= retry_after <= 60:  # jitter: workers do not retry in step
-                self.stop.wait(random.uniform(0.5, 1.0) * min(8.0, self.backoff_s * 2 ** (failures - 1)))
-            else:
+            elif retry_after is not None and 0 <= retry_after <= 60:
                 self.stop.wait(retry_after)
+            else:  # jitter: workers do not retry in step
+                self.stop.wait(random.uniform(0.5, 1.0) * min(8.0, self.backoff_s * 2 ** (failures - 1)))
         raise LabelFailed("the run stopped before this report was answered")
-
-    def fatal(self, message):
-        """End the run: no worker sends another request."""
-        self.stop.set()
-        raise RadclipError(message)
 
     def request(self, text, max_tokens):
         """One POST: (labels, None, None), or (None, cause, seconds the server asks us to wait)."""
         fmt = self.response_format
-        payload = {"model": self.model, "messages": self.messages(text), **self.params, "max_tokens": max_tokens,
-                   **({"response_format": RESPONSE_FORMATS[fmt]} if RESPONSE_FORMATS[fmt] else {})}
+        payload = {"model": self.model, "messages": self.messages(text), **self.params}
+        payload["max_tokens"] = max_tokens
+        if RESPONSE_FORMATS[fmt]:
+            payload["response_format"] = RESPONSE_FORMATS[fmt]
         self.count(self.counts, "requests")
         try:
             r = self.session.post(self.url, json=payload, timeout=self.timeout)
@@ -1974,8 +1983,9 @@ class LLMLabeler:
                 self.unreachable += 1
                 gone = self.unreachable >= 8 and time.monotonic() - self.reached > 10
             if gone:
-                self.fatal(f"{self.url}: no connection in {self.unreachable} tries in a row, for 10 s "
-                           f"({type(e).__name__}); is the server running? Answers received so far are cached")
+                self.stop.set()  # no worker sends another request
+                raise RadclipError(f"{self.url}: no connection in {self.unreachable} tries in a row, for 10 s"
+                                   f" ({type(e).__name__}); is the server running? Answers so far are cached")
             return None, "connection error", None
         with self.lock:
             self.unreachable, self.reached = 0, time.monotonic()
@@ -1994,12 +2004,12 @@ class LLMLabeler:
         return labels, None, None
 
     def http_error(self, r, fmt):
-        """A non-200 reply: step down from a refused response_format, retry, fail the report, or end the run."""
+        """A non-200 reply: fall back from a refused response_format, retry, fail the report, or stop."""
         error = {"message": r.text}
         with contextlib.suppress(ValueError, LookupError, TypeError, AttributeError):
             error = {"message": r.json()["error"].get("message"), "code": r.json()["error"].get("code")}
-        message = " ".join(str(error["message"]).split())  # one line, the key masked before the cut (OpenAI's
-        message, status = (message.replace(self.key, "***") if self.key else message)[:200], r.status_code  # 401 quotes it)
+        message, status = " ".join(str(error["message"]).split()), r.status_code  # one line, and the key
+        message = (message.replace(self.key, "***") if self.key else message)[:200]  # masked before the cut
         with self.lock:
             self.refused.append(status)
             first, n = self.counts["answered"] == 0, self.refused.count(status)
@@ -2008,7 +2018,8 @@ class LLMLabeler:
                               or re.search(r"response_format|json_schema|json_object", message, re.I)):
             with self.lock:  # several workers may see it: the first steps down, once
                 if self.response_format == fmt:
-                    self.response_format = list(RESPONSE_FORMATS)[list(RESPONSE_FORMATS).index(fmt) + 1]
+                    formats = list(RESPONSE_FORMATS)
+                    self.response_format = formats[formats.index(fmt) + 1]
                     self.refused.clear()  # the next format gets its own three 500s
                     self.fallbacks.append(f"{fmt} -> {self.response_format} (HTTP {status}: {message})")
             return None, "fallback", None
@@ -2020,14 +2031,16 @@ class LLMLabeler:
             return None, f"HTTP {status}", None
         hint = HINTS.get(402 if status == 429 else status, "check --model {model!r} and --response-format")
         if status in (400, 413, 422):  # this report alone (too long, say), unless the request itself is wrong
-            if re.search(r"unknown|unrecognized|unsupported|not supported|extra (?:fields|inputs)", message, re.I) \
-                    and re.search(r"param|argument|field|input", message, re.I):
+            refused = r"unknown|unrecognized|unsupported|not supported|extra (?:fields|inputs)"
+            if re.search(refused, message, re.I) and re.search(r"param|argument|field|input", message, re.I):
                 hint = HINTS["parameter"]
             elif first and n >= 3:
                 hint = HINTS["every report"]
             else:
                 raise LabelFailed(f"HTTP {status}: {message}")
-        self.fatal(f"{self.url} answered HTTP {status} ({message}); {hint.format(model=self.model, n=n)}")
+        self.stop.set()  # no retry mends this: no worker sends another request
+        raise RadclipError(f"{self.url} answered HTTP {status} ({message}); "
+                           + hint.format(model=self.model, n=n))
 
 
 # -- The cached, parallel runner --
@@ -2070,11 +2083,13 @@ def label_reports(ids, texts, labeler, cache_path, workers=8):
                 f.write(json.dumps({"key": key, "id": i, "labels": cache[key]}) + "\n")
                 f.flush()  # in the file now: a kill -9 loses only the requests in flight
     except OSError as e:  # a full disk: what was flushed before stays
-        raise RadclipError(f"{cache_path}: cannot write ({e.strerror or e}); the answers before it are cached") from None
+        raise RadclipError(f"{cache_path}: cannot write ({e.strerror or e}); the answers before it are "
+                           "cached") from None
     finally:  # after a fatal reply or Ctrl-C: no new requests, no more retries
         labeler.stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
-    summary.update(failed={i: failed[k] for i, k in zip(ids, keys) if k in failed}, seconds=time.time() - start)
+    summary["failed"] = {i: failed[k] for i, k in zip(ids, keys) if k in failed}
+    summary["seconds"] = time.time() - start
     return [dict.fromkeys(FINDINGS, 0) if k is None else cache.get(k) for k in keys], summary
 
 
@@ -2094,52 +2109,56 @@ def print_dry_run(labeler, texts, cache_path, args):
     cache = load_label_cache(cache_path)
     todo = {k: t for t in texts if t for k in [labeler.cache_key(t)] if k not in cache}
     prompt = sum(len(m["content"]) for t in todo.values() for m in labeler.messages(t))
-    answer = len(json.dumps(dict.fromkeys(FINDINGS, 0)))
-    estimate = {"prompt_tokens": prompt // 4, "completion_tokens": len(todo) * answer // 4}
+    estimate = {"prompt_tokens": prompt // 4,
+                "completion_tokens": len(todo) * len(json.dumps(dict.fromkeys(FINDINGS, 0))) // 4}
     print(f"label --dry-run: {len(todo)} requests for {len(texts)} reports (the others are cached, empty "
           f"or duplicates); estimated as characters / 4, {tokens_line(estimate, args)}")
 
 
 def cmd_label(args):
-    """label: silver labels for --reports by an LLM server or the rules, or with --eval their quality."""
+    """label: silver labels for --reports from an LLM server or the rules; with --eval, their quality."""
     if args.eval:
         return cmd_label_eval(args)
     if not (args.reports and args.out):
         raise RadclipError("label needs --reports CSV and --out CSV (or --eval --pred P.csv --gold G.csv)")
     reports = read_reports(args.reports, args.id_col, args.text_cols)
-    out, base_url = Path(args.out), args.base_url or os.environ.get("OPENAI_BASE_URL")
+    ids, texts, out = list(reports), list(reports.values()), Path(args.out)
     check_writable(out.parent)
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
+    if args.backend == "llm" and not base_url:
+        print("label: no endpoint (--base-url, OPENAI_BASE_URL): the rules label", file=sys.stderr)
     if args.backend == "rules" or not base_url:
-        if args.backend == "llm":
-            print("label: no endpoint (--base-url, OPENAI_BASE_URL): the rules label", file=sys.stderr)
-        if not args.dry_run:
-            labels = {i: rules_label(t) for i, t in tqdm(reports.items(), "rules", unit="report")}
-            write_csv(out, [{args.id_col: i, **y} for i, y in labels.items()], [args.id_col, *FINDINGS])
-        print(f"label: {len(reports)} reports labelled by rules, no request, no cost -> {out}")
+        if args.dry_run:
+            print("label: the rules backend sends no request and costs nothing")
+        else:
+            labels = [rules_label(t) for t in tqdm(texts, "rules", unit="report")]
+            write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels)], [args.id_col, *FINDINGS])
+            print(f"label: {len(ids)} reports labelled by rules -> {out}")
         return 0
     model = args.model or os.environ.get("OPENAI_MODEL")
     if not model:
         raise RadclipError("no model: pass --model or set OPENAI_MODEL")
-    labeler = LLMLabeler(base_url, model, load_prompts(), args.timeout, args.max_retries, args.response_format,
-                         args.workers, max_tokens=args.max_tokens)
+    labeler = LLMLabeler(base_url, model, load_prompts(), args.timeout, args.max_retries,
+                         args.response_format, args.workers, max_tokens=args.max_tokens)
     cache_path = Path(args.cache) if args.cache else out.with_suffix(".cache.jsonl")
     check_writable(cache_path.parent)  # before the first paid request
     if args.dry_run:
-        return print_dry_run(labeler, list(reports.values()), cache_path, args)
-    labels, summary = label_reports(list(reports), list(reports.values()), labeler, cache_path, args.workers)
-    rows = [{args.id_col: i, **y} for i, y in zip(reports, labels) if y is not None]
-    write_csv(out, rows, [args.id_col, *FINDINGS])
+        return print_dry_run(labeler, texts, cache_path, args)
+    labels, summary = label_reports(ids, texts, labeler, cache_path, args.workers)
+    write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels) if y], [args.id_col, *FINDINGS])
+    failed, failed_path, seconds = summary["failed"], out.with_suffix(".failed.csv"), summary["seconds"]
     retries = ", ".join(f"{cause} {n}" for cause, n in sorted(labeler.retries.items())) or "none"
-    print(f"label: {len(reports)} reports ({summary['cached']} cached, {summary['sent']} sent, {summary['empty']} "
-          f"empty so all 0, {len(summary['failed'])} failed) -> {out}\nlabel: {labeler.counts['requests']} "
-          f"requests, retries: {retries}; {summary['sent'] / summary['seconds']:.1f} reports/s over "
-          f"{summary['seconds']:.1f} s\nlabel: {tokens_line(labeler.counts, args)}")
+    print(f"label: {len(ids)} reports ({summary['cached']} cached, {summary['sent']} sent, "
+          f"{summary['empty']} empty so all 0, {len(failed)} failed) -> {out}\n"
+          f"label: {labeler.counts['requests']} requests, "
+          f"retries: {retries}; {summary['sent'] / seconds:.1f} reports/s over {seconds:.1f} s\n"
+          f"label: {tokens_line(labeler.counts, args)}")
     for fallback in labeler.fallbacks:
         print(f"label: response_format fell back {fallback}")
-    failed, failed_path = summary["failed"], out.with_suffix(".failed.csv")
     failed_path.unlink(missing_ok=True)  # an earlier run's list is stale now
     if failed:
-        write_csv(failed_path, [{args.id_col: i, "reason": why} for i, why in failed.items()], [args.id_col, "reason"])
+        rows = [{args.id_col: i, "reason": why} for i, why in failed.items()]
+        write_csv(failed_path, rows, [args.id_col, "reason"])
         print(f"label: {len(failed)} reports failed, listed in {failed_path} (the same command again retries "
               f"just those): {', '.join(list(failed)[:10])}", file=sys.stderr)
     return 1 if failed else 0
@@ -2174,28 +2193,30 @@ def add_label_parser(subparsers):
     p.set_defaults(func=cmd_label)
 
 
-
+# -- Label quality: the paper's label-extraction experiment --
 def label_quality(pred, gold):
     """Per-finding AUC, F1, precision, recall and support of predicted against reference labels
     ({id: (18,) labels}, as read_labels gives) over their shared ids, and the macro means. Uncertain
-    (-1) counts as present, as everywhere in evaluation; AUC ranks it between absent and present. A
-    finding without reference positives (or negatives) has no AUC: NaN, out of the macro mean."""
+    (-1) counts as present, as in all evaluation; AUC ranks it between absent and present. A finding
+    without reference positives (or negatives) has no AUC: NaN, left out of the macro mean, never 0.5."""
     ids = match_ids("label --eval", gold=gold, pred=pred)
     gold, pred = (np.stack([labels[i] for i in ids]).astype(int) for labels in (gold, pred))
     present, hit = gold != 0, pred != 0
     tp, fp, fn = (hit & present).sum(0), (hit & ~present).sum(0), (~hit & present).sum(0)
-    with np.errstate(invalid="ignore"):  # 0 / 0: NaN, no F1 where nothing is predicted or present
-        metrics = {"auc": finding_auc(present, np.where(pred == -1, 0.5, pred)), "f1": 2 * tp / (2 * tp + fp + fn),
-                   "precision": tp / (tp + fp), "recall": tp / (tp + fn)}
+    with np.errstate(invalid="ignore"):  # 0 / 0 is NaN: no F1 where nothing is predicted or present
+        metrics = {"auc": finding_auc(present, np.where(pred == -1, 0.5, pred)),
+                   "f1": 2 * tp / (2 * tp + fp + fn), "precision": tp / (tp + fp), "recall": tp / (tp + fn)}
     table = {f: {**{name: float(v[k]) for name, v in metrics.items()}, "support": int(tp[k] + fn[k])}
              for k, f in enumerate(FINDINGS)}
-    return {"reports": len(ids), "findings": table, "macro": {m: float(np.nanmean(v)) for m, v in metrics.items()}}
+    macro = {name: float(np.nanmean(v)) for name, v in metrics.items()}
+    return {"reports": len(ids), "findings": table, "macro": macro}
 
 
 def print_label_quality(quality):
-    """The label-quality table: a row per finding, then the macro means."""
+    """label_quality's table: a row per finding, then the macro means."""
     print(f"{'finding':36} {'AUC':>6} {'F1':>6} {'prec':>6} {'recall':>6} {'support':>8}")
-    for name, m in [*quality["findings"].items(), (f"macro ({quality['reports']} reports)", quality["macro"])]:
+    macro = (f"macro ({quality['reports']} reports)", quality["macro"])
+    for name, m in [*quality["findings"].items(), macro]:
         print(f"{name:36} {m['auc']:6.3f} {m['f1']:6.3f} {m['precision']:6.3f} {m['recall']:6.3f} "
               f"{m.get('support', ''):>8}")
     undefined = [f for f, m in quality["findings"].items() if math.isnan(m["auc"])]
@@ -2215,45 +2236,48 @@ def cmd_label_eval(args):
         atomic_write_bytes(args.out, json.dumps(quality, indent=2).encode())
 
 
+# -- bench --labeler: the runner against a local server that answers with the rules --
+class RulesServer(BaseHTTPRequestHandler):
+    """Answers each chat request with the rules' labels of its report, after server.latency_s."""
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers do: each worker reuses its connection
+    disable_nagle_algorithm = True  # else the body waits for the delayed ACK of the headers
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(time.sleep(self.server.latency_s))
+        answer = json.dumps(rules_label(request["messages"][-1]["content"]))
+        body = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # quiet: the bench prints its own result
+        pass
+
+
 def bench_labeler(n_reports=1000, latency_s=0.2, workers=16):
-    """Reports/s of label_reports against a local server that answers with the rules' labels after
-    latency_s; then the seconds and requests of the same run again, which the cache answers."""
-    sent = []
-
-    class RulesServer(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as real servers do: each worker reuses its connection
-        disable_nagle_algorithm = True  # else the body waits for the delayed ACK of the headers
-
-        def do_POST(self):
-            report = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
-            sent.append(time.sleep(latency_s))
-            answer = {"choices": [{"message": {"content": json.dumps(rules_label(report))}}]}
-            body = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):  # quiet: the bench prints its own result
-            pass
-
-    texts = [f"Report {i}: no pleural effusion was detected. A {i % 9 + 2} mm nodule is seen." for i in range(n_reports)]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RulesServer)
+    """Reports/s of label_reports against a RulesServer that takes latency_s per request; then the
+    seconds and requests of the same run again, which the cache answers."""
+    texts = [f"Report {i}: no pleural effusion was detected. A {i % 9 + 2} mm nodule is seen."
+             for i in range(n_reports)]
+    server, runs = ThreadingHTTPServer(("127.0.0.1", 0), RulesServer), []
+    server.requests, server.latency_s = [], latency_s
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            url, cache = f"http://127.0.0.1:{server.server_port}/v1", Path(tmp) / "cache.jsonl"
-            first = label_reports(range(n_reports), texts, LLMLabeler(url, "bench", load_prompts(), workers=workers),
-                                  cache, workers)[1]
-            requests_sent = len(sent)
-            again = label_reports(range(n_reports), texts, LLMLabeler(url, "bench", load_prompts(), workers=workers),
-                                  cache, workers)[1]  # a fresh labeler, as a rerun of the command would have
+            for _ in range(2):  # a fresh labeler each time, as a rerun of the command would have
+                labeler = LLMLabeler(f"http://127.0.0.1:{server.server_port}/v1", "rules", load_prompts(),
+                                     workers=workers)
+                runs.append((len(server.requests), label_reports(range(n_reports), texts, labeler,
+                                                                 Path(tmp) / "cache.jsonl", workers)[1]))
     finally:
         server.shutdown()
         server.server_close()
-    return {"reports": n_reports, "workers": workers, "latency_s": latency_s, "requests": requests_sent,
+    (_, first), (sent, again) = runs
+    return {"reports": n_reports, "workers": workers, "latency_s": latency_s, "requests": sent,
             "reports_per_s": n_reports / first["seconds"], "cached_rerun_s": again["seconds"],
-            "cached_rerun_requests": len(sent) - requests_sent}
+            "cached_rerun_requests": len(server.requests) - sent}
 
 
 # ---------------------------------------------------------------------------------------
