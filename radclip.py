@@ -1637,40 +1637,35 @@ def load_prompts(path=PROMPTS_PATH):
     if missing:
         raise RadclipError(f"{path}: missing section(s) {missing}; each starts with a line '### <name>'")
 
-    def fields(section, n):
-        rows = [[c.strip() for c in line.split("|")] for line in sections.get(section, []) if line.strip()]
-        for row in rows:
+    def table(section, n=3, every=True):
+        """{name: [the other fields of each of its lines]}, a line being n non-empty fields split by '|'.
+        The names are findings (each at least once if every), except in the zero-shot templates."""
+        rows = {}
+        for line in filter(str.strip, sections.get(section, [])):
+            row = [c.strip() for c in line.split("|")]
             if len(row) != n or not all(row):
                 raise RadclipError(f"{path}: a '### {section}' line needs {n} non-empty fields split by '|': "
                                    f"{row}")
-        return rows
+            rows.setdefault(row[0], []).append(tuple(row[1:]))
+        if section == "zero-shot":
+            return rows
+        lacking, unknown = [f for f in FINDINGS if every and f not in rows], sorted(set(rows) - set(FINDINGS))
+        if lacking or unknown:
+            raise RadclipError(f"{path}: '### {section}' must name exactly the 18 findings "
+                               f"(missing: {lacking}, unknown: {unknown})")
+        return {f: rows.get(f, []) for f in FINDINGS}
 
-    def by_finding(section):
-        pairs = {f: [] for f in FINDINGS}
-        for f, pos, neg in fields(section, 3):
-            if f not in pairs:
-                raise RadclipError(f"{path}: '### {section}' names {f!r}, not one of the 18 findings")
-            pairs[f].append((pos, neg))
-        return pairs
-
-    definitions = dict(fields("findings", 2))
-    if set(definitions) != set(FINDINGS):
-        raise RadclipError(f"{path}: '### findings' must define exactly the 18 findings; missing "
-                           f"{sorted(set(FINDINGS) - set(definitions))}, "
-                           f"unknown {sorted(set(definitions) - set(FINDINGS))}")
+    definitions = {f: lines[-1][0] for f, lines in table("findings", 2).items()}
     finding_lines = "\n".join(f"- {f}: {definitions[f]}" for f in FINDINGS)
     system, user = ("\n".join(sections[s]).strip().replace("{findings}", finding_lines)
                     for s in ("system", "user"))
-    zero_shot = {name: (pos, neg) for name, pos, neg in fields("zero-shot", 3)}
-    if "{report}" not in user or not all("{finding}" in t for pair in zero_shot.values() for t in pair):
-        raise RadclipError(f"{path}: '### user' needs {{report}}; zero-shot templates need {{finding}}")
-    report_language = by_finding("report-language")
-    if "report" in zero_shot or not all(report_language.values()):
-        raise RadclipError(f"{path}: '### report-language' needs a pair for every finding (missing: "
-                           f"{[f for f, p in report_language.items() if not p]}), and no template may be "
-                           "named 'report'")
+    zero_shot = {name: pairs[-1] for name, pairs in table("zero-shot").items()}
+    if "{report}" not in user or "report" in zero_shot or not all(
+            "{finding}" in t for pair in zero_shot.values() for t in pair):
+        raise RadclipError(f"{path}: '### user' needs {{report}}; each zero-shot template, {{finding}} and "
+                           "a name other than 'report' (the report-language pairs' name)")
     return {"system": system, "user": user, "definitions": definitions, "zero_shot": zero_shot,
-            "report_language": report_language, "candidates": by_finding("candidates")}
+            "report_language": table("report-language"), "candidates": table("candidates", every=False)}
 
 
 def zero_shot_prompts(prompts, prompt="report"):
@@ -1697,7 +1692,8 @@ def near(a, b, chars=60):
     return rf"(?:{a})[^.;]{{0,{chars}}}?\b(?:{b})|(?:{b})[^.;]{{0,{chars}}}?\b(?:{a})"
 
 
-CALCIFIC = r"calcif\w*|(?<!pleural )plaques?|atheroscler\w*|atherom\w*"
+ATHEROMA = r"atheroscler\w*|atherom\w*"
+CALCIFIC = r"calcif\w*|(?<!pleural )plaques?|" + ATHEROMA
 CORONARY = r"coronar\w*|lad|rca|circumflex|anterior descending"
 # Arterial wall calcification is CT-RATE's label for the thoracic aorta and its branches: not the
 # coronaries (their own finding), the aortic valve or the abdominal aorta.
@@ -1705,14 +1701,17 @@ ARTERY = (r"(?<!abdominal )aort(?!ic valve|opulmonary)\w*|(?<!coronary )(?<!desc
           r"|(?<!coronary )vascular|(?<!coronary )vessels?|carotid|subclavian|brachiocephalic|truncus")
 # A sentence about another organ: its "nodule", "effusion" or "density" is not a lung finding.
 ELSEWHERE = (r"thyroid|adrenal|liver|hepat|renal|kidney|breast|spleen|splenic|pancrea|abdom|gall|bone"
-             r"|vertebra|\bribs?\b|fracture|soft tissue|subcutaneous|skin|muscle|axilla|perinephric|mediastin")
+             r"|vertebra|\bribs?\b|fracture|soft tissue|subcutaneous|skin|muscle|axilla|perinephric"
+             r"|mediastin")
+LUNG_NODE = r"(?:intrapulmonary|subpleural|perifissural) lymph"  # a lung nodule, not a lymphadenopathy
+THICKENED = r"thicken\w*|thickness"
 LEXICON = [  # (finding, a mention, unless its sentence matches this)
     ("Medical material", r"catheter\w*|ports?|stent\w*|pacemaker\w*|prosthe\w*|sternotomy|wires?|clips?"
      r"|sutur\w*|tubes?|cannula\w*|grafts?|coils?|defibrillator|icd|cardiac device|drains?|bypass|cabg"
      r"|valve replacement|osteosynthesis|screws?|(?:fixation|metallic) (?:plates?|material)|expander"
      r"|(?:medical|surgical|foreign) material|foreign body", None),
     ("Arterial wall calcification", near(CALCIFIC, ARTERY, 120), None),
-    ("Arterial wall calcification", r"atheroscler\w*|atherom\w*", CORONARY),  # no vessel named
+    ("Arterial wall calcification", ATHEROMA, CORONARY),  # no vessel named
     ("Cardiomegaly", r"cardiomegal\w*|"
      + near(r"heart|cardiac|cardiothoracic", r"increas\w*|enlarg\w*|larger", 30), None),
     ("Pericardial effusion", near(r"effusion|fluid", r"pericardi\w*") + r"|hydropericard\w*", None),
@@ -1720,12 +1719,12 @@ LEXICON = [  # (finding, a mention, unless its sentence matches this)
     ("Hiatal hernia", r"hiat\w* hernia\w*|hernia\w*(?: \w+){0,4} hiat\w*|gastric herniat\w*", None),
     # CT-RATE's annotators mark any mediastinal or hilar node a report describes, enlarged or not.
     ("Lymphadenopathy", r"lymph\s?nodes?(?! stations?)|lymphadenopath\w*|laps?|adenopath\w*",
-     r"(?:intrapulmonary|subpleural|perifissural) lymph|axilla|abdom|inguinal|mesenter|para-?aortic"),
+     LUNG_NODE + r"|axilla|abdom|inguinal|mesenter|para-?aortic"),
     ("Emphysema", r"emphysem\w*|bullae?|bullous|blebs?", None),
     ("Atelectasis", r"atelecta\w*", None),
     ("Atelectasis", r"collapse", ELSEWHERE),  # a vertebral collapse is not a lung's
-    ("Lung nodule", r"(?:micro)?nodules?|nodular (?:lesion|formation)s?|granulomas?"
-     r"|(?:intrapulmonary|subpleural|perifissural) lymph nodes?", ELSEWHERE + "|schmorl"),
+    ("Lung nodule", r"(?:micro)?nodules?|nodular (?:lesion|formation)s?|granulomas?|" + LUNG_NODE
+     + r" nodes?", ELSEWHERE + "|schmorl"),
     ("Lung opacity", r"opacit\w*|ground[- ]glass(?![- ](?:density |opacity )?nodul)", None),
     # "Density" is an opacity unless the sentence names what it is: scarring or consolidation.
     ("Lung opacity", r"densities|density increases?|increases? in density|increased density",
@@ -1736,17 +1735,18 @@ LEXICON = [  # (finding, a mention, unless its sentence matches this)
      r"|hydropn\w*thora\w*|fluid in the pleural", None),  # "pleural or pericardial effusion" too
     ("Pleural effusion", r"effusions?", "pericardi|" + ELSEWHERE),
     ("Mosaic attenuation pattern", r"mosaic", None),
-    ("Peribronchial thickening", r"peribronchial cuffing|"
-     + near(r"peribronch\w*|bronchial walls?", r"thicken\w*|thickness", 40), None),
+    ("Peribronchial thickening",
+     r"peribronchial cuffing|" + near(r"peribronch\w*|bronchial walls?", THICKENED, 40), None),
     ("Consolidation", r"consolidat\w*", None),  # not "pneumonia": a diagnosis, not a CT finding
     ("Bronchiectasis", r"bronchiecta\w*|" + near(r"bronch\w*", r"dilat\w*|ectasi\w*", 20), None),
-    ("Interlobular septal thickening", r"interlobular septal|"
-     + near(r"\w*septa\w*|interstiti\w*", r"thicken\w*|thickness", 40), None),
+    ("Interlobular septal thickening",
+     r"interlobular septal|" + near(r"\w*septa\w*|interstiti\w*", THICKENED, 40), None),
 ]
 LEXICON = [(f, re.compile(rf"\b(?:{p})\b"), unless and re.compile(unless)) for f, p, unless in LEXICON]
 
 SENTENCE = re.compile(r'(?<!\d)\.(?!\d)|[;:"•\n\u201c\u201d]|(?<=\?)')  # "2.3 mm" goes on; "?" stays
-CLAUSE = re.compile(r"\b(?:but|however|although|though|whereas|while|except|apart from|other than|yet)\b")
+CLAUSE = re.compile(r"\b(?:but|however|although|though|whereas|while|except|apart from|other than"
+                    r"|yet)\b")
 PREDICATE = re.compile(r"\b(?:is|are|was|were|be|been|has|have)(?:\s+not)?(?:\s+\w+ly)?\s+"
                        r"(?:\w+ed|seen|shown|present|absent|evident|visible|normal|natural|open|preserved)\b")
 # CheXpert's order: phrases that look negated but are hedges, then negation, then other hedges.
@@ -1762,8 +1762,9 @@ NEGATION_AFTER = re.compile(  # "not observed in the previous examination" means
     r"(?!\s+(?:in|on) the (?:previous|prior|old))"
     r"|\b(?:absent|ruled out|excluded|resolved|disappeared|regressed|removed)\b")
 UNCERTAINTY_BEFORE = re.compile(
-    r"\b(?:possibl\w*|probabl\w*|likely|suspicio\w*|suspect\w*|questionabl\w*|question of|may|might|could"
-    r"|cannot|suggest\w*|concern\w* for|doubtful|equivocal|vs|versus|differential|presum\w*|favou?r\w*)\b")
+    r"\b(?:possibl\w*|probabl\w*|likely|suspicio\w*|suspect\w*|questionabl\w*|question of|may|might"
+    r"|could|cannot|suggest\w*|concern\w* for|doubtful|equivocal|vs|versus|differential|presum\w*"
+    r"|favou?r\w*)\b")
 # After a mention only "X is suspected" or "X ...?" doubts X: in "consolidation, suspicious for
 # pneumonia" or "nodule (granuloma?)" the doubt is about the cause.
 UNCERTAINTY_AFTER = re.compile(r"\b(?:is|are|was|were) (?:\w+ly )?(?:suspected|possible|probable|likely"
@@ -1796,9 +1797,19 @@ def rules_label(text):
 
 
 # -- The LLM over raw HTTP --
-RESPONSE_FORMATS = ["json_schema", "json_object", "none"]  # also the order of fallback
 LABEL_SCHEMA = {"type": "object", "required": FINDINGS, "additionalProperties": False,
                 "properties": {f: {"type": "integer", "enum": [-1, 0, 1]} for f in FINDINGS}}
+RESPONSE_FORMATS = {  # what is asked of the server; where it refuses one, the next
+    "json_schema": {"type": "json_schema", "json_schema": {"name": "ct_findings", "strict": True,
+                                                           "schema": LABEL_SCHEMA}},  # OpenAI's nested form
+    "json_object": {"type": "json_object", "schema": LABEL_SCHEMA},  # llama.cpp's servers enforce this schema
+    "none": None}
+HINTS = {401: "set OPENAI_API_KEY to a valid key for this server",
+         402: "add credit to the account or use another key",  # and a 429 insufficient_quota
+         403: "check that the key may use model {model!r}",
+         404: "check --base-url (it ends in /v1) and --model {model!r}",
+         "parameter": "the server does not take a parameter radclip sends; try --response-format none",
+         "every report": "the first {n} reports were all refused: check --model, --max-tokens and --base-url"}
 
 
 class LabelFailed(Exception):
@@ -1808,69 +1819,40 @@ class LabelFailed(Exception):
 def parse_labels(content):
     """The labels in a model's reply, whatever the server promised: the first JSON object in it (bare,
     fenced or amid prose), the 18 names matched case-insensitively, values -1/0/1. Else ValueError."""
-    decoder, reply = json.JSONDecoder(), content or ""
+    reply, labels = content or "", None
     for brace in (m.start() for m in re.finditer(r"\{", reply)):
-        try:
-            labels = decoder.raw_decode(reply, brace)[0]
-        except ValueError:
-            continue
+        with contextlib.suppress(ValueError):
+            labels = json.JSONDecoder().raw_decode(reply, brace)[0]
         if isinstance(labels, dict):
             break
-    else:
-        raise ValueError("no JSON object in the reply")
-    by_name = {k.strip().lower(): v for k, v in labels.items()}
-    names = {f.lower() for f in FINDINGS}
-    if set(by_name) != names:
-        raise ValueError(f"missing {sorted(names - set(by_name))}, unknown {sorted(set(by_name) - names)}")
-    if any(str(v) not in ("-1", "0", "1") for v in by_name.values()):  # refuses true, which == 1
-        raise ValueError(f"values must be -1, 0 or 1: {labels}")
+    by_name = {str(k).strip().lower(): v for k, v in labels.items()} if isinstance(labels, dict) else {}
+    valid = all(str(v) in ("-1", "0", "1") for v in by_name.values())  # not true, though true == 1
+    if not valid or set(by_name) != {f.lower() for f in FINDINGS}:
+        raise ValueError(f"not one JSON object of the 18 findings as -1, 0 or 1: {reply[:200]}")
     return {f: int(by_name[f.lower()]) for f in FINDINGS}
-
-
-def retry_after_s(headers):
-    """The wait a server asks for in seconds (retry-after-ms, or Retry-After in seconds), or None.
-    A Retry-After given as an HTTP date is rare from these servers: backoff handles it."""
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            return float(headers.get(name, "")) * scale
-        except ValueError:
-            continue
-    return None
-
-
-def check_base_url(base_url):
-    """base_url without a trailing slash, if it parses as an http(s) URL; else a one-line error,
-    before any request (a port over 65535, a space, a broken IPv6 literal)."""
-    try:
-        parts = urllib.parse.urlsplit(base_url or "")
-        _ = parts.port  # ValueError for a port outside 0-65535
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not re.search(r"\s", base_url)
-    except ValueError:  # also "Invalid IPv6 URL"
-        ok = False
-    if not ok:
-        raise RadclipError(f"--base-url {base_url!r} is not a URL like http://localhost:8000/v1")
-    return base_url.rstrip("/")
 
 
 class LLMLabeler:
     """An OpenAI-compatible chat endpoint as a labeler: one pooled session shared by the worker
     threads, the retry policy, the response_format fallback and the usage counters."""
     backoff_s = 0.5  # the first retry waits about this long, doubling up to 8 s; tests shrink it
-    give_up_after = 8  # connection failures in a row, no reply between them: the server is not there
-    request_problem_after = 3  # the first reports all refused with HTTP 4xx: the request is wrong
 
     def __init__(self, base_url, model, prompts, timeout=60.0, max_retries=5,
                  response_format="json_schema", workers=8, seed=0, max_tokens=300):
-        self.url = check_base_url(base_url) + "/chat/completions"
-        self.model, self.prompts, self.timeout, self.max_retries = model, prompts, timeout, max_retries
-        self.response_format, self.max_tokens = response_format, max_tokens  # the answer needs ~150
-        self.params = {"temperature": 0, "seed": seed}
+        ok = False
+        with contextlib.suppress(ValueError):  # a port outside 0-65535 or a broken IPv6 literal raises it
+            url = urllib.parse.urlsplit(base_url or "")
+            ok = url.scheme in ("http", "https") and url.hostname and (url.port or 0) >= 0
+        if not ok or re.search(r"\s", base_url):  # refused before any request
+            raise RadclipError(f"--base-url {base_url!r} is not a URL like http://localhost:8000/v1")
+        self.url, self.model, self.prompts = base_url.rstrip("/") + "/chat/completions", model, prompts
+        self.timeout, self.max_retries, self.max_tokens = timeout, max_retries, max_tokens
+        self.response_format, self.params = response_format, {"temperature": 0, "seed": seed}
         self.key = os.environ.get("OPENAI_API_KEY", "")  # from the environment only; written nowhere
         self.session = requests.Session()
-        for scheme in ("http://", "https://"):  # keep one connection alive per worker
+        for scheme in ("http://", "https://"):  # one kept-alive connection per worker
             self.session.mount(scheme, HTTPAdapter(pool_maxsize=workers))
-        if self.key:
-            self.session.headers["Authorization"] = f"Bearer {self.key}"
+        self.session.headers.update({"Authorization": f"Bearer {self.key}"} if self.key else {})
         self.counts, self.retries, self.fallbacks = Counter(), Counter(), []
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.unreachable, self.refused = 0, []  # connection failures in a row; the HTTP errors so far
@@ -1884,17 +1866,11 @@ class LLMLabeler:
         """sha256 of what decides the answer: model, prompt and report, sampling parameters. Not the
         response_format, so that a fallback mid-run leaves the cache valid, nor the token limit, which
         only decides whether the answer is cut. Never the key."""
-        blob = json.dumps([self.model, self.messages(text), self.params])
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return hashlib.sha256(json.dumps([self.model, self.messages(text), self.params]).encode()).hexdigest()
 
     def count(self, counter, name, n=1):
         with self.lock:
             counter[name] += n
-
-    def mask(self, text):
-        """text as one line, with the API key masked (OpenAI's 401 quotes the key it got)."""
-        text = " ".join(str(text).split())
-        return text.replace(self.key, "***") if self.key else text
 
     def label(self, text):
         """The 18 labels of one report. LabelFailed after max_retries retries, or at once for a request
@@ -1913,35 +1889,32 @@ class LLMLabeler:
             self.count(self.retries, cause)
             if cause == "truncated reply":  # at temperature 0 the same limit cuts the same answer
                 max_tokens *= 2
-                continue
-            if retry_after is None or not 0 <= retry_after <= 60:  # jitter: workers do not retry in step
-                retry_after = random.uniform(0.5, 1.0) * min(8.0, self.backoff_s * 2 ** (failures - 1))
-            self.stop.wait(retry_after)
+            elif retry_after is not None and 0 <= retry_after <= 60:
+                self.stop.wait(retry_after)
+            else:  # jitter: workers do not retry in step
+                self.stop.wait(random.uniform(0.5, 1.0) * min(8.0, self.backoff_s * 2 ** (failures - 1)))
         raise LabelFailed("the run stopped before this report was answered")
 
     def request(self, text, max_tokens):
         """One POST: (labels, None, None), or (None, cause, seconds the server asks us to wait)."""
         fmt = self.response_format
-        payload = {"model": self.model, "messages": self.messages(text), **self.params, "max_tokens": max_tokens}
-        if fmt == "json_schema":  # OpenAI's nested form
-            payload["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "ct_findings", "strict": True, "schema": LABEL_SCHEMA}}
-        elif fmt == "json_object":  # llama.cpp's servers enforce the schema given here; others ignore it
-            payload["response_format"] = {"type": "json_object", "schema": LABEL_SCHEMA}
+        payload = {"model": self.model, "messages": self.messages(text), **self.params}
+        payload["max_tokens"] = max_tokens
+        if RESPONSE_FORMATS[fmt]:
+            payload["response_format"] = RESPONSE_FORMATS[fmt]
         self.count(self.counts, "requests")
         try:
             r = self.session.post(self.url, json=payload, timeout=self.timeout)
         except requests.Timeout:
             return None, "timeout", None
         except requests.RequestException as e:
-            with self.lock:
-                self.unreachable += 1  # a server restarting fails every request in flight at once: wait 10 s too
-                stop = self.unreachable >= self.give_up_after and time.monotonic() - self.reached > 10
-            if stop:
-                self.stop.set()
-                raise RadclipError(f"{self.url}: no connection in {self.unreachable} tries in a row, for 10 s "
-                                   f"({self.mask(type(e).__name__)}); is the server running? Answers "
-                                   "received so far are cached") from None
+            with self.lock:  # a restarting server fails every request in flight at once: wait 10 s too
+                self.unreachable += 1
+                gone = self.unreachable >= 8 and time.monotonic() - self.reached > 10
+            if gone:
+                self.stop.set()  # no worker sends another request
+                raise RadclipError(f"{self.url}: no connection in {self.unreachable} tries in a row, for 10 s"
+                                   f" ({type(e).__name__}); is the server running? Answers so far are cached")
             return None, "connection error", None
         with self.lock:
             self.unreachable, self.reached = 0, time.monotonic()
@@ -1949,59 +1922,54 @@ class LLMLabeler:
             return self.http_error(r, fmt)
         try:  # validated here whatever the server promised: llama.cpp may ignore a schema
             body = r.json()
-            usage = body.get("usage") or {}
-            self.count(self.counts, "prompt_tokens", int(usage.get("prompt_tokens") or 0))
-            self.count(self.counts, "completion_tokens", int(usage.get("completion_tokens") or 0))
-            choice = body["choices"][0]
-            if choice.get("finish_reason") == "length":
+            for name in ("prompt_tokens", "completion_tokens"):
+                self.count(self.counts, name, int((body.get("usage") or {}).get(name) or 0))
+            if body["choices"][0].get("finish_reason") == "length":
                 return None, "truncated reply", None
-            labels = parse_labels(choice["message"]["content"])
+            labels = parse_labels(body["choices"][0]["message"]["content"])
         except (ValueError, LookupError, TypeError, AttributeError):
             return None, "invalid reply", None
         self.count(self.counts, "answered")
         return labels, None, None
 
     def http_error(self, r, fmt):
-        """A non-200 reply: step down from a refused response_format, retry, fail the report, or end the run."""
-        try:
-            error = r.json()["error"]
-        except (ValueError, LookupError, TypeError):
-            error = r.text
-        message, code = (error.get("message"), error.get("code")) if isinstance(error, dict) else (error, "")
-        message = self.mask(message)[:200]  # masked first: a cut must not leave part of the key
-        status = r.status_code
-        with self.lock:  # a server may answer a format it cannot do with a bare 500, every time
+        """A non-200 reply: fall back from a refused response_format, retry, fail the report, or stop."""
+        error = {"message": r.text}
+        with contextlib.suppress(ValueError, LookupError, TypeError, AttributeError):
+            error = {"message": r.json()["error"].get("message"), "code": r.json()["error"].get("code")}
+        message, status = " ".join(str(error["message"]).split()), r.status_code  # one line, and the key
+        message = (message.replace(self.key, "***") if self.key else message)[:200]  # masked before the cut
+        with self.lock:
             self.refused.append(status)
-            bare = status == 500 and self.counts["answered"] == 0 and self.refused.count(500) >= 3
-        if fmt != "none" and (bare or re.search(r"response_format|json_schema|json_object", message, re.I)):
+            first, n = self.counts["answered"] == 0, self.refused.count(status)
+        # A server may answer a format it cannot do with a bare 500, every time.
+        if fmt != "none" and (status == 500 and first and n >= 3
+                              or re.search(r"response_format|json_schema|json_object", message, re.I)):
             with self.lock:  # several workers may see it: the first steps down, once
                 if self.response_format == fmt:
-                    self.response_format = RESPONSE_FORMATS[RESPONSE_FORMATS.index(fmt) + 1]
+                    formats = list(RESPONSE_FORMATS)
+                    self.response_format = formats[formats.index(fmt) + 1]
                     self.refused.clear()  # the next format gets its own three 500s
                     self.fallbacks.append(f"{fmt} -> {self.response_format} (HTTP {status}: {message})")
             return None, "fallback", None
         # OpenAI says "no credit" with a 429 too, and that one no retry mends.
-        if (status in (408, 409, 429) or status >= 500) and code != "insufficient_quota":
-            return None, f"HTTP {status}", retry_after_s(r.headers)
-        unknown_param = re.search(r"unknown|unrecognized|unsupported|not supported|extra (?:fields|inputs)",
-                                  message, re.I) and re.search(r"param|argument|field|input", message, re.I)
-        if status in (400, 413, 422) and not unknown_param:  # this report (too long, say), unless every one
-            with self.lock:
-                systematic = self.counts["answered"] == 0 and self.refused.count(status) >= self.request_problem_after
-            if not systematic:
+        if (status in (408, 409, 429) or status >= 500) and error.get("code") != "insufficient_quota":
+            ms, s = r.headers.get("retry-after-ms"), r.headers.get("retry-after")  # an HTTP date: backoff
+            with contextlib.suppress(TypeError, ValueError):
+                return None, f"HTTP {status}", float(ms) / 1000 if ms else float(s)
+            return None, f"HTTP {status}", None
+        hint = HINTS.get(402 if status == 429 else status, "check --model {model!r} and --response-format")
+        if status in (400, 413, 422):  # this report alone (too long, say), unless the request itself is wrong
+            refused = r"unknown|unrecognized|unsupported|not supported|extra (?:fields|inputs)"
+            if re.search(refused, message, re.I) and re.search(r"param|argument|field|input", message, re.I):
+                hint = HINTS["parameter"]
+            elif first and n >= 3:
+                hint = HINTS["every report"]
+            else:
                 raise LabelFailed(f"HTTP {status}: {message}")
-        hint = {401: "set OPENAI_API_KEY to a valid key for this server",
-                402: "add credit to the account or use another key",
-                403: f"check that the key may use model {self.model!r}",
-                404: f"check --base-url (it ends in /v1) and --model {self.model!r}",
-                429: "add credit to the account or use another key"}.get(status)
-        if status in (400, 413, 422):
-            hint = ("the server does not take a parameter radclip sends; try --response-format none, or a "
-                    "server that speaks OpenAI's chat API") if unknown_param else \
-                f"the first {self.refused.count(status)} reports were all refused: check --model, --max-tokens and --base-url"
         self.stop.set()  # no retry mends this: no worker sends another request
         raise RadclipError(f"{self.url} answered HTTP {status} ({message}); "
-                           f"{hint or f'check --model {self.model!r} and --response-format'}")
+                           + hint.format(model=self.model, n=n))
 
 
 # -- The cached, parallel runner --
@@ -2011,11 +1979,9 @@ def load_label_cache(path):
     path, cache = Path(path), {}
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     for line in text.splitlines():
-        try:
+        with contextlib.suppress(ValueError, LookupError, TypeError):
             record = json.loads(line)
             cache[record["key"]] = record["labels"]
-        except (ValueError, LookupError, TypeError):
-            continue
     if text and not text.endswith("\n"):
         with open(path, "a", encoding="utf-8") as f:
             f.write("\n")
@@ -2026,13 +1992,13 @@ def label_reports(ids, texts, labeler, cache_path, workers=8):
     """Label reports through `labeler`, `workers` requests in flight, one request per distinct uncached
     text (CT-RATE's reconstructions of one scan share a report); an empty text is all 0 without one.
     Returns (labels aligned with texts, None for a report that failed; a summary dict)."""
-    start = time.time()
-    labeler.stop.clear()
-    cache = load_label_cache(cache_path)
+    start, cache, failed = time.time(), load_label_cache(cache_path), {}
     keys = [labeler.cache_key(t) if t else None for t in texts]
-    cached = sum(k in cache for k in keys)
     todo = {k: (i, t) for i, t, k in zip(ids, texts, keys) if k and k not in cache}
-    failed, pool = {}, ThreadPoolExecutor(max_workers=workers)
+    summary = {"reports": len(texts), "empty": keys.count(None), "cached": sum(k in cache for k in keys),
+               "sent": len(todo)}
+    labeler.stop.clear()
+    pool = ThreadPoolExecutor(max_workers=workers)
     futures = {pool.submit(labeler.label, text): (key, i) for key, (i, text) in todo.items()}
     try:
         with open(cache_path, "a", encoding="utf-8") as f:
@@ -2046,75 +2012,24 @@ def label_reports(ids, texts, labeler, cache_path, workers=8):
                 f.write(json.dumps({"key": key, "id": i, "labels": cache[key]}) + "\n")
                 f.flush()  # in the file now: a kill -9 loses only the requests in flight
     except OSError as e:  # a full disk: what was flushed before stays
-        raise RadclipError(f"{cache_path}: cannot write ({e.strerror or e}); the answers before it are cached") from None
+        raise RadclipError(f"{cache_path}: cannot write ({e.strerror or e}); the answers before it are "
+                           "cached") from None
     finally:  # after a fatal reply or Ctrl-C: no new requests, no more retries
         labeler.stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
-    labels = [dict.fromkeys(FINDINGS, 0) if k is None else cache.get(k) for k in keys]
-    return labels, {"reports": len(texts), "empty": keys.count(None), "cached": cached, "sent": len(todo),
-                    "failed": {i: failed[k] for i, k in zip(ids, keys) if k in failed},
-                    "seconds": time.time() - start}
+    summary["failed"] = {i: failed[k] for i, k in zip(ids, keys) if k in failed}
+    summary["seconds"] = time.time() - start
+    return [dict.fromkeys(FINDINGS, 0) if k is None else cache.get(k) for k in keys], summary
 
 
 def tokens_line(counts, args):
+    """Prompt and completion tokens, and what they cost at --price-in and --price-out, if given."""
     line = f"tokens: prompt {counts['prompt_tokens']:,}, completion {counts['completion_tokens']:,}"
     if args.price_in is None and args.price_out is None:
         return line
-    usd = counts["prompt_tokens"] * (args.price_in or 0) + counts["completion_tokens"] * (args.price_out or 0)
-    return line + f", ${usd / 1e6:.4f} at ${args.price_in or 0}/${args.price_out or 0} per 1M tokens in/out"
-
-
-def write_labels(path, id_col, ids, labels):
-    write_csv(path, [{id_col: i, **y} for i, y in zip(ids, labels) if y is not None], [id_col, *FINDINGS])
-
-
-def cmd_label(args):
-    if args.eval:
-        return cmd_label_eval(args)
-    if not (args.reports and args.out):
-        raise RadclipError("label needs --reports CSV and --out CSV (or --eval --pred P.csv --gold G.csv)")
-    rows = read_csv(args.reports, (args.id_col, *args.text_cols), args.id_col)
-    ids, texts = [r[args.id_col] for r in rows], [report_text(r, args.text_cols) for r in rows]
-    out, base_url = Path(args.out), args.base_url or os.environ.get("OPENAI_BASE_URL")
-    check_writable(out.parent)
-    if args.backend == "rules" or not base_url:
-        if args.backend == "llm":
-            print("label: no endpoint (--base-url, OPENAI_BASE_URL): the rules label", file=sys.stderr)
-        if args.dry_run:
-            print("label: the rules backend sends no request and costs nothing")
-        else:
-            write_labels(out, args.id_col, ids, [rules_label(t) for t in tqdm(texts, "rules", unit="report")])
-            print(f"label: {len(ids)} reports labelled by rules -> {out}")
-        return 0
-    model = args.model or os.environ.get("OPENAI_MODEL")
-    if not model:
-        raise RadclipError("no model: pass --model or set OPENAI_MODEL")
-    labeler = LLMLabeler(base_url, model, load_prompts(), timeout=args.timeout, max_retries=args.max_retries,
-                         response_format=args.response_format, workers=args.workers, max_tokens=args.max_tokens)
-    cache_path = Path(args.cache) if args.cache else out.with_suffix(".cache.jsonl")
-    check_writable(cache_path.parent)  # before the first paid request
-    if args.dry_run:
-        print_dry_run(labeler, texts, cache_path, args)
-        return 0
-    labels, summary = label_reports(ids, texts, labeler, cache_path, args.workers)
-    write_labels(out, args.id_col, ids, labels)
-    retries = ", ".join(f"{cause} {n}" for cause, n in sorted(labeler.retries.items())) or "none"
-    print(f"label: {len(ids)} reports ({summary['cached']} cached, {summary['sent']} sent, "
-          f"{summary['empty']} empty so all 0, {len(summary['failed'])} failed) -> {out}\n"
-          f"label: {labeler.counts['requests']} requests, retries: {retries}; "
-          f"{summary['sent'] / summary['seconds']:.1f} reports/s over {summary['seconds']:.1f} s\n"
-          f"label: {tokens_line(labeler.counts, args)}")
-    for fallback in labeler.fallbacks:
-        print(f"label: response_format fell back {fallback}")
-    failed_path = out.with_suffix(".failed.csv")
-    if not summary["failed"]:
-        failed_path.unlink(missing_ok=True)  # an earlier run's list is stale now
-        return 0
-    write_csv(failed_path, [{args.id_col: i, "reason": why} for i, why in summary["failed"].items()],
-              [args.id_col, "reason"])
-    print(f"label: {len(summary['failed'])} reports failed, listed in {failed_path} (the same command again "
-          f"retries just those): {', '.join(list(summary['failed'])[:10])}", file=sys.stderr)
-    return 1
+    price_in, price_out = args.price_in or 0, args.price_out or 0
+    usd = (counts["prompt_tokens"] * price_in + counts["completion_tokens"] * price_out) / 1e6
+    return line + f", ${usd:.4f} at ${price_in}/${price_out} per 1M tokens in/out"
 
 
 def print_dry_run(labeler, texts, cache_path, args):
@@ -2123,10 +2038,59 @@ def print_dry_run(labeler, texts, cache_path, args):
     cache = load_label_cache(cache_path)
     todo = {k: t for t in texts if t for k in [labeler.cache_key(t)] if k not in cache}
     prompt = sum(len(m["content"]) for t in todo.values() for m in labeler.messages(t))
-    answer = len(json.dumps(dict.fromkeys(FINDINGS, 0)))
-    estimate = {"prompt_tokens": prompt // 4, "completion_tokens": len(todo) * answer // 4}
+    estimate = {"prompt_tokens": prompt // 4,
+                "completion_tokens": len(todo) * len(json.dumps(dict.fromkeys(FINDINGS, 0))) // 4}
     print(f"label --dry-run: {len(todo)} requests for {len(texts)} reports (the others are cached, empty "
           f"or duplicates); estimated as characters / 4, {tokens_line(estimate, args)}")
+
+
+def cmd_label(args):
+    """label: silver labels for --reports from an LLM server or the rules; with --eval, their quality."""
+    if args.eval:
+        return cmd_label_eval(args)
+    if not (args.reports and args.out):
+        raise RadclipError("label needs --reports CSV and --out CSV (or --eval --pred P.csv --gold G.csv)")
+    reports = read_reports(args.reports, args.id_col, args.text_cols)
+    ids, texts, out = list(reports), list(reports.values()), Path(args.out)
+    check_writable(out.parent)
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
+    if args.backend == "llm" and not base_url:
+        print("label: no endpoint (--base-url, OPENAI_BASE_URL): the rules label", file=sys.stderr)
+    if args.backend == "rules" or not base_url:
+        if args.dry_run:
+            print("label: the rules backend sends no request and costs nothing")
+        else:
+            labels = [rules_label(t) for t in tqdm(texts, "rules", unit="report")]
+            write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels)], [args.id_col, *FINDINGS])
+            print(f"label: {len(ids)} reports labelled by rules -> {out}")
+        return 0
+    model = args.model or os.environ.get("OPENAI_MODEL")
+    if not model:
+        raise RadclipError("no model: pass --model or set OPENAI_MODEL")
+    labeler = LLMLabeler(base_url, model, load_prompts(), args.timeout, args.max_retries,
+                         args.response_format, args.workers, max_tokens=args.max_tokens)
+    cache_path = Path(args.cache) if args.cache else out.with_suffix(".cache.jsonl")
+    check_writable(cache_path.parent)  # before the first paid request
+    if args.dry_run:
+        return print_dry_run(labeler, texts, cache_path, args)
+    labels, summary = label_reports(ids, texts, labeler, cache_path, args.workers)
+    write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels) if y], [args.id_col, *FINDINGS])
+    failed, failed_path, seconds = summary["failed"], out.with_suffix(".failed.csv"), summary["seconds"]
+    retries = ", ".join(f"{cause} {n}" for cause, n in sorted(labeler.retries.items())) or "none"
+    print(f"label: {len(ids)} reports ({summary['cached']} cached, {summary['sent']} sent, "
+          f"{summary['empty']} empty so all 0, {len(failed)} failed) -> {out}\n"
+          f"label: {labeler.counts['requests']} requests, "
+          f"retries: {retries}; {summary['sent'] / seconds:.1f} reports/s over {seconds:.1f} s\n"
+          f"label: {tokens_line(labeler.counts, args)}")
+    for fallback in labeler.fallbacks:
+        print(f"label: response_format fell back {fallback}")
+    failed_path.unlink(missing_ok=True)  # an earlier run's list is stale now
+    if failed:
+        rows = [{args.id_col: i, "reason": why} for i, why in failed.items()]
+        write_csv(failed_path, rows, [args.id_col, "reason"])
+        print(f"label: {len(failed)} reports failed, listed in {failed_path} (the same command again retries "
+              f"just those): {', '.join(list(failed)[:10])}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def add_label_parser(subparsers):
@@ -2147,7 +2111,7 @@ def add_label_parser(subparsers):
     p.add_argument("--response-format", choices=RESPONSE_FORMATS, default="json_schema",
                    help="asked of the server; if refused, radclip falls back to json_object, then none")
     p.add_argument("--id-col", default="VolumeName", help="id column of all the CSVs (default VolumeName)")
-    p.add_argument("--text-cols", nargs="+", default=["Findings_EN", "Impressions_EN"],
+    p.add_argument("--text-cols", nargs="+", default=list(REPORT_TEXT),
                    help="columns joined into the report, 'Not given.' left out (default: these two)")
     p.add_argument("--price-in", type=number(float, 0), help="USD per 1M prompt tokens, for the cost")
     p.add_argument("--price-out", type=number(float, 0), help="USD per 1M completion tokens, for the cost")
@@ -2155,35 +2119,30 @@ def add_label_parser(subparsers):
     p.add_argument("--eval", action="store_true", help="score --pred against --gold instead of labelling")
     p.add_argument("--pred", help="with --eval: predicted labels CSV")
     p.add_argument("--gold", help="with --eval: reference labels CSV (other columns are ignored)")
-    p.add_argument("--uncertain", choices=["zero", "one"], default="one",
-                   help="with --eval: what -1 counts as in F1, precision, recall (default one: present)")
     p.set_defaults(func=cmd_label)
 
 
 # -- Label quality: the paper's label-extraction experiment --
-def label_quality(pred, gold, uncertain="one"):
+def label_quality(pred, gold):
     """Per-finding AUC, F1, precision, recall and support of predicted against reference labels
-    ({id: (18,) labels}, as read_labels gives), over their shared ids, and the macro means. `uncertain`
-    says what -1 counts as, in both, for F1, precision and recall. AUC ranks by the predicted label
-    with uncertain between absent and present, so it needs no such choice. A finding without reference
-    positives (or negatives) has no AUC: NaN, left out of the macro mean and named, never 0.5."""
+    ({id: (18,) labels}, as read_labels gives) over their shared ids, and the macro means. Uncertain
+    (-1) counts as present, as in all evaluation; AUC ranks it between absent and present. A finding
+    without reference positives (or negatives) has no AUC: NaN, left out of the macro mean, never 0.5."""
     ids = match_ids("label --eval", gold=gold, pred=pred)
-    y, p = np.stack([gold[i] for i in ids]).astype(int), np.stack([pred[i] for i in ids]).astype(int)
-    present = 1 if uncertain == "one" else 0
-    y, hit, score = np.where(y == -1, present, y), np.where(p == -1, present, p), np.where(p == -1, 0.5, p)
-    table = {}
-    for k, f in enumerate(FINDINGS):
-        tp, fp, fn = (int(np.sum((hit[:, k] == a) & (y[:, k] == b))) for a, b in ((1, 1), (1, 0), (0, 1)))
-        defined = 0 < y[:, k].sum() < len(ids)
-        table[f] = {"auc": float(roc_auc_score(y[:, k], score[:, k])) if defined else math.nan,
-                    "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan,
-                    "precision": tp / (tp + fp) if tp + fp else math.nan,
-                    "recall": tp / (tp + fn) if tp + fn else math.nan, "support": tp + fn}
-    macro = {m: float(np.nanmean([t[m] for t in table.values()])) for m in ("auc", "f1", "precision", "recall")}
-    return {"reports": len(ids), "uncertain": uncertain, "findings": table, "macro": macro}
+    gold, pred = (np.stack([labels[i] for i in ids]).astype(int) for labels in (gold, pred))
+    present, hit = gold != 0, pred != 0
+    tp, fp, fn = (hit & present).sum(0), (hit & ~present).sum(0), (~hit & present).sum(0)
+    with np.errstate(invalid="ignore"):  # 0 / 0 is NaN: no F1 where nothing is predicted or present
+        metrics = {"auc": finding_auc(present, np.where(pred == -1, 0.5, pred)),
+                   "f1": 2 * tp / (2 * tp + fp + fn), "precision": tp / (tp + fp), "recall": tp / (tp + fn)}
+    table = {f: {**{name: float(v[k]) for name, v in metrics.items()}, "support": int(tp[k] + fn[k])}
+             for k, f in enumerate(FINDINGS)}
+    macro = {name: float(np.nanmean(v)) for name, v in metrics.items()}
+    return {"reports": len(ids), "findings": table, "macro": macro}
 
 
 def print_label_quality(quality):
+    """label_quality's table: a row per finding, then the macro means."""
     print(f"{'finding':36} {'AUC':>6} {'F1':>6} {'prec':>6} {'recall':>6} {'support':>8}")
     macro = (f"macro ({quality['reports']} reports)", quality["macro"])
     for name, m in [*quality["findings"].items(), macro]:
@@ -2195,83 +2154,56 @@ def print_label_quality(quality):
 
 
 def cmd_label_eval(args):
+    """label --eval: the quality of --pred against --gold, printed, and as JSON in --out."""
     if not (args.pred and args.gold):
         raise RadclipError("label --eval needs --pred P.csv and --gold G.csv")
     if args.out:
         check_writable(Path(args.out).parent)
-    quality = label_quality(read_labels(args.pred, args.id_col), read_labels(args.gold, args.id_col, True),
-                            args.uncertain)
+    quality = label_quality(read_labels(args.pred, args.id_col), read_labels(args.gold, args.id_col, True))
     print_label_quality(quality)
     if args.out:
         atomic_write_bytes(args.out, json.dumps(quality, indent=2).encode())
 
 
-# -- A local OpenAI-compatible server, for the tests and `bench --labeler` --
-def chat_reply(content, finish_reason="stop"):
-    """A chat-completions response body, as OpenAI sends it."""
-    return {"object": "chat.completion", "usage": {"prompt_tokens": 400, "completion_tokens": 150},
-            "choices": [{"index": 0, "finish_reason": finish_reason,
-                         "message": {"role": "assistant", "content": content}}]}
-
-
-def rules_reply(request):
-    """The local server's default answer, (status, body, headers): the rule labels of the report."""
-    return 200, chat_reply(json.dumps(rules_label(request["messages"][-1]["content"]))), {}
-
-
-class ChatHandler(BaseHTTPRequestHandler):
+# -- bench --labeler: the runner against a local server that answers with the rules --
+class RulesServer(BaseHTTPRequestHandler):
+    """Answers each chat request with the rules' labels of its report, after server.latency_s."""
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do: each worker reuses its connection
-    disable_nagle_algorithm = True  # else the body waits for the headers' delayed ACK: +40 ms a request
+    disable_nagle_algorithm = True  # else the body waits for the delayed ACK of the headers
 
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.lock:
-            self.server.requests.append({"headers": dict(self.headers), "body": request})
-        time.sleep(self.server.latency_s)
-        found = self.path == "/v1/chat/completions"
-        status, body, headers = self.server.reply(request) if found else (404, "", {})
-        data = (body if isinstance(body, str) else json.dumps(body)).encode()
-        try:
-            self.send_response(status)
-            headers = {"Content-Type": "application/json", "Content-Length": len(data), **headers}
-            for name, value in headers.items():
-                self.send_header(name, str(value))
-            self.end_headers()
-            self.wfile.write(data)
-        except ConnectionError:  # the client timed out and left: nobody to answer
-            self.close_connection = True
+        self.server.requests.append(time.sleep(self.server.latency_s))
+        answer = json.dumps(rules_label(request["messages"][-1]["content"]))
+        body = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-    def log_message(self, *args):  # quiet: the tests and the bench print their own results
-        return
-
-
-def start_fake_llm(reply=rules_reply, latency_s=0.0):
-    """Serve chat completions on 127.0.0.1 from a thread: reply(request) -> (status, body, headers)
-    after latency_s. server.url is the base URL; server.requests keeps each request's headers and
-    body. Stop it with server.shutdown() and server.server_close()."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
-    server.daemon_threads = True
-    server.reply, server.latency_s, server.requests, server.lock = reply, latency_s, [], threading.Lock()
-    server.url = f"http://127.0.0.1:{server.server_port}/v1"
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # stops within 50 ms
-    return server
+    def log_message(self, *args):  # quiet: the bench prints its own result
+        pass
 
 
 def bench_labeler(n_reports=1000, latency_s=0.2, workers=16):
-    """Reports/s of label_reports against a local server that takes latency_s per request; then the
+    """Reports/s of label_reports against a RulesServer that takes latency_s per request; then the
     seconds and requests of the same run again, which the cache answers."""
     texts = [f"Report {i}: no pleural effusion was detected. A {i % 9 + 2} mm nodule is seen."
              for i in range(n_reports)]
-    server = start_fake_llm(latency_s=latency_s)
+    server, runs = ThreadingHTTPServer(("127.0.0.1", 0), RulesServer), []
+    server.requests, server.latency_s = [], latency_s
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            run = lambda: label_reports(range(n_reports), texts, LLMLabeler(server.url, "fake", load_prompts(),
-                                        workers=workers), Path(tmp) / "c.jsonl", workers)[1]
-            first, sent = run(), len(server.requests)
-            again = run()  # a fresh labeler, as a rerun of the command would have
+            for _ in range(2):  # a fresh labeler each time, as a rerun of the command would have
+                labeler = LLMLabeler(f"http://127.0.0.1:{server.server_port}/v1", "rules", load_prompts(),
+                                     workers=workers)
+                runs.append((len(server.requests), label_reports(range(n_reports), texts, labeler,
+                                                                 Path(tmp) / "cache.jsonl", workers)[1]))
     finally:
         server.shutdown()
         server.server_close()
+    (_, first), (sent, again) = runs
     return {"reports": n_reports, "workers": workers, "latency_s": latency_s, "requests": sent,
             "reports_per_s": n_reports / first["seconds"], "cached_rerun_s": again["seconds"],
             "cached_rerun_requests": len(server.requests) - sent}
