@@ -1583,7 +1583,7 @@ def test_bootstrap_ci_contains_the_estimate_varies_and_is_seeded():
     ci = rc.bootstrap_ci(labels, scores, per_query, n_boot=300, seed=0)
     for point, lo, hi in ci.values():
         assert lo < point < hi  # a real resample has width; CT-CLIP's never resamples
-    assert ci["macro AUC"][0] == pytest.approx(rc.diagnosis_metrics(labels, scores)["macro"]["auc"])
+    assert ci["macro_auc"][0] == pytest.approx(rc.diagnosis_metrics(labels, scores)["macro"]["auc"])
     assert ci["mAP@50"][0] == pytest.approx(per_query["mAP@50"].mean())
     assert rc.bootstrap_ci(labels, scores, per_query, n_boot=300, seed=0) == ci
     assert rc.bootstrap_ci(labels, scores, per_query, n_boot=300, seed=1) != ci
@@ -1599,7 +1599,7 @@ def test_eval_command_writes_table_and_json_and_reuses_embeddings(tmp_path, caps
     assert "Zero-shot diagnosis, N = 6" in out and "chance 0.833" in out
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["map_definition"].startswith("query excluded")
-    assert set(results["ci"]) == {"macro AUC", "mAP@2", "Recall@5"}
+    assert set(results["ci"]) == {"macro_auc", "mAP@2", "Recall@5"}
     cache = tmp_path / "clip.valid.emb.pt"
     stamp = cache.stat().st_mtime_ns
     assert rc.main(args + ["--ctclip-quirks"]) == 0
