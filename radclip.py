@@ -3223,6 +3223,7 @@ def evaluate_external(scores, labels, n_boot=1000, seed=0, all_findings=False):
     report no mAP@K on it, and neither do we."""
     y16, s16 = external_16(_binary(labels), scores)
     return dict(n=len(labels), protocol=EXTERNAL_PROTOCOL, n_boot=n_boot, seed=seed,
+                retrieval="skipped (no reports; the external protocol is zero-shot diagnosis)",
                 diagnosis=diagnosis_metrics(y16, s16, EXTERNAL_CLASSES),
                 ci=bootstrap_ci(y16, s16, {}, n_boot, seed),
                 all_findings=diagnosis_metrics(labels, scores) if all_findings else None)
@@ -3263,7 +3264,7 @@ def format_results(r):
                   "", f"Report-image Recall@K over N = {r['n']} volumes (chance = K/N)",
                   *(f"  R@{k:<6}{v:>7.3f}   chance {k / r['n']:.4f}" for k, v in r["recall"].items())]
     else:
-        lines += ["", "Retrieval: skipped (no reports; the external protocol is zero-shot diagnosis)"]
+        lines += ["", f"Retrieval: {r['retrieval']}"]
     lines += ["", f"95% bootstrap CIs ({r['n_boot']} resamples of the volumes, seed {r['seed']})",
               *(f"  {name:<12}{p:>7.3f}  [{lo:.3f}, {hi:.3f}]" for name, (p, lo, hi) in r["ci"].items())]
     return "\n".join(lines)
@@ -3391,179 +3392,102 @@ def prompt_study(reports_csv, out, cfg, labels_csv=None, id_col="VolumeName", te
 
 
 # ---------------------------------------------------------------------------------------
-# ---- 8a. The demo: the paper's main result at toy scale ----
-# Synthetic CT-RATE -> silver labels -> supervised pre-training of both towers -> CLIP from those
-# towers, and the same CLIP from scratch (the paper's ablation) -> the evaluation of both.
-# Every stage reuses its output, so a rerun after an interruption continues where it stopped.
+# ---- 8. The demo and benchmarks ----
+# The demo: synthetic CT-RATE -> silver labels -> supervised towers -> CLIP from them and from scratch
+# (the paper's ablation) -> both evaluated; a rerun reuses each finished stage. Speed claims come from
+# bench (medians, every variant side by side), never from tests.
 # ---------------------------------------------------------------------------------------
-# Findings that change how much of each tissue density a chest holds on real CT too, so that its
-# intensity histogram may rightly give them away (emphysema is measured as lung below -950 HU).
 HISTOGRAM_FINDINGS = ["Medical material", "Arterial wall calcification", "Coronary artery wall calcification",
                       "Cardiomegaly", "Pericardial effusion", "Pleural effusion", "Emphysema"]
 
 
 def histogram_shortcuts(train_ds, valid_ds, bins=40):
-    """How far each finding shows in the intensity histogram alone, which keeps no place or shape:
-    per finding, seeded gradient boosting on the `bins`-bin histogram (normalised counts over
-    [-1, 1]) of each train volume's model input, scored by AUC on valid. Metal, calcium, fluid and
-    emphysema change how much of each density a chest holds on real CT too; any other finding that
-    scores high is a shortcut in the data, which a model can learn instead of the lesion. Returns
-    {finding: valid AUC}, NaN where a split lacks a class."""
-    from sklearn.ensemble import HistGradientBoostingClassifier  # here: a second of import only this needs
+    """{finding: valid AUC, NaN where a split lacks a class} of seeded gradient boosting on each train
+    volume's `bins`-bin histogram (the model input's density over [-1, 1]: no place, no shape). The
+    HISTOGRAM_FINDINGS change how much of each density a chest holds on real CT too (metal, calcium,
+    fluid; emphysema is lung below -950 HU); a high AUC for any other is a shortcut in the data."""
+    from sklearn.ensemble import HistGradientBoostingClassifier  # here: an import only this needs
     from threadpoolctl import threadpool_limits
-
-    def histograms(ds):
-        volumes = (ds[i][0].numpy() for i in range(len(ds)))
-        return np.stack([np.histogram(v, bins, (-1, 1))[0] / v.size for v in volumes])
-    x_train, x_valid = histograms(train_ds), histograms(valid_ds)
-    auc = {}
+    x_train, x_valid = (np.stack([np.histogram(ds[i][0], bins, (-1, 1), density=True)[0]
+                                  for i in range(len(ds))]) for ds in (train_ds, valid_ds))
+    y_train, y_valid = train_ds.labels.numpy() == 1, valid_ds.labels.numpy() == 1
+    auc = dict.fromkeys(FINDINGS, math.nan)
     for k, f in enumerate(FINDINGS):
-        y_train, y_valid = train_ds.labels[:, k].numpy() == 1, valid_ds.labels[:, k].numpy() == 1
-        if min(len(set(y_train)), len(set(y_valid))) < 2:
-            auc[f] = float("nan")
-            continue
-        with threadpool_limits(1):  # a fit this small on shared cores runs 20x faster on one thread
-            model = HistGradientBoostingClassifier(random_state=0).fit(x_train, y_train)
-        auc[f] = float(roc_auc_score(y_valid, model.predict_proba(x_valid)[:, 1]))
+        if min(len(set(y_train[:, k])), len(set(y_valid[:, k]))) == 2:
+            with threadpool_limits(1):  # a fit this small runs fastest on one thread of shared cores
+                model = HistGradientBoostingClassifier(random_state=0).fit(x_train, y_train[:, k])
+            auc[f] = float(roc_auc_score(y_valid[:, k], model.predict_proba(x_valid)[:, 1]))
     return auc
 
 
 def demo(out="demo", seed=0, device="auto"):
-    t0, out, times = time.perf_counter(), Path(out), {}
+    """The paper's ablation at toy scale on a CPU: prints the tables and writes demo_results.json."""
+    t0, out, times, cfg = time.perf_counter(), check_writable(out), {}, make_config("tiny", seed=seed)
     data, silver = out / "data", out / "silver_train.csv"
-    cfg = make_config("tiny", seed=seed)
 
     def timed(stage, fn, *args, **kwargs):
         t = time.perf_counter()
         result = fn(*args, **kwargs)
         times[stage] = times.get(stage, 0.0) + time.perf_counter() - t
         return result
-    check_writable(out)
     if not (data / "dataset").is_dir() or (data / ".synth-unfinished").exists():
         timed("synth", synthesize_ctrate, data, seed=seed, workers=cfg.workers)
     for split in ("train", "valid"):
         timed("prep", prep_split, data, split, cfg, workers=cfg.workers)
-    histogram_auc = timed("histogram check", histogram_shortcuts, *(CTRateDataset(data, split, cfg)
-                                                                    for split in ("train", "valid")))
+    histogram_auc = timed("histogram check", histogram_shortcuts,
+                          *(CTRateDataset(data, split, cfg) for split in ("train", "valid")))
     if not silver.is_file():
         backend = "llm" if os.environ.get("OPENAI_BASE_URL") else "rules"
-        print(f"demo: labelling the train reports with the {backend} backend"
-              + ("" if backend == "llm" else " (set OPENAI_BASE_URL and OPENAI_MODEL for an LLM)"))
+        print(f"demo: labelling train reports, {backend} backend (an LLM: set OPENAI_BASE_URL, OPENAI_MODEL)")
         code = timed("label", main, ["label", "--reports", str(ctrate_csv(data, "train", "reports")),
                                      "--out", str(silver), "--backend", backend])
-        if code == 130:
-            raise KeyboardInterrupt
         if code:
-            raise RadclipError("labelling failed (see above); fix that and rerun the demo")
+            raise KeyboardInterrupt if code == 130 else RadclipError("labelling failed (see above)")
     quality = label_quality(read_labels(silver), read_labels(ctrate_csv(data, "train", "labels")))
-    init, supervised = {}, {}
-    # 20 epochs are enough for the text tower to read the reports (valid macro AUC ~0.97); the
-    # image tower's 28 are what it needs to see the findings.
-    for modality, epochs in (("image", cfg.supervised_epochs), ("text", 20)):
-        init[modality] = out / f"supervised_{modality}.pt"
-        supervised[modality] = timed(f"supervised {modality}", train,
-                                     dataclasses.replace(cfg, supervised_epochs=epochs), "supervised",
-                                     init[modality], data, modality, silver, device=device)
-    runs = {"scratch": {}, "supervised": {"init_image": init["image"], "init_text": init["text"]}}
+    init = {modality: out / f"supervised_{modality}.pt" for modality in ("image", "text")}
+    supervised = {m: timed(f"supervised {m}", train, dataclasses.replace(cfg, supervised_epochs=epochs),
+                           "supervised", init[m], data, m, silver, device=device)
+                  for m, epochs in (("image", cfg.supervised_epochs), ("text", 20))}  # text: 20 read reports
     results = {}
-    for name, kwargs in runs.items():
-        timed(f"clip from {name}", train, cfg, "clip", out / f"clip_{name}.pt", data, labels_csv=silver,
-              device=device, **kwargs)
+    for name, towers in (("scratch", {}), ("supervised", {f"init_{m}": init[m] for m in init})):
+        ckpt = out / f"clip_{name}.pt"
+        timed(f"clip from {name}", train, cfg, "clip", ckpt, data, labels_csv=silver, device=device, **towers)
         for prompt in ("report", "ctclip"):  # the embeddings are cached: the second prompt costs seconds
-            results[f"{name}, {prompt}"] = timed("eval", run_eval, out / f"clip_{name}.pt", data, prompt=prompt,
-                                                 device=device)
-    minutes = (time.perf_counter() - t0) / 60
-    print(f"\nradclip demo: the paper's ablation on synthetic CT-RATE, {minutes:.1f} min "
-          f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})")
-    print(f"silver labels vs the generator's truth (train): macro AUC {quality['macro']['auc']:.3f}; "
-          f"supervised towers on valid: image macro AUC {supervised['image']['macro_auc']:.3f}, "
-          f"text {supervised['text']['macro_auc']:.3f}")
-    print("valid AUC from the intensity histogram alone (* : real CT shows it there too; others should be ~0.5):")
-    for i in range(0, len(FINDINGS), 2):
-        print("  " + "".join(f"{f:<36}{histogram_auc[f]:.2f}{'*' if f in HISTOGRAM_FINDINGS else '':<6}"
-                             for f in FINDINGS[i:i + 2]).rstrip())
+            results[f"{name}, {prompt}"] = timed("eval", run_eval, ckpt, data, prompt=prompt, device=device)
+    minutes, n = (time.perf_counter() - t0) / 60, results["scratch, report"]["n"]
+    print(f"\nradclip demo: the paper's ablation on synthetic CT-RATE, {minutes:.1f} min ("
+          f"{', '.join(f'{k} {v:.0f} s' for k, v in times.items())})\nsilver labels vs the generator's truth "
+          f"(train): macro AUC {quality['macro']['auc']:.3f}; supervised towers on valid: image macro AUC "
+          f"{supervised['image']['macro_auc']:.3f}, text {supervised['text']['macro_auc']:.3f}\n")
+    print(*table(("CLIP initialised from, prompts", "zero-shot AUC [95% CI]", "mAP@50", "Recall@100"),
+                 [(name, "%.3f [%.3f, %.3f]" % r["ci"]["macro_auc"], r["map"][50], r["recall"][100])
+                  for name, r in results.items()], 24), sep="\n")
+    print(f"{n} valid volumes; Recall@100 chance = {100 / n:.3f}; mAP@50 without the query in its gallery\n\n"
+          "valid AUC per finding: histogram alone (*: real CT shows it too; others ~0.5), then zero-shot")
+    rows = [(f + "*" * (f in HISTOGRAM_FINDINGS), histogram_auc[f],
+             *(r["diagnosis"]["per_finding"][f]["auc"] for r in results.values())) for f in FINDINGS]
+    print(*table(("finding", "histogram", *results), rows, 20), sep="\n")
     shortcuts = [f for f, auc in histogram_auc.items() if auc > 0.8 and f not in HISTOGRAM_FINDINGS]
-    print(f"  histogram shortcuts (> 0.80, no *): {', '.join(shortcuts) or 'none'}")
-    print(f"{'CLIP initialised from, prompts':<30}{'zero-shot AUC [95% CI]':>26}{'mAP@50':>9}{'Recall@100':>12}")
-    for name, r in results.items():
-        p, lo, hi = r["ci"]["macro AUC"]
-        print(f"{name:<30}{p:>12.3f} [{lo:.3f}, {hi:.3f}]{r['map'][50]:>9.3f}{r['recall'][100]:>12.3f}")
-    n = results["scratch, report"]["n"]
-    print(f"{n} valid volumes; Recall@100 chance = {100 / n:.3f}; mAP@50 with the query excluded from its gallery")
-    print(f"zero-shot AUC per finding{'':<11}" + "".join(f"{k:>20}" for k in results))
-    for f in FINDINGS:
-        print(f"  {f:<34}" + "".join(f"{r['diagnosis']['per_finding'][f]['auc']:>20.3f}" for r in results.values()))
-    summary = {"minutes": minutes, "seconds": times, "label_quality": quality, "supervised": supervised,
-               "histogram_auc": histogram_auc, "results": results}
+    print(f"histogram shortcuts (> 0.80, no *): {', '.join(shortcuts) or 'none'}")
+    summary = dict(minutes=minutes, seconds=times, label_quality=quality, supervised=supervised,
+                   histogram_auc=histogram_auc, results=results)
     atomic_write_bytes(out / "demo_results.json", results_to_json(summary).encode())
     return summary
 
 
-# ---------------------------------------------------------------------------------------
-# ---- 8b. Benchmarks ----
-# Speed claims come from here, never from timed tests: medians of repeated steps, with every
-# variant measured side by side in one run, since a shared machine is noisy.
-# ---------------------------------------------------------------------------------------
 def bench(cfg, device, data_dir=None, steps=5, batch=8, amps=None, cache_root=None):
-    """Rows of forward+backward volumes/s and peak memory for each amp x channels-last
-    combination, and data-loading volumes/s from the prep cache if data_dir is given."""
-    rows = []
-    amps = amps or (["off", "bf16"] if device.type == "cpu" else ["off", "fp16", "bf16"])
-    for amp in amps:
-        for cl in (False, True):
-            r = time_train_step(cfg, device, resolve_amp(amp, device), cl, steps, batch)
-            rows.append({"what": "train step", "amp": amp, "channels_last": cl, **r})
+    """Train-step volumes/s and peak memory per amp x channels-last; data loading from data_dir's cache."""
+    rows = [{"what": "train step", "amp": amp, "channels_last": cl,
+             **time_train_step(cfg, device, resolve_amp(amp, device), cl, steps, batch)}
+            for amp in amps or (["off", "bf16"] if device.type == "cpu" else ["off", "fp16", "bf16"])
+            for cl in (False, True)]
     if data_dir:
         ds = CTRateDataset(data_dir, "train", cfg, augment=cfg.augment, cache_root=cache_root)
-        loader = torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers)
-        t0, n = time.perf_counter(), 0
-        for vol, _, _ in loader:
-            n += len(vol)
+        t0, loader = time.perf_counter(), torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True,
+                                                                      num_workers=cfg.workers)
         rows.append({"what": f"data loading ({cfg.workers} workers)", "amp": "", "channels_last": "",
-                     "volumes_per_s": n / (time.perf_counter() - t0), "peak_gib": float("nan")})
-    return rows
-
-
-def real_size_volumes(folder, seed=0):
-    """A CT-RATE-sized .nii.gz (512 x 512 x 300 int16 raw values, intercept -1024, 0.75 x 0.75 x 1
-    mm, LPS) and a RAD-ChestCT-sized .npz (450^3 int16 HU at 0.8 mm): one phantom resampled, with
-    20 HU of noise so that they compress about as real CT does. Returns (nii, meta, npz)."""
-    rng = np.random.default_rng(seed)
-    hu, spacing_mm, _, _ = render_volume(rng, np.zeros(len(FINDINGS), np.int8))
-    nii, npz = Path(folder) / "ctrate_512x512x300.nii.gz", Path(folder) / "radchestct_450.npz"
-    x = F.interpolate(torch.from_numpy(hu)[None, None], size=(512, 512, 300), mode="trilinear")[0, 0].numpy()
-    x += rng.standard_normal(x.shape, dtype=np.float32) * 20
-    img = nib.Nifti1Image(np.rint(np.clip(x, -1024, 3071) + 1024).astype(np.int16), np.diag([-0.75, -0.75, 1.0, 1]))
-    img.header.set_slope_inter(1.0, 0.0)
-    nib.save(img, str(nii))
-    del x, img
-    store_radchestct_volume(npz, hu + rng.standard_normal(hu.shape, dtype=np.float32) * 20,
-                            [450 / n for n in hu.shape], 1.0)  # 450 voxels a side, read as 0.8 mm
-    meta = {"XYSpacing": "[0.75, 0.75]", "ZSpacing": 1.0, "RescaleSlope": 1.0, "RescaleIntercept": -1024.0}
-    return nii, meta, npz
-
-
-def bench_prep(cfg, repeats=5):
-    """Seconds per volume for what prep does to one volume (load + preprocess, one thread) beside
-    the floor of reading its array alone, medians of `repeats` runs interleaved, on generated
-    volumes of real size."""
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        nii, meta, npz = real_size_volumes(tmp)
-        variants = [(f"CT-RATE .nii.gz 512x512x300 ({nii.stat().st_size / 1e6:.0f} MB)",
-                     lambda: np.asarray(nib.load(str(nii)).dataobj), lambda: preprocess(*load_hu(nii, meta), cfg)),
-                    (f"RAD-ChestCT .npz 450^3 ({npz.stat().st_size / 1e6:.0f} MB)",
-                     lambda: np.load(npz)["ct"], lambda: preprocess(*load_radchestct(npz), cfg))]
-        rows = []
-        for name, read, prep in variants:
-            times = {"read": [], "prep": []}
-            for _ in range(repeats):
-                for what, fn in (("read", read), ("prep", prep)):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[what].append(time.perf_counter() - t0)
-            read_s, prep_s = (float(np.median(times[k])) for k in ("read", "prep"))
-            rows.append({"what": name, "read_s": read_s, "prep_s": prep_s, "ratio": prep_s / read_s})
+                     "volumes_per_s": sum(len(v) for v, _, _ in loader) / (time.perf_counter() - t0),
+                     "peak_gib": math.nan})
     return rows
 
 
