@@ -3133,13 +3133,15 @@ def map_per_query(image_emb, labels, ks=(1, 5, 10, 50), chunk=CHUNK, ctclip_quir
     lower index, like CT-CLIP's stable sort. ctclip_quirks: CT-CLIP's two mistakes, kept."""
     y = torch.as_tensor(_binary(labels))
     gallery = torch.nonzero(y.any(1)).squeeze(1)
-    if len(image_emb) != len(y) or max(ks) > len(gallery) - (not ctclip_quirks):
-        raise RadclipError(f"mAP@{max(ks)} needs {len(image_emb)} label rows and more volumes with a finding "
-                           f"than the {len(gallery)} in {len(y)}; pass smaller ks")
+    if len(image_emb) != len(y):
+        raise RadclipError(f"{len(image_emb)} embeddings but {len(y)} label rows")
+    if max(ks) > len(gallery) - (not ctclip_quirks):
+        raise RadclipError(f"mAP@{max(ks)} needs more volumes with a finding than the {len(gallery)} here; "
+                           "pass smaller ks")
     own_slot = torch.full((len(y),), -1)  # CT-CLIP leaves the query in its own gallery; we do not
     own_slot[gallery] = torch.arange(len(gallery))
-    top = _top_k(image_emb, np.asarray(image_emb)[gallery], max(ks), chunk,
-                 None if ctclip_quirks else own_slot)
+    gallery_emb = torch.as_tensor(image_emb)[gallery]
+    top = _top_k(image_emb, gallery_emb, max(ks), chunk, None if ctclip_quirks else own_slot)
     q, hit = y[:, None], y[gallery][top]  # (N, 1, F), (N, K, F)
     relevance = (q & hit).sum(-1).double() / (q | hit).sum(-1)  # union > 0: a hit has a finding
     scores = torch.stack([relevance[:, :k].mean(dim=1) for k in ks], dim=1).numpy()
