@@ -3444,7 +3444,7 @@ def demo(out="demo", seed=0, device="auto"):
         code = timed("label", main, ["label", "--reports", str(ctrate_csv(data, "train", "reports")),
                                      "--out", str(silver), "--backend", backend])
         if code:
-            raise KeyboardInterrupt if code == 130 else RadclipError("labelling failed (see above); fix it, rerun")
+            raise KeyboardInterrupt if code == 130 else RadclipError("labelling failed: fix the above, rerun")
     quality = label_quality(read_labels(silver), read_labels(ctrate_csv(data, "train", "labels")))
     init = {modality: out / f"supervised_{modality}.pt" for modality in ("image", "text")}
     supervised = {m: timed(f"supervised {m}", train, dataclasses.replace(cfg, supervised_epochs=epochs),
