@@ -2900,145 +2900,112 @@ def validate(model, ds, cfg, stage, modality, device, amp_dtype, channels_last):
 # The paper's three numbers on CT-RATE valid: zero-shot diagnosis macro AUC 83.8%,
 # image-image mAP@50 53.7% (CT-CLIP's label-overlap "MAP"), report-image Recall@100 52.2%.
 # Definitions follow CT-CLIP's scripts, corrected where they are wrong (each place says so),
-# with 95% bootstrap CIs. Everything is vectorised; retrieval runs over chunks of queries.
+# with 95% bootstrap CIs.
 # ---------------------------------------------------------------------------------------
-THRESHOLD_RULE = "Youden's J (max TPR - FPR) per finding, chosen on this same set"
 DIAGNOSIS_METRICS = ("auc", "f1", "f1_weighted", "accuracy", "precision")
-CHUNK = 256  # queries per similarity block: as fast as 1,024 and 35% less memory at N = 50k
+CHUNK = 256  # queries per similarity block: memory holds (CHUNK, N) similarities, not (N, N)
 
 
 def _binary(labels):
-    labels = np.asarray(labels)
-    if not np.isin(labels, (0, 1)).all():
-        raise RadclipError("evaluation labels must be 0/1; map uncertain (-1) labels first")
-    return labels.astype(bool)
+    """Labels as bool, a silver "uncertain" (-1) counted as present: the one place that says so."""
+    return np.asarray(labels) != 0
 
 
-def _unit_grid(x):
-    """Unit vectors (N, E) in float64, rounded to multiples of 2^-24. BLAS sums in an order
-    that depends on the matrix shape (MKL changes the last bit of most float32 similarities
-    for chunks under 16 rows), so the chunk size could reorder near-ties. On this grid every
-    product is an integer and every partial sum is at most |a||b| = 2^48 < 2^53: the matmul
-    is exact, whatever the chunking, and equal embeddings tie exactly."""
-    x = F.normalize(torch.as_tensor(x, dtype=torch.float64), dim=1)
-    return torch.round(x * 2.0**24)
+def encode_texts(model, tokenizer, texts, cfg, stage="clip"):
+    """(N, E) embeddings of texts, 64 at a time: CLIP's space for a CLIP checkpoint, the pooled
+    text features for a supervised one (its projection is untrained)."""
+    features = model.encode_text if stage == "clip" else model.text
+    with torch.no_grad():
+        model.eval()
+        ids = torch.stack([tokenizer.encode(t, cfg.context_len) for t in texts])
+        return torch.cat([features(ids[i:i + 64]) for i in range(0, len(ids), 64)])
+
+
+def encode_prompts(model, tokenizer, triples, cfg, stage="clip"):
+    """(pos_emb (P, E), neg_emb (P, E), pair_finding (P,), unknown) for zero_shot_prompts' triples;
+    unknown: per finding, the share of its prompts' words the tokenizer lacks (they read as <unk>;
+    a from-scratch tower knows only the words of its training reports)."""
+    pos_emb, neg_emb = (encode_texts(model, tokenizer, [t[k] for t in triples], cfg, stage) for k in (1, 2))
+    unknown = {}  # finding -> the share of unknown words in each of its pairs
+    for f, pos, neg in triples:
+        w = words(f"{pos} {neg}")
+        unknown.setdefault(FINDINGS[f], []).append(np.mean([x not in tokenizer.index for x in w] or [0]))
+    return pos_emb, neg_emb, [f for f, _, _ in triples], {f: float(np.mean(u)) for f, u in unknown.items()}
 
 
 def zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale, pair_finding=None):
-    """Log-odds that each finding is present, (N, F) float64 numpy: for a prompt pair, the log of
-    softmax(pos) / softmax(neg) over the scaled cosine similarities, exp(logit_scale) * (cos(image,
-    positive) - cos(image, negative)); a finding with several pairs (pair_finding (P,) gives each
-    pair's finding; default one pair per finding) scores the mean over its pairs, an ensemble as
-    RadFinder averages its templates. CT-CLIP ranks by the softmax probability instead: at scale
-    100 that is exactly 1.0 once the cosine gap passes ~0.37 (float64; ~0.17 in float32), and the
-    AUC then depends on the scale. The log-odds rank alike at every scale and never saturate.
-    image_emb (N, E), pos_emb and neg_emb (P, E): tensors or arrays."""
+    """(N, F) log-odds that each finding is present, log softmax(pos) / softmax(neg) = exp(logit_scale)
+    * (cos(image, positive) - cos(image, negative)), the mean over a finding's pairs (pair_finding
+    (P,) names each pair's finding; default one each), as RadFinder averages its templates. CT-CLIP
+    ranks by the softmax, exactly 1.0 at scale 100 once the cosine gap passes ~0.37, so its AUC
+    depends on the scale; the log-odds rank alike at every scale."""
     img, pos, neg = (F.normalize(torch.as_tensor(e, dtype=torch.float64), dim=1)
                      for e in (image_emb, pos_emb, neg_emb))
     log_odds = math.exp(float(logit_scale)) * (img @ pos.T - img @ neg.T)
     index = torch.arange(len(pos)) if pair_finding is None else torch.as_tensor(pair_finding)
-    n_findings = int(index.max()) + 1
-    total = torch.zeros(len(img), n_findings, dtype=torch.float64).index_add_(1, index, log_odds)
-    return (total / torch.bincount(index, minlength=n_findings).clamp(min=1)).numpy()
-
-
-def encode_prompts(model, tokenizer, triples, cfg, features=None):
-    """(pos_emb (P, E), neg_emb (P, E), pair_finding (P,), unknown) for zero_shot_prompts' triples;
-    unknown is, per finding, the share of its prompts' words the tokenizer does not know (they
-    read as <unk>: a from-scratch tower knows only the words of its training reports). features
-    maps token ids to embeddings (default: the CLIP space, model.encode_text)."""
-    features = features or model.encode_text
-    texts = [(pos, neg) for _, pos, neg in triples]
-    with torch.no_grad():
-        model.eval()
-        pos_emb, neg_emb = (features(torch.stack([tokenizer.encode(t[k], cfg.context_len) for t in texts]))
-                            for k in (0, 1))
-    unknown = {}
-    for (f, pos, neg) in triples:
-        w = words(pos + " " + neg)
-        unknown.setdefault(FINDINGS[f], []).append(sum(x not in tokenizer.index for x in w) / max(1, len(w)))
-    return pos_emb, neg_emb, [f for f, _, _ in triples], {f: float(np.mean(u)) for f, u in unknown.items()}
+    total = torch.zeros(len(img), int(index.max()) + 1, dtype=torch.float64).index_add_(1, index, log_odds)
+    return (total / torch.bincount(index).clamp(min=1)).numpy()
 
 
 def diagnosis_metrics(labels, scores, names=FINDINGS):
-    """Per finding: ROC AUC (scikit-learn), and F1, weighted F1, accuracy and precision at the
-    threshold of maximal Youden's J; then macro means over the findings whose AUC is defined.
-    labels (N, F) 0/1, scores (N, F): arrays. Like CT-CLIP, the threshold is chosen on the set
-    it is scored on, so those four are optimistic. CT-CLIP takes the ROC point nearest (0, 1)
-    on a 100-step grid and reports only support-weighted F1, which rewards calling a rare
-    finding absent; we report the positive-class F1, and the weighted one for comparison."""
+    """Per finding of (N, F) labels and scores: ROC AUC (finding_auc), and F1, weighted F1, accuracy
+    and precision at the highest threshold of maximal Youden's J, chosen like CT-CLIP on the set
+    scored (so those four are optimistic); then macro means over the findings with an AUC. CT-CLIP
+    reports only weighted F1, which rewards calling a rare finding absent; we add the positive F1."""
     labels, scores = _binary(labels), np.asarray(scores, dtype=np.float64)
     if labels.shape != scores.shape or labels.shape[1] != len(names):
-        raise RadclipError(f"labels {labels.shape} and scores {scores.shape} "
-                           f"must both be (N, {len(names)})")
+        raise RadclipError(f"labels {labels.shape} and scores {scores.shape} must be (N, {len(names)})")
     per_finding = {}
-    for f, name in enumerate(names):
-        y, s = labels[:, f], scores[:, f]
-        row = dict(n_pos=int(y.sum()), threshold=math.nan,
-                   **dict.fromkeys(DIAGNOSIS_METRICS, math.nan))
-        if 0 < y.sum() < len(y):  # AUC needs both classes; otherwise NaN, never a silent 0.5
+    for name, y, s, auc in zip(names, labels.T, scores.T, finding_auc(labels, scores)):
+        row = per_finding[name] = dict(n_pos=int(y.sum()), **dict.fromkeys(DIAGNOSIS_METRICS, math.nan))
+        if not math.isnan(auc):  # AUC needs both classes; otherwise NaN, never a silent 0.5
             fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
-            threshold = thresholds[np.argmax(tpr - fpr)]  # the highest threshold of maximal J
-            pred = s >= threshold
-            row.update(auc=roc_auc_score(y, s), threshold=threshold, f1=f1_score(y, pred),
-                       f1_weighted=f1_score(y, pred, average="weighted"),
+            pred = s >= thresholds[np.argmax(tpr - fpr)]
+            row.update(auc=auc, f1=f1_score(y, pred), f1_weighted=f1_score(y, pred, average="weighted"),
                        accuracy=accuracy_score(y, pred),
                        precision=precision_score(y, pred, zero_division=np.nan))
-        per_finding[name] = row
-    undefined = [name for name, row in per_finding.items() if math.isnan(row["auc"])]
-    defined = [row for name, row in per_finding.items() if name not in undefined]
-    macro = {m: float(np.mean([row[m] for row in defined])) if defined else math.nan
-             for m in DIAGNOSIS_METRICS}
-    return dict(threshold_rule=THRESHOLD_RULE, per_finding=per_finding, macro=macro,
-                n_defined=len(defined), undefined=undefined)
+    defined = [row for row in per_finding.values() if not math.isnan(row["auc"])]
+    return dict(per_finding=per_finding, n_defined=len(defined),
+                macro={m: np.mean([row[m] for row in defined] or math.nan) for m in DIAGNOSIS_METRICS},
+                undefined=[name for name, row in per_finding.items() if math.isnan(row["auc"])])
 
 
-def _top_k(sim, k):
-    """Column indices of each row's k largest values, (C, k), ties to the lower column.
-    torch.topk orders ties arbitrarily, so its candidates are re-ranked stably; a row whose
-    k-th value recurs outside them is stable-sorted in full. Makes mAP@K at N = 50,000 4x
-    faster than stable-sorting every row (150 s -> 38 s on 2 cores)."""
-    values, idx = sim.topk(k, dim=1)
-    idx = idx.sort(dim=1).values
-    idx = idx.gather(1, sim.gather(1, idx).sort(dim=1, descending=True, stable=True).indices)
-    cut = values[:, -1:]
-    straddles = (sim == cut).sum(1) > (values == cut).sum(1)
-    if straddles.any():
-        idx[straddles] = sim[straddles].sort(dim=1, descending=True, stable=True).indices[:, :k]
-    return idx
+def _top_k(query_emb, gallery_emb, k, chunk, own_slot=None):
+    """(N, k) gallery indices of each query's k most cosine-similar, ties to the lower index; own_slot
+    (N,): each query's own place in the gallery (-1: none), left out. Unit vectors on a grid of 2^-24
+    make every product an integer and every sum at most 2^48 < 2^53: the similarities are exact
+    whatever order BLAS sums in for a chunk's shape, so equal embeddings tie exactly."""
+    query, gallery = (torch.round(F.normalize(torch.as_tensor(e, dtype=torch.float64), dim=1) * 2.0**24)
+                      for e in (query_emb, gallery_emb))
+    out = []
+    for a in range(0, len(query), chunk):
+        sim = query[a:a + chunk] @ gallery.T  # (C, G)
+        if own_slot is not None:
+            rows = torch.nonzero(own_slot[a:a + chunk] >= 0).squeeze(1)
+            sim[rows, own_slot[a + rows]] = -math.inf
+        out.append(sim.sort(dim=1, descending=True, stable=True).indices[:, :k])
+    return torch.cat(out)
 
 
 def map_per_query(image_emb, labels, ks=(1, 5, 10, 50), chunk=CHUNK, ctclip_quirks=False):
-    """Every query's label-overlap score, (N, len(ks)) numpy. CT-CLIP's volume_to_volume: the
-    gallery is the volumes with a finding, every volume queries it by cosine similarity, a
-    retrieved volume's relevance is the Jaccard overlap of the 0/1 label vectors, and
-    score(q) = mean relevance of the top K. Not average precision, despite the name. A normal
-    query scores 0 by definition (it shares no finding with any gallery volume), there and
-    here. Ties go to the lower gallery index, like CT-CLIP's stable sorted(..., reverse=True).
-    ctclip_quirks=True reproduces CT-CLIP's two mistakes, to compare with published numbers."""
-    labels = _binary(labels)
-    emb = _unit_grid(image_emb)
-    if len(emb) != len(labels):
-        raise RadclipError(f"{len(emb)} embeddings but {len(labels)} label rows")
-    gallery = np.flatnonzero(labels.any(axis=1))
+    """(N, len(ks)) label-overlap scores, CT-CLIP's volume_to_volume: every volume queries the gallery
+    of volumes with a finding by cosine; score = mean Jaccard overlap of the 0/1 label vectors over
+    the top K (not average precision, despite the name; a normal query scores 0). Ties go to the
+    lower index, like CT-CLIP's stable sort. ctclip_quirks: CT-CLIP's two mistakes, kept."""
+    y = torch.as_tensor(_binary(labels))
+    gallery = torch.nonzero(y.any(1)).squeeze(1)
+    if len(image_emb) != len(y):
+        raise RadclipError(f"{len(image_emb)} embeddings but {len(y)} label rows")
     if max(ks) > len(gallery) - (not ctclip_quirks):
-        raise RadclipError(f"mAP@{max(ks)} needs more volumes with a finding than the "
-                           f"{len(gallery)} here; pass smaller ks")
-    y, gallery_emb = torch.as_tensor(labels), emb[gallery]
-    y_gallery = y[gallery]
-    slot = torch.full((len(y),), -1)  # each volume's position in the gallery; -1 if normal
-    slot[gallery] = torch.arange(len(gallery))
-    out = []
-    for a in range(0, len(emb), chunk):
-        sim = emb[a:a + chunk] @ gallery_emb.T  # (C, G)
-        if not ctclip_quirks:  # CT-CLIP leaves the query in its own gallery; we do not
-            rows = torch.nonzero(slot[a:a + chunk] >= 0).squeeze(1)
-            sim[rows, slot[a + rows]] = -math.inf
-        top = _top_k(sim, max(ks))
-        q, hit = y[a:a + chunk, None], y_gallery[top]  # (C, 1, F), (C, K, F)
-        relevance = (q & hit).sum(-1).double() / (q | hit).sum(-1)  # union > 0: hit has a finding
-        out.append(torch.stack([relevance[:, :k].mean(dim=1) for k in ks], dim=1))
-    scores = torch.cat(out).numpy()
+        raise RadclipError(f"mAP@{max(ks)} needs more volumes with a finding than the {len(gallery)} here; "
+                           "pass smaller ks")
+    own_slot = torch.full((len(y),), -1)  # CT-CLIP leaves the query in its own gallery; we do not
+    own_slot[gallery] = torch.arange(len(gallery))
+    gallery_emb = torch.as_tensor(image_emb)[gallery]
+    top = _top_k(image_emb, gallery_emb, max(ks), chunk, None if ctclip_quirks else own_slot)
+    q, hit = y[:, None], y[gallery][top]  # (N, 1, F), (N, K, F)
+    relevance = (q & hit).sum(-1).double() / (q | hit).sum(-1)  # union > 0: a hit has a finding
+    scores = torch.stack([relevance[:, :k].mean(dim=1) for k in ks], dim=1).numpy()
     if ctclip_quirks:  # CT-CLIP never resets its score list between K: "MAP@K" averages all K' <= K
         scores = np.cumsum(scores, axis=1) / np.arange(1, len(ks) + 1)
     return scores
@@ -3046,28 +3013,17 @@ def map_per_query(image_emb, labels, ks=(1, 5, 10, 50), chunk=CHUNK, ctclip_quir
 
 def map_at_k(image_emb, labels, ks=(1, 5, 10, 50), chunk=CHUNK, ctclip_quirks=False):
     """{K: mAP@K}: map_per_query averaged over all N queries."""
-    scores = map_per_query(image_emb, labels, ks, chunk, ctclip_quirks)
-    return dict(zip(ks, scores.mean(axis=0).tolist()))
+    return dict(zip(ks, map_per_query(image_emb, labels, ks, chunk, ctclip_quirks).mean(axis=0).tolist()))
 
 
 def recall_per_query(text_emb, image_emb, ks=(5, 10, 50, 100), chunk=CHUNK):
-    """Hits, (N, len(ks)) 0/1 numpy: is volume i among the K of all N most similar to report
-    i? Ties go to the lower volume index, as in map_per_query. CT-CLIP's report_to_volume
-    ranks by the raw dot product; we use cosine. For the scan-level variant, pass one volume
-    (and its report) per scan."""
-    txt, img = _unit_grid(text_emb), _unit_grid(image_emb)
-    n = len(img)
-    if txt.shape != img.shape or max(ks) > n:
+    """(N, len(ks)) 0/1: is volume i among the K of all N nearest to report i (cosine; CT-CLIP's raw
+    dot product favours long vectors)? Ties to the lower index. Scan level: one volume per scan."""
+    if np.shape(text_emb) != np.shape(image_emb) or max(ks) > len(image_emb):
         raise RadclipError(f"need paired (N, E) text and image embeddings with N >= {max(ks)}; "
-                           f"got {tuple(txt.shape)} and {tuple(img.shape)}")
-    out = []
-    for a in range(0, n, chunk):
-        sim = txt[a:a + chunk] @ img.T  # (C, N)
-        i = torch.arange(a, a + len(sim))[:, None]
-        own = sim.gather(1, i)
-        rank = (sim > own).sum(1) + ((sim == own) & (torch.arange(n) < i)).sum(1)
-        out.append(rank[:, None] < torch.tensor(ks))
-    return torch.cat(out).double().numpy()
+                           f"got {tuple(np.shape(text_emb))} and {tuple(np.shape(image_emb))}")
+    own = _top_k(text_emb, image_emb, max(ks), chunk) == torch.arange(len(image_emb))[:, None]
+    return torch.stack([own[:, :k].any(1) for k in ks], dim=1).double().numpy()
 
 
 def recall_at_k(text_emb, image_emb, ks=(5, 10, 50, 100), chunk=CHUNK):
@@ -3076,131 +3032,116 @@ def recall_at_k(text_emb, image_emb, ks=(5, 10, 50, 100), chunk=CHUNK):
 
 
 def resampled_auc(labels, scores, counts):
-    """ROC AUC of every finding on every resample, (B, F) numpy, NaN where undefined.
-    counts (B, N): how often each resample drew each volume. The Mann-Whitney statistic with
-    those weights (tied scores count 1/2) equals roc_auc_score on the resample itself."""
-    labels, out = _binary(labels), np.full((len(counts), labels.shape[1]), np.nan)
+    """(B, F) ROC AUC of every finding on every resample, NaN where undefined; counts (B, N): how often
+    it drew each volume. The weighted Mann-Whitney statistic (ties count 1/2) equals roc_auc_score
+    on the resample itself."""
+    labels, out = _binary(labels), np.full((len(counts), np.shape(labels)[1]), np.nan)
     for f in range(labels.shape[1]):
         order = np.argsort(scores[:, f], kind="stable")
         s, y, w = scores[order, f], labels[order, f], counts[:, order]
         starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
-        pos = np.add.reduceat(w * y, starts, axis=1)  # (B, groups) positive weight per score
-        neg = np.add.reduceat(w * ~y, starts, axis=1)
-        below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each score
+        pos, neg = np.add.reduceat(w * y, starts, axis=1), np.add.reduceat(w * ~y, starts, axis=1)
+        below = np.cumsum(neg, axis=1) - neg  # (B, groups) negative weight strictly below each score
         with np.errstate(invalid="ignore"):
             out[:, f] = (pos * (below + neg / 2)).sum(1) / (pos.sum(1) * neg.sum(1))
     return out
 
 
-def bootstrap_counts(n, n_boot=1000, seed=0):
-    """(n_boot, n): how often each of n items is drawn in each resample with replacement."""
-    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    return np.bincount((draws + n * np.arange(n_boot)[:, None]).ravel(),
-                       minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
-
-
-def bootstrap_ci(labels, scores, per_query, n_boot=1000, seed=0):
-    """95% percentile intervals, {"macro AUC" and each name in per_query: (point, lo, hi)}.
-    Every round resamples the N volumes with replacement, the same rounds for all metrics.
-    Macro AUC is recomputed on each resample (over the findings defined in it); a retrieval
-    metric resamples its per-query scores, per_query = {name: (N,) array}, keeping the
-    rankings of the full set (the usual cheap bootstrap for retrieval). CT-CLIP's
-    bootstrap_values.py draws indices, then scores the full set in every round anyway."""
-    labels, scores = _binary(labels), np.asarray(scores, dtype=np.float64)
-    n, counts = len(labels), bootstrap_counts(len(labels), n_boot, seed)
-    point = {"macro AUC": np.nanmean(resampled_auc(labels, scores, np.ones((1, n))))}
-    rounds = {"macro AUC": np.nanmean(resampled_auc(labels, scores, counts), axis=1)}
-    for name, values in per_query.items():
-        point[name], rounds[name] = np.mean(values), counts @ values / n
-    return {name: (float(point[name]), *np.percentile(rounds[name], [2.5, 97.5]).tolist())
-            for name in rounds}
+def bootstrap_ci(labels, scores, per_query, n_boot=1000, seed=0, findings=()):
+    """95% percentile intervals {"macro_auc", each name of per_query = {name: (N,) scores} and of
+    findings (the columns' names): (point, lo, hi)}, the same resamples of the N volumes for all.
+    AUCs are recomputed on each (a finding's interval over those where it is defined); retrieval
+    keeps the full set's rankings and resamples the per-query scores. CT-CLIP's bootstrap_values.py
+    draws indices, then scores the full set in every round anyway."""
+    scores, n, rng = np.asarray(scores, dtype=np.float64), len(labels), np.random.default_rng(seed)
+    counts = np.stack([np.bincount(draw, minlength=n) for draw in rng.integers(0, n, (n_boot, n))])
+    auc = resampled_auc(labels, scores, np.r_[np.ones((1, n)), counts])  # row 0: the full set
+    rounds = {"macro_auc": np.nanmean(auc, axis=1), **dict(zip(findings, auc.T)),
+              **{name: np.r_[np.mean(v), counts @ v / n] for name, v in per_query.items()}}
+    ci = {}
+    for name, (point, *values) in rounds.items():
+        values = np.array(values)[np.isfinite(values)]  # NaN: a round without both classes
+        ci[name] = (float(point), *(np.percentile(values, [2.5, 97.5]) if len(values) else [math.nan] * 2))
+    return ci
 
 
 def evaluate(image_emb, text_emb, scores, labels, map_ks=(1, 5, 10, 50),
              recall_ks=(5, 10, 50, 100), ctclip_quirks=False, n_boot=1000, seed=0, chunk=CHUNK):
-    """Every number of the paper's evaluation, as one dict (format_results prints it). Row i of
-    image_emb, text_emb, scores (zero_shot_scores) and labels is one volume, its report and labels."""
-    labels = _binary(labels)
+    """The paper's evaluation as one dict for format_results; row i of image_emb, text_emb, scores
+    (zero_shot_scores) and labels is one volume, its report and labels."""
     maps = map_per_query(image_emb, labels, map_ks, chunk, ctclip_quirks)
     hits = recall_per_query(text_emb, image_emb, recall_ks, chunk)
     per_query = {f"mAP@{map_ks[-1]}": maps[:, -1], f"Recall@{recall_ks[-1]}": hits[:, -1]}
-    return dict(n=len(labels), diagnosis=diagnosis_metrics(labels, scores),
+    return dict(n=len(labels), diagnosis=diagnosis_metrics(labels, scores), n_boot=n_boot, seed=seed,
                 map_definition="CT-CLIP's script, quirks included" if ctclip_quirks
                 else "query excluded from its gallery, each K on its own",
-                n_gallery=int(labels.any(axis=1).sum()),
-                map=dict(zip(map_ks, maps.mean(0).tolist())),
-                recall=dict(zip(recall_ks, hits.mean(0).tolist())), n_boot=n_boot, seed=seed,
+                n_gallery=int(_binary(labels).any(1).sum()), map=dict(zip(map_ks, maps.mean(0).tolist())),
+                recall=dict(zip(recall_ks, hits.mean(0).tolist())),
                 ci=bootstrap_ci(labels, scores, per_query, n_boot, seed))
+
+
+def evaluate_external(scores, labels, n_boot=1000, seed=0, all_findings=False):
+    """Zero-shot diagnosis under the RAD-ChestCT 16-class protocol (external_16), and with
+    all_findings the 18 as RADCHESTCT_MAPPING defines them. No reports, so no Recall@K; peers
+    report no mAP@K on it, and neither do we."""
+    y16, s16 = external_16(_binary(labels), scores)
+    return dict(n=len(labels), protocol=EXTERNAL_PROTOCOL, n_boot=n_boot, seed=seed,
+                retrieval="skipped (no reports; the external protocol is zero-shot diagnosis)",
+                diagnosis=diagnosis_metrics(y16, s16, EXTERNAL_CLASSES),
+                ci=bootstrap_ci(y16, s16, {}, n_boot, seed),
+                all_findings=diagnosis_metrics(labels, scores) if all_findings else None)
+
+
+def table(header, rows, width=7):
+    """Aligned lines: the header, then rows (name, value, ...), floats to 3 places."""
+    return [f"{name:<36}" + "".join(f"{v:>{width}.3f}" if isinstance(v, float) else f"{v:>{width}}"
+                                    for v in values) for name, *values in [header, *rows]]
 
 
 def diagnosis_table(d):
     """The lines of a diagnosis_metrics() table."""
-    lines = [f"{'finding':<36}{'n_pos':>6}{'AUC':>7}{'F1':>7}{'F1(w)':>7}{'acc':>7}{'prec':>7}"]
-    rows = [(name, m["n_pos"], m) for name, m in d["per_finding"].items()]
-    rows.append((f"macro over {d['n_defined']} defined", "", d["macro"]))
-    lines += [f"{name:<36}{n_pos:>6}" + "".join(f"{m[k]:>7.3f}" for k in DIAGNOSIS_METRICS)
-              for name, n_pos, m in rows]
+    rows = [(name, m["n_pos"], *(m[k] for k in DIAGNOSIS_METRICS)) for name, m in d["per_finding"].items()]
+    rows.append((f"macro over {d['n_defined']} defined", "", *(d["macro"][k] for k in DIAGNOSIS_METRICS)))
+    lines = table(("finding", "n_pos", "AUC", "F1", "F1(w)", "acc", "prec"), rows)
     if d["undefined"]:
-        lines.append("AUC undefined (one class only), not in the macro: "
-                     + ", ".join(d["undefined"]))
+        lines.append("AUC undefined (one class only), not in the macro: " + ", ".join(d["undefined"]))
     return lines
-
-
-def evaluate_external(scores, labels, n_boot=1000, seed=0, all_findings=False):
-    """Zero-shot diagnosis under the RAD-ChestCT 16-class protocol (external_16), as one dict for
-    format_results; all_findings adds the 18 findings as RADCHESTCT_MAPPING defines them. There
-    are no reports, so no Recall@K; peers report no mAP@K on it, and neither do we."""
-    y16, s16 = external_16(labels, scores)
-    return dict(n=len(labels), protocol=EXTERNAL_PROTOCOL, diagnosis=diagnosis_metrics(y16, s16, EXTERNAL_CLASSES),
-                all_findings=diagnosis_metrics(labels, scores) if all_findings else None,
-                retrieval="skipped (the split has no reports; the external protocol is zero-shot diagnosis)",
-                n_boot=n_boot, seed=seed, ci=bootstrap_ci(y16, s16, {}, n_boot, seed))
 
 
 def format_results(r):
     """The results of evaluate() or evaluate_external() as an aligned text table."""
-    d = r["diagnosis"]
-    lines = [f"Zero-shot diagnosis, N = {r['n']} volumes; threshold: {d['threshold_rule']}"]
-    lines += [r["protocol"]] if "protocol" in r else []
-    lines += diagnosis_table(d)
-    if "prompt_unknown_words" in r:
+    lines = [f"Zero-shot diagnosis, N = {r['n']} volumes; threshold: Youden's J (max TPR - FPR) per finding, "
+             "chosen on this same set", *([r["protocol"]] if "protocol" in r else []),
+             *diagnosis_table(r["diagnosis"])]
+    if r.get("prompt_unknown_words"):
         unknown = sorted(r["prompt_unknown_words"].items(), key=lambda kv: -kv[1])
         lines.append(f"Prompts '{r['prompt']}': {np.mean([u for _, u in unknown]):.0%} of their words "
                      "unknown to the tokenizer; most: " + ", ".join(f"{f} {u:.0%}" for f, u in unknown[:3]))
     if r.get("all_findings"):
         lines += ["", "The 18 findings as the mapping defines them (both calcifications are its "
-                  "calcification; nothing maps to mosaic attenuation):"] + diagnosis_table(r["all_findings"])
-    if "retrieval" in r:
-        lines += ["", f"Retrieval: {r['retrieval']}"]
+                  "calcification; nothing maps to mosaic attenuation):", *diagnosis_table(r["all_findings"])]
+    if "map" in r:
+        lines += ["", f"Image-image mAP@K ({r['map_definition']}): {r['n']} queries, gallery = the "
+                  f"{r['n_gallery']} volumes with a finding",
+                  *(f"  mAP@{k:<4}{v:>7.3f}" for k, v in r["map"].items()),
+                  "", f"Report-image Recall@K over N = {r['n']} volumes (chance = K/N)",
+                  *(f"  R@{k:<6}{v:>7.3f}   chance {k / r['n']:.4f}" for k, v in r["recall"].items())]
     else:
-        lines += ["", f"Image-image mAP@K ({r['map_definition']}): {r['n']} queries, "
-                  f"gallery = the {r['n_gallery']} volumes with a finding"]
-        lines += [f"  mAP@{k:<4}{v:>7.3f}" for k, v in r["map"].items()]
-        lines += ["", f"Report-image Recall@K over N = {r['n']} volumes (chance = K/N)"]
-        lines += [f"  R@{k:<6}{v:>7.3f}   chance {k / r['n']:.4f}" for k, v in r["recall"].items()]
-    lines += ["", f"95% bootstrap CIs ({r['n_boot']} resamples of the volumes, seed {r['seed']})"]
-    lines += [f"  {name:<12}{p:>7.3f}  [{lo:.3f}, {hi:.3f}]"
-              for name, (p, lo, hi) in r["ci"].items()]
+        lines += ["", f"Retrieval: {r['retrieval']}"]
+    lines += ["", f"95% bootstrap CIs ({r['n_boot']} resamples of the volumes, seed {r['seed']})",
+              *(f"  {name:<12}{p:>7.3f}  [{lo:.3f}, {hi:.3f}]" for name, (p, lo, hi) in r["ci"].items())]
     return "\n".join(lines)
 
 
 def results_to_json(r):
-    """The results of evaluate() as JSON: plain floats, NaN (and inf) as null."""
-    def plain(x):
-        if isinstance(x, dict):
-            return {str(k): plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        if isinstance(x, float):  # numpy float64 is a float too
-            return float(x) if math.isfinite(x) else None
-        return x
-    return json.dumps(plain(r), indent=2)
+    """Results as JSON: plain floats (numpy's too), NaN and inf as null."""
+    return json.dumps(json.loads(json.dumps(r, default=float), parse_constant=lambda _: None), indent=2)
 
 
 def embed_split(ckpt_path, data_dir, split, device="auto", labels_csv=None, cache_root=None, emb_cache=None):
-    """(model, cfg, dataset, image_emb (N, E), text_emb (N, E)) for a split. The embeddings are
-    cached in emb_cache (default: beside the checkpoint) and reused while checkpoint, volumes and
-    reports are unchanged; an unreadable cache is recomputed, an unwritable one skipped."""
+    """(model, cfg, dataset, image_emb (N, E), text_emb (N, E)) for a split, cached in emb_cache (default:
+    beside the checkpoint) while checkpoint, volumes and reports are unchanged; an unreadable cache is
+    recomputed, an unwritable one skipped."""
     model, cfg, tokenizer = model_from_checkpoint(ckpt_path, "clip")
     ds = CTRateDataset(data_dir, split, cfg, tokenizer, labels_csv, cache_root=cache_root)
     _, _, device = setup_distributed(device)
@@ -3211,13 +3152,8 @@ def embed_split(ckpt_path, data_dir, split, device="auto", labels_csv=None, cach
         if hit.get("key") == key:
             return model.eval(), cfg, ds, hit["image"], hit["text"]
     except Exception as e:  # a torn or foreign file: the embeddings are only a cache
-        print(f"radclip: warning: {cache}: unreadable ({type(e).__name__}); computing the embeddings again",
-              file=sys.stderr)
-    model.to(device)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    both = embed(model, ds, lambda m, v, t: torch.cat([m.encode_image(v), m.encode_text(t)], 1),
-                 cfg, device, amp_dtype)
-    image_emb, text_emb = both[:, :cfg.embed_dim], both[:, cfg.embed_dim:]
+        print(f"radclip: warning: {cache}: unreadable ({type(e).__name__}); embedding again", file=sys.stderr)
+    image_emb, text_emb = embed_pairs(model.to(device), ds, cfg, device, resolve_amp(cfg.amp, device))
     try:
         save_checkpoint(cache, key=key, image=image_emb, text=text_emb)
     except RadclipError as e:
@@ -3225,19 +3161,17 @@ def embed_split(ckpt_path, data_dir, split, device="auto", labels_csv=None, cach
     return model.cpu(), cfg, ds, image_emb, text_emb
 
 
-def run_eval(ckpt_path, data_dir, split="valid", prompt="report", ctclip_quirks=False,
-             scan_level=False, n_boot=1000, device="auto", labels_csv=None,
-             map_ks=(1, 5, 10, 50), recall_ks=(5, 10, 50, 100), all_findings=False, cache_root=None,
-             emb_cache=None):
+def run_eval(ckpt_path, data_dir, split="valid", prompt="report", ctclip_quirks=False, scan_level=False,
+             n_boot=1000, device="auto", labels_csv=None, map_ks=(1, 5, 10, 50), recall_ks=(5, 10, 50, 100),
+             all_findings=False, cache_root=None, emb_cache=None):
     """Embed a split once, then evaluate() it with the chosen zero-shot prompts (a split without
     reports, RAD-ChestCT's: evaluate_external())."""
     model, cfg, ds, image_emb, text_emb = embed_split(ckpt_path, data_dir, split, device, labels_csv,
                                                       cache_root, emb_cache)
-    pos_emb, neg_emb, pair_finding, unknown = encode_prompts(
-        model, Tokenizer(load_checkpoint(ckpt_path)["vocab"]), zero_shot_prompts(load_prompts(), prompt), cfg)
+    triples = zero_shot_prompts(load_prompts(), prompt)
+    pos, neg, pair_finding, unknown = encode_prompts(model, ds.tokenizer, triples, cfg)
     scale = model.logit_scale.clamp(max=math.log(cfg.logit_scale_max)).item()
-    scores = zero_shot_scores(image_emb, pos_emb, neg_emb, scale, pair_finding)
-    labels = np.where(ds.labels.numpy() == -1, 1, ds.labels.numpy())  # silver "uncertain" counts as present
+    scores, labels = zero_shot_scores(image_emb, pos, neg, scale, pair_finding), ds.labels.numpy()
     about = dict(checkpoint=str(ckpt_path), split=split, prompt=prompt, prompt_unknown_words=unknown)
     if not ds.has_reports:
         return {**evaluate_external(scores, labels, n_boot, all_findings=all_findings), **about}
@@ -3249,293 +3183,174 @@ def run_eval(ckpt_path, data_dir, split="valid", prompt="report", ctclip_quirks=
 
 
 # -- The prompt check: zero-shot's geometry, measured on reports alone --
-# Zero-shot works only if a finding's prompts sit where the reports that have it sit. Reports need
-# no volumes, so this is measured on real reports: each finding scores every report by
-# cos(report, positive) - cos(report, negative), ensembled over its pairs as zero_shot_scores does,
-# and the AUC against the report's labels says how well the prompts separate the findings.
-def report_features(model, tokenizer, cfg, texts, stage):
-    """(N, E) embeddings of texts and the function that made them: CLIP's space for a CLIP
-    checkpoint; the pooled text features for a supervised one (its projection is untrained)."""
-    features = model.encode_text if stage == "clip" else model.text
-    with torch.no_grad():
-        model.eval()
-        ids = torch.stack([tokenizer.encode(t, cfg.context_len) for t in texts])
-        return torch.cat([features(ids[i:i + 64]) for i in range(0, len(ids), 64)]), features
-
-
-def auc_with_ci(labels, scores, n_boot=1000, seed=0):
-    """{finding: (AUC, lo, hi)} with 95% bootstrap intervals, and 'macro' the same over the findings
-    defined: bootstrap_ci's resamples, per finding."""
-    labels = _binary(labels)
-    counts = bootstrap_counts(len(labels), n_boot, seed)
-    point = resampled_auc(labels, scores, np.ones((1, len(labels))))[0]
-    rounds = resampled_auc(labels, scores, counts)
-    rounds = np.c_[rounds, np.nanmean(rounds, axis=1)]
-    ci = [np.nanpercentile(r, [2.5, 97.5]).tolist() if np.isfinite(r).any() else [math.nan] * 2
-          for r in rounds.T]  # a finding without positives has no AUC and no interval
-    return {name: (float(p), *lo_hi)
-            for name, p, lo_hi in zip([*FINDINGS, "macro"], [*point, np.nanmean(point)], ci)}
-
-
+# Zero-shot works only if a finding's prompts sit where the reports that have it sit, and reports
+# need no volumes: the AUC of zero_shot_scores on report embeddings (scale 1) against the reports'
+# labels says how well the prompts separate the findings.
 def check_prompts(model, tokenizer, cfg, stage, texts, labels, prompt_sets, n_boot=1000, seed=0):
-    """{prompt set: {'auc': auc_with_ci, 'unknown_words': {finding: share}}} of the prompt check on
-    texts and their (N, 18) labels; prompt_sets maps a name to zero_shot_prompts' triples."""
-    emb, features = report_features(model, tokenizer, cfg, texts, stage)
-    labels, out = np.where(np.asarray(labels) == -1, 1, labels), {}
+    """{prompt set: {'auc': {each finding and 'macro_auc': (AUC, lo, hi)}, 'unknown_words': {finding:
+    share}}} on texts and their (N, 18) labels; prompt_sets maps a name to zero_shot_prompts' triples."""
+    emb, out = encode_texts(model, tokenizer, texts, cfg, stage), {}
     for name, triples in prompt_sets.items():
-        pos, neg, pair_finding, unknown = encode_prompts(model, tokenizer, triples, cfg, features)
+        pos, neg, pair_finding, unknown = encode_prompts(model, tokenizer, triples, cfg, stage)
         scores = zero_shot_scores(emb, pos, neg, 0.0, pair_finding)
-        out[name] = {"auc": auc_with_ci(labels, scores, n_boot, seed), "unknown_words": unknown}
+        out[name] = dict(auc=bootstrap_ci(labels, scores, {}, n_boot, seed, FINDINGS), unknown_words=unknown)
     return out
 
 
 def choose_prompts(model, tokenizer, cfg, stage, texts, labels, candidates, k=3):
     """{finding: the k candidate pairs whose prompt-check AUC on these reports is highest}."""
     triples = [(FINDINGS.index(f), pos, neg) for f, pairs in candidates.items() for pos, neg in pairs]
-    emb, features = report_features(model, tokenizer, cfg, texts, stage)
-    pos, neg, pair_finding, _ = encode_prompts(model, tokenizer, triples, cfg, features)
-    y = np.where(np.asarray(labels) == -1, 1, labels)[:, pair_finding]  # (N, P): each pair's finding
-    auc = resampled_auc(y, zero_shot_scores(emb, pos, neg, 0.0), np.ones((1, len(y))))[0]
-    chosen = {}
+    pos, neg, pair_finding, _ = encode_prompts(model, tokenizer, triples, cfg, stage)
+    scores = zero_shot_scores(encode_texts(model, tokenizer, texts, cfg, stage), pos, neg, 0.0)  # (N, P)
+    auc = finding_auc(_binary(labels)[:, pair_finding], scores)  # each pair against its finding
+    best = {}
     for i in np.argsort(-np.nan_to_num(auc, nan=-1.0), kind="stable"):
-        f, pos_i, neg_i = triples[i]
-        if len(chosen.setdefault(FINDINGS[f], [])) < k:
-            chosen[FINDINGS[f]].append((pos_i, neg_i))
-    return {f: chosen[f] for f in FINDINGS if f in chosen}
+        best.setdefault(FINDINGS[pair_finding[i]], []).append(triples[i][1:])
+    return {f: best[f][:k] for f in FINDINGS if f in best}
 
 
 def prompt_check_table(results):
     """The lines of check_prompts' results: AUC per finding and prompt set, CIs on the macro row."""
-    names = list(results)
-    lines = [f"{'finding':<36}" + "".join(f"{n[:14]:>15}" for n in names)]
-    for f in [*FINDINGS, "macro"]:
-        lines.append(f"{f:<36}" + "".join(f"{results[n]['auc'][f][0]:>15.3f}" for n in names))
-    lines.append(f"{'macro 95% CI':<36}" + "".join(f"{'[%.2f, %.2f]' % results[n]['auc']['macro'][1:]:>15}"
-                                                     for n in names))
-    lines.append(f"{'words unknown to the tokenizer':<36}" + "".join(
-        f"{np.mean(list(results[n]['unknown_words'].values())):>15.0%}" for n in names))
-    return lines
+    aucs, unknown = [r["auc"] for r in results.values()], [r["unknown_words"] for r in results.values()]
+    rows = [(f, *(auc[f][0] for auc in aucs)) for f in [*FINDINGS, "macro_auc"]]
+    rows += [("macro 95% CI", *("[%.2f, %.2f]" % auc["macro_auc"][1:] for auc in aucs)),
+             ("words unknown to the tokenizer", *(f"{np.mean(list(u.values())):.0%}" for u in unknown))]
+    return table(("finding", *(name[:14] for name in results)), rows, width=15)
 
 
 def prompt_study(reports_csv, out, cfg, labels_csv=None, id_col="VolumeName", text_cols=REPORT_TEXT,
                  seed=0, k=3, n_boot=1000, device="auto"):
-    """The whole protocol on labelled reports without volumes: seeded folds A (half), B and C (a
-    quarter each); a supervised text tower trained on A; the candidates' best k pairs per finding
-    chosen on B; on C, the text head and the rules labeler beside the prompt check of every template,
-    prompts.txt's report-language pairs and the chosen ones. Returns the results; out gets the folds,
-    the tower and prompt_study.json."""
-    rows = read_csv(reports_csv, (id_col, *text_cols), id_col)
+    """On labelled reports without volumes: seeded folds A (half), B and C (a quarter each); a text
+    tower trained on A; the best k candidate pairs per finding chosen on B; on C, the text head and
+    the rules labeler beside the prompt check of every template, prompts.txt's report-language pairs
+    and the chosen ones. Returns the results; out gets the folds, the tower and prompt_study.json."""
     labels = read_labels(labels_csv or reports_csv, id_col)
-    rows = [r for r in rows if r[id_col] in labels]
-    order = np.random.default_rng(seed).permutation(len(rows))
-    cut = [0, len(rows) // 2, len(rows) // 2 + len(rows) // 4, len(rows)]
-    out, folds = check_writable(out), {}
-    for name, lo, hi in zip("ABC", cut, cut[1:]):
-        fold = [rows[i] for i in order[lo:hi]]
-        folds[name] = ([report_text(r, text_cols) for r in fold], np.stack([labels[r[id_col]] for r in fold]))
-        write_csv(out / f"fold_{name}.csv",
-                  [{id_col: r[id_col], "report": t, **dict(zip(FINDINGS, y.tolist()))}
-                   for r, t, y in zip(fold, *folds[name])], [id_col, "report", *FINDINGS])
-    ckpt_path = out / "text_A.pt"
-    train(cfg, "supervised", ckpt_path, None, "text", device=device,
-          reports=dict(train=out / "fold_A.csv", valid=out / "fold_B.csv", id_col=id_col,
-                       text_cols=("report",)))
-    model, cfg, tokenizer = model_from_checkpoint(ckpt_path)
+    rows = [r for r in read_csv(reports_csv, (id_col, *text_cols), id_col) if r[id_col] in labels]
+    rows = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+    n, out, folds, columns = len(rows), check_writable(out), {}, [id_col, "report", *FINDINGS]
+    for name, fold in zip("ABC", (rows[:n // 2], rows[n // 2:n // 2 + n // 4], rows[n // 2 + n // 4:])):
+        texts, y = [report_text(r, text_cols) for r in fold], np.stack([labels[r[id_col]] for r in fold])
+        folds[name] = texts, y
+        write_csv(out / f"fold_{name}.csv", [dict(zip(columns, [r[id_col], t, *v.tolist()]))
+                                             for r, t, v in zip(fold, texts, y)], columns)
+    train(cfg, "supervised", out / "text_A.pt", None, "text", device=device, reports=dict(
+        train=out / "fold_A.csv", valid=out / "fold_B.csv", id_col=id_col, text_cols=("report",)))
+    model, cfg, tokenizer = model_from_checkpoint(out / "text_A.pt")
     prompts = load_prompts()
     chosen = choose_prompts(model, tokenizer, cfg, "supervised", *folds["B"], prompts["candidates"], k)
-    sets = {name: zero_shot_prompts(prompts, name) for name in prompts["zero_shot"]}
-    sets["report"] = zero_shot_prompts(prompts)
-    if chosen:
-        sets[f"chosen top-{k}"] = zero_shot_prompts({"report_language": chosen})
+    sets = {name: zero_shot_prompts(prompts, name) for name in ["report", *prompts["zero_shot"]]}
+    sets.update({f"chosen top-{k}": zero_shot_prompts({"report_language": chosen})} if chosen else {})
     texts, y = folds["C"]
     with torch.no_grad():
-        head = model.text_cls(report_features(model, tokenizer, cfg, texts, "supervised")[0]).numpy()
-    rules = np.array([[{1: 1.0, -1: 0.5, 0: 0.0}[v] for v in rules_label(t).values()] for t in texts])
-    y01 = np.where(y == -1, 1, y)
-    results = {"n": {name: len(f[0]) for name, f in folds.items()}, "seed": seed,
-               "text_head": auc_with_ci(y01, head, n_boot, seed),
-               "rules": auc_with_ci(y01, rules, n_boot, seed),
+        head = model.text_cls(encode_texts(model, tokenizer, texts, cfg, "supervised")).numpy()
+    rules = np.array([list(rules_label(t).values()) for t in texts], dtype=np.float64)
+    rules[rules == -1] = 0.5  # uncertain ranks between absent and present
+    results = {"n": {name: len(f[0]) for name, f in folds.items()}, "seed": seed, "chosen": chosen,
+               "text_head": bootstrap_ci(y, head, {}, n_boot, seed, FINDINGS),
+               "rules": bootstrap_ci(y, rules, {}, n_boot, seed, FINDINGS),
                "prompt_check": check_prompts(model, tokenizer, cfg, "supervised", texts, y, sets, n_boot,
-                                             seed),
-               "chosen": chosen}
+                                             seed)}
     atomic_write_bytes(out / "prompt_study.json", results_to_json(results).encode())
     return results
 
 
 # ---------------------------------------------------------------------------------------
-# ---- 8a. The demo: the paper's main result at toy scale ----
-# Synthetic CT-RATE -> silver labels -> supervised pre-training of both towers -> CLIP from those
-# towers, and the same CLIP from scratch (the paper's ablation) -> the evaluation of both.
-# Every stage reuses its output, so a rerun after an interruption continues where it stopped.
+# ---- 8. The demo and benchmarks ----
+# The demo: synthetic CT-RATE -> silver labels -> supervised towers -> CLIP from them and from scratch
+# (the paper's ablation) -> both evaluated; a rerun reuses each finished stage. Speed claims come from
+# bench (medians, every variant side by side), never from tests.
 # ---------------------------------------------------------------------------------------
-# Findings that change how much of each tissue density a chest holds on real CT too, so that its
-# intensity histogram may rightly give them away (emphysema is measured as lung below -950 HU).
 HISTOGRAM_FINDINGS = ["Medical material", "Arterial wall calcification", "Coronary artery wall calcification",
                       "Cardiomegaly", "Pericardial effusion", "Pleural effusion", "Emphysema"]
 
 
 def histogram_shortcuts(train_ds, valid_ds, bins=40):
-    """How far each finding shows in the intensity histogram alone, which keeps no place or shape:
-    per finding, seeded gradient boosting on the `bins`-bin histogram (normalised counts over
-    [-1, 1]) of each train volume's model input, scored by AUC on valid. Metal, calcium, fluid and
-    emphysema change how much of each density a chest holds on real CT too; any other finding that
-    scores high is a shortcut in the data, which a model can learn instead of the lesion. Returns
-    {finding: valid AUC}, NaN where a split lacks a class."""
-    from sklearn.ensemble import HistGradientBoostingClassifier  # here: a second of import only this needs
+    """{finding: valid AUC, NaN where a split lacks a class} of seeded gradient boosting on each train
+    volume's `bins`-bin histogram (the model input's density over [-1, 1]: no place, no shape). The
+    HISTOGRAM_FINDINGS change how much of each density a chest holds on real CT too (metal, calcium,
+    fluid; emphysema is lung below -950 HU); a high AUC for any other is a shortcut in the data."""
+    from sklearn.ensemble import HistGradientBoostingClassifier  # here: an import only this needs
     from threadpoolctl import threadpool_limits
-
-    def histograms(ds):
-        volumes = (ds[i][0].numpy() for i in range(len(ds)))
-        return np.stack([np.histogram(v, bins, (-1, 1))[0] / v.size for v in volumes])
-    x_train, x_valid = histograms(train_ds), histograms(valid_ds)
-    auc = {}
+    x_train, x_valid = (np.stack([np.histogram(ds[i][0], bins, (-1, 1), density=True)[0]
+                                  for i in range(len(ds))]) for ds in (train_ds, valid_ds))
+    y_train, y_valid = train_ds.labels.numpy() == 1, valid_ds.labels.numpy() == 1
+    auc = dict.fromkeys(FINDINGS, math.nan)
     for k, f in enumerate(FINDINGS):
-        y_train, y_valid = train_ds.labels[:, k].numpy() == 1, valid_ds.labels[:, k].numpy() == 1
-        if min(len(set(y_train)), len(set(y_valid))) < 2:
-            auc[f] = float("nan")
-            continue
-        with threadpool_limits(1):  # a fit this small on shared cores runs 20x faster on one thread
-            model = HistGradientBoostingClassifier(random_state=0).fit(x_train, y_train)
-        auc[f] = float(roc_auc_score(y_valid, model.predict_proba(x_valid)[:, 1]))
+        if min(len(set(y_train[:, k])), len(set(y_valid[:, k]))) == 2:
+            with threadpool_limits(1):  # a fit this small runs fastest on one thread of shared cores
+                model = HistGradientBoostingClassifier(random_state=0).fit(x_train, y_train[:, k])
+            auc[f] = float(roc_auc_score(y_valid[:, k], model.predict_proba(x_valid)[:, 1]))
     return auc
 
 
 def demo(out="demo", seed=0, device="auto"):
-    t0, out, times = time.perf_counter(), Path(out), {}
+    """The paper's ablation at toy scale on a CPU: prints the tables and writes demo_results.json."""
+    t0, out, times, cfg = time.perf_counter(), check_writable(out), {}, make_config("tiny", seed=seed)
     data, silver = out / "data", out / "silver_train.csv"
-    cfg = make_config("tiny", seed=seed)
 
     def timed(stage, fn, *args, **kwargs):
         t = time.perf_counter()
         result = fn(*args, **kwargs)
         times[stage] = times.get(stage, 0.0) + time.perf_counter() - t
         return result
-    check_writable(out)
     if not (data / "dataset").is_dir() or (data / ".synth-unfinished").exists():
         timed("synth", synthesize_ctrate, data, seed=seed, workers=cfg.workers)
     for split in ("train", "valid"):
         timed("prep", prep_split, data, split, cfg, workers=cfg.workers)
-    histogram_auc = timed("histogram check", histogram_shortcuts, *(CTRateDataset(data, split, cfg)
-                                                                    for split in ("train", "valid")))
+    histogram_auc = timed("histogram check", histogram_shortcuts,
+                          *(CTRateDataset(data, split, cfg) for split in ("train", "valid")))
     if not silver.is_file():
         backend = "llm" if os.environ.get("OPENAI_BASE_URL") else "rules"
-        print(f"demo: labelling the train reports with the {backend} backend"
-              + ("" if backend == "llm" else " (set OPENAI_BASE_URL and OPENAI_MODEL for an LLM)"))
+        print(f"demo: labelling train reports, {backend} backend (an LLM: set OPENAI_BASE_URL, OPENAI_MODEL)")
         code = timed("label", main, ["label", "--reports", str(ctrate_csv(data, "train", "reports")),
                                      "--out", str(silver), "--backend", backend])
-        if code == 130:
-            raise KeyboardInterrupt
         if code:
-            raise RadclipError("labelling failed (see above); fix that and rerun the demo")
+            raise KeyboardInterrupt if code == 130 else RadclipError("labelling failed: fix the above, rerun")
     quality = label_quality(read_labels(silver), read_labels(ctrate_csv(data, "train", "labels")))
-    init, supervised = {}, {}
-    # 20 epochs are enough for the text tower to read the reports (valid macro AUC ~0.97); the
-    # image tower's 28 are what it needs to see the findings.
-    for modality, epochs in (("image", cfg.supervised_epochs), ("text", 20)):
-        init[modality] = out / f"supervised_{modality}.pt"
-        supervised[modality] = timed(f"supervised {modality}", train,
-                                     dataclasses.replace(cfg, supervised_epochs=epochs), "supervised",
-                                     init[modality], data, modality, silver, device=device)
-    runs = {"scratch": {}, "supervised": {"init_image": init["image"], "init_text": init["text"]}}
+    init = {modality: out / f"supervised_{modality}.pt" for modality in ("image", "text")}
+    supervised = {m: timed(f"supervised {m}", train, dataclasses.replace(cfg, supervised_epochs=epochs),
+                           "supervised", init[m], data, m, silver, device=device)
+                  for m, epochs in (("image", cfg.supervised_epochs), ("text", 20))}  # text: 20 read reports
     results = {}
-    for name, kwargs in runs.items():
-        timed(f"clip from {name}", train, cfg, "clip", out / f"clip_{name}.pt", data, labels_csv=silver,
-              device=device, **kwargs)
+    for name, towers in (("scratch", {}), ("supervised", {f"init_{m}": init[m] for m in init})):
+        ckpt = out / f"clip_{name}.pt"
+        timed(f"clip from {name}", train, cfg, "clip", ckpt, data, labels_csv=silver, device=device, **towers)
         for prompt in ("report", "ctclip"):  # the embeddings are cached: the second prompt costs seconds
-            results[f"{name}, {prompt}"] = timed("eval", run_eval, out / f"clip_{name}.pt", data, prompt=prompt,
-                                                 device=device)
-    minutes = (time.perf_counter() - t0) / 60
-    print(f"\nradclip demo: the paper's ablation on synthetic CT-RATE, {minutes:.1f} min "
-          f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})")
-    print(f"silver labels vs the generator's truth (train): macro AUC {quality['macro']['auc']:.3f}; "
-          f"supervised towers on valid: image macro AUC {supervised['image']['macro_auc']:.3f}, "
-          f"text {supervised['text']['macro_auc']:.3f}")
-    print("valid AUC from the intensity histogram alone (* : real CT shows it there too; others should be ~0.5):")
-    for i in range(0, len(FINDINGS), 2):
-        print("  " + "".join(f"{f:<36}{histogram_auc[f]:.2f}{'*' if f in HISTOGRAM_FINDINGS else '':<6}"
-                             for f in FINDINGS[i:i + 2]).rstrip())
+            results[f"{name}, {prompt}"] = timed("eval", run_eval, ckpt, data, prompt=prompt, device=device)
+    minutes, n = (time.perf_counter() - t0) / 60, results["scratch, report"]["n"]
+    print(f"\nradclip demo: the paper's ablation on synthetic CT-RATE, {minutes:.1f} min ("
+          f"{', '.join(f'{k} {v:.0f} s' for k, v in times.items())})\nsilver labels vs the generator's truth "
+          f"(train): macro AUC {quality['macro']['auc']:.3f}; supervised towers on valid: image macro AUC "
+          f"{supervised['image']['macro_auc']:.3f}, text {supervised['text']['macro_auc']:.3f}\n")
+    print(*table(("CLIP initialised from, prompts", "zero-shot AUC [95% CI]", "mAP@50", "Recall@100"),
+                 [(name, "%.3f [%.3f, %.3f]" % r["ci"]["macro_auc"], r["map"][50], r["recall"][100])
+                  for name, r in results.items()], 24), sep="\n")
+    print(f"{n} valid volumes; Recall@100 chance = {100 / n:.3f}; mAP@50 without the query in its gallery\n\n"
+          "valid AUC per finding: histogram alone (*: real CT shows it too; others ~0.5), then zero-shot")
+    rows = [(f + "*" * (f in HISTOGRAM_FINDINGS), histogram_auc[f],
+             *(r["diagnosis"]["per_finding"][f]["auc"] for r in results.values())) for f in FINDINGS]
+    print(*table(("finding", "histogram", *results), rows, 20), sep="\n")
     shortcuts = [f for f, auc in histogram_auc.items() if auc > 0.8 and f not in HISTOGRAM_FINDINGS]
-    print(f"  histogram shortcuts (> 0.80, no *): {', '.join(shortcuts) or 'none'}")
-    print(f"{'CLIP initialised from, prompts':<30}{'zero-shot AUC [95% CI]':>26}{'mAP@50':>9}{'Recall@100':>12}")
-    for name, r in results.items():
-        p, lo, hi = r["ci"]["macro AUC"]
-        print(f"{name:<30}{p:>12.3f} [{lo:.3f}, {hi:.3f}]{r['map'][50]:>9.3f}{r['recall'][100]:>12.3f}")
-    n = results["scratch, report"]["n"]
-    print(f"{n} valid volumes; Recall@100 chance = {100 / n:.3f}; mAP@50 with the query excluded from its gallery")
-    print(f"zero-shot AUC per finding{'':<11}" + "".join(f"{k:>20}" for k in results))
-    for f in FINDINGS:
-        print(f"  {f:<34}" + "".join(f"{r['diagnosis']['per_finding'][f]['auc']:>20.3f}" for r in results.values()))
-    summary = {"minutes": minutes, "seconds": times, "label_quality": quality, "supervised": supervised,
-               "histogram_auc": histogram_auc, "results": results}
+    print(f"histogram shortcuts (> 0.80, no *): {', '.join(shortcuts) or 'none'}")
+    summary = dict(minutes=minutes, seconds=times, label_quality=quality, supervised=supervised,
+                   histogram_auc=histogram_auc, results=results)
     atomic_write_bytes(out / "demo_results.json", results_to_json(summary).encode())
     return summary
 
 
-# ---------------------------------------------------------------------------------------
-# ---- 8b. Benchmarks ----
-# Speed claims come from here, never from timed tests: medians of repeated steps, with every
-# variant measured side by side in one run, since a shared machine is noisy.
-# ---------------------------------------------------------------------------------------
 def bench(cfg, device, data_dir=None, steps=5, batch=8, amps=None, cache_root=None):
-    """Rows of forward+backward volumes/s and peak memory for each amp x channels-last
-    combination, and data-loading volumes/s from the prep cache if data_dir is given."""
-    rows = []
-    amps = amps or (["off", "bf16"] if device.type == "cpu" else ["off", "fp16", "bf16"])
-    for amp in amps:
-        for cl in (False, True):
-            r = time_train_step(cfg, device, resolve_amp(amp, device), cl, steps, batch)
-            rows.append({"what": "train step", "amp": amp, "channels_last": cl, **r})
+    """Train-step volumes/s and peak memory per amp x channels-last; data loading from data_dir's cache."""
+    rows = [{"what": "train step", "amp": amp, "channels_last": cl,
+             **time_train_step(cfg, device, resolve_amp(amp, device), cl, steps, batch)}
+            for amp in amps or (["off", "bf16"] if device.type == "cpu" else ["off", "fp16", "bf16"])
+            for cl in (False, True)]
     if data_dir:
         ds = CTRateDataset(data_dir, "train", cfg, augment=cfg.augment, cache_root=cache_root)
-        loader = torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers)
-        t0, n = time.perf_counter(), 0
-        for vol, _, _ in loader:
-            n += len(vol)
+        t0, loader = time.perf_counter(), torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True,
+                                                                      num_workers=cfg.workers)
         rows.append({"what": f"data loading ({cfg.workers} workers)", "amp": "", "channels_last": "",
-                     "volumes_per_s": n / (time.perf_counter() - t0), "peak_gib": float("nan")})
-    return rows
-
-
-def real_size_volumes(folder, seed=0):
-    """A CT-RATE-sized .nii.gz (512 x 512 x 300 int16 raw values, intercept -1024, 0.75 x 0.75 x 1
-    mm, LPS) and a RAD-ChestCT-sized .npz (450^3 int16 HU at 0.8 mm): one phantom resampled, with
-    20 HU of noise so that they compress about as real CT does. Returns (nii, meta, npz)."""
-    rng = np.random.default_rng(seed)
-    hu, spacing_mm, _, _ = render_volume(rng, np.zeros(len(FINDINGS), np.int8))
-    nii, npz = Path(folder) / "ctrate_512x512x300.nii.gz", Path(folder) / "radchestct_450.npz"
-    x = F.interpolate(torch.from_numpy(hu)[None, None], size=(512, 512, 300), mode="trilinear")[0, 0].numpy()
-    x += rng.standard_normal(x.shape, dtype=np.float32) * 20
-    img = nib.Nifti1Image(np.rint(np.clip(x, -1024, 3071) + 1024).astype(np.int16), np.diag([-0.75, -0.75, 1.0, 1]))
-    img.header.set_slope_inter(1.0, 0.0)
-    nib.save(img, str(nii))
-    del x, img
-    store_radchestct_volume(npz, hu + rng.standard_normal(hu.shape, dtype=np.float32) * 20,
-                            [450 / n for n in hu.shape], 1.0)  # 450 voxels a side, read as 0.8 mm
-    meta = {"XYSpacing": "[0.75, 0.75]", "ZSpacing": 1.0, "RescaleSlope": 1.0, "RescaleIntercept": -1024.0}
-    return nii, meta, npz
-
-
-def bench_prep(cfg, repeats=5):
-    """Seconds per volume for what prep does to one volume (load + preprocess, one thread) beside
-    the floor of reading its array alone, medians of `repeats` runs interleaved, on generated
-    volumes of real size."""
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        nii, meta, npz = real_size_volumes(tmp)
-        variants = [(f"CT-RATE .nii.gz 512x512x300 ({nii.stat().st_size / 1e6:.0f} MB)",
-                     lambda: np.asarray(nib.load(str(nii)).dataobj), lambda: preprocess(*load_hu(nii, meta), cfg)),
-                    (f"RAD-ChestCT .npz 450^3 ({npz.stat().st_size / 1e6:.0f} MB)",
-                     lambda: np.load(npz)["ct"], lambda: preprocess(*load_radchestct(npz), cfg))]
-        rows = []
-        for name, read, prep in variants:
-            times = {"read": [], "prep": []}
-            for _ in range(repeats):
-                for what, fn in (("read", read), ("prep", prep)):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[what].append(time.perf_counter() - t0)
-            read_s, prep_s = (float(np.median(times[k])) for k in ("read", "prep"))
-            rows.append({"what": name, "read_s": read_s, "prep_s": prep_s, "ratio": prep_s / read_s})
+                     "volumes_per_s": sum(len(v) for v, _, _ in loader) / (time.perf_counter() - t0),
+                     "peak_gib": math.nan})
     return rows
 
 
