@@ -2260,33 +2260,6 @@ class ResNet3d18(nn.Module):
         return x.mean(dim=(2, 3, 4))
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x, mask):  # x (B, L, C), mask (B, L) True for real tokens
-        B, L, C = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        return self.proj(y.transpose(1, 2).reshape(B, L, C))
-
-
-class Block(nn.Module):
-    def __init__(self, width, heads, dropout):
-        super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(width), SelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
-                                 nn.Linear(4 * width, width), nn.Dropout(dropout))
-
-    def forward(self, x, mask):
-        x = x + self.attn(self.ln_1(x), mask)
-        return x + self.mlp(self.ln_2(x))
-
-
 class TextEncoder(nn.Module):
     """(B, L) token ids -> (B, width): the mean of the final states over the real tokens."""
 
@@ -2294,7 +2267,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.randn(context_len, width) * 0.01)
-        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(  # pre-LN: x + attention(LN(x)), then x + MLP(LN(x))
+            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, "gelu", batch_first=True,
+                                       norm_first=True) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
         self.out_dim = width
 
@@ -2303,9 +2278,13 @@ class TextEncoder(nn.Module):
         mask[:, 0] = True  # an empty report still has one position to attend to
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, src_key_padding_mask=~mask)
         x, m = self.ln_f(x), mask[..., None].to(x.dtype)
         return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+# Each tower and its 18-way head by parameter name: what a supervised stage trains and --init-* copy
+TOWER_PREFIXES = {"image": ("visual.", "visual_cls."), "text": ("text.", "text_cls.")}
 
 
 class RadCLIP(nn.Module):
@@ -2330,6 +2309,9 @@ class RadCLIP(nn.Module):
     def encode_text(self, ids):  # (B, L) -> (B, E)
         return self.text_proj(self.text(ids))
 
+    def classify(self, modality, vol, ids):  # (B, 18) finding logits of one tower's head
+        return self.visual_cls(self.visual(vol)) if modality == "image" else self.text_cls(self.text(ids))
+
 
 # ---------------------------------------------------------------------------------------
 # ---- 6. Training: supervised pre-training, then CLIP ----
@@ -2342,13 +2324,302 @@ def masked_bce(logits, labels, policy="ignore", pos_weight=None):
     'ignore' (masked out), 'zero' or 'one'. GreenRFM feeds -1 to BCE as a target, which
     rewards negative probabilities; we never do."""
     labels = labels.float()
-    mask = torch.ones_like(labels)
-    if policy == "ignore":
-        mask = (labels >= 0).float()
-    target = labels.clamp(min=0) if policy != "one" else labels.abs()
-    loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none",
-                                              pos_weight=pos_weight)
+    mask = (labels >= 0).float() if policy == "ignore" else torch.ones_like(labels)
+    target = labels.abs() if policy == "one" else labels.clamp(min=0)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none", pos_weight=pos_weight)
     return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def clip_loss(image_emb, text_emb, logit_scale):
+    """Symmetric InfoNCE. With unit vectors u_i, v_j and s = exp(logit_scale):
+    L = (CE(s * U V^T, I) + CE(s * V U^T, I)) / 2, where pair i is the positive of row i."""
+    u, v = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+    logits = logit_scale.exp() * u @ v.T
+    target = torch.arange(len(u), device=u.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def stage_loss(model, batch, cfg, stage, modality, pos_weight=None):
+    """The loss of one micro-batch: masked BCE (supervised) or InfoNCE over the global batch (CLIP)."""
+    vol, ids, labels = batch
+    if stage == "supervised":
+        return masked_bce(model.classify(modality, vol, ids), labels, cfg.uncertain, pos_weight)
+    image_features, text_features = model.visual(vol), model.text(ids)
+    scale = model.logit_scale.clamp(max=math.log(cfg.logit_scale_max))
+    loss = clip_loss(gather_features(model.visual_proj(image_features)),
+                     gather_features(model.text_proj(text_features)), scale)
+    if cfg.aux_cls:  # the GreenRFM-style ablation; vanilla CLIP (the paper) has aux_cls = 0
+        loss = loss + cfg.aux_cls / 2 * (masked_bce(model.visual_cls(image_features), labels, cfg.uncertain)
+                                         + masked_bce(model.text_cls(text_features), labels, cfg.uncertain))
+    return loss
+
+
+def trainable(name, stage, modality, cfg):
+    """Which parameters a stage trains: a supervised stage one tower and its head; CLIP both
+    towers, projections and temperature (and the heads only for --aux-cls)."""
+    if stage == "supervised":
+        return name.startswith(TOWER_PREFIXES[modality])
+    return not name.startswith(("visual_cls.", "text_cls.")) or cfg.aux_cls > 0
+
+
+def get_lr(step, max_steps, base_lr, cfg):
+    """The learning rate of step (from 0): linear warmup, then cosine decay to cfg.min_lr."""
+    if step < cfg.warmup_steps:
+        return base_lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_image=None,
+          init_text=None, restart=False, device="auto", stop_after=None, cache_root=None, reports=None):
+    """Train one stage and save to `out`; returns the final validation metrics. If `out` holds this
+    same run, it resumes there (or returns at once if it is finished); a checkpoint of another run is
+    an error unless restart. Ctrl-C or SIGTERM finishes the step, saves, and raises KeyboardInterrupt.
+    stop_after (train --stop-after N) ends the run after step N without changing its schedule; the
+    same command without it resumes there. The supervised text stage reads no volumes: it trains from
+    data_dir's report and label CSVs, or from reports = dict(train=CSV, valid=CSV, valid_labels=None,
+    id_col=..., text_cols=...) alone (the labels: labels_csv, or each CSV's own 18 columns)."""
+    rank, world, device = setup_distributed(device)
+    out = Path(out)
+    if out.is_dir():
+        raise RadclipError(f"--out {out} is a folder; name the checkpoint file, e.g. {out / 'model.pt'}")
+    check_writable(out.parent)
+    text_only = (stage, modality) == ("supervised", "text")
+    if not text_only and reports:
+        raise RadclipError("reports CSVs without volumes train only --stage supervised --modality text")
+    if text_only and not reports:
+        reports = {split: ctrate_csv(data_dir, split, "reports") for split in ("train", "valid")}
+        labels_csv, reports["valid_labels"] = labels_csv or ctrate_csv(data_dir, "train", "labels"), \
+            ctrate_csv(data_dir, "valid", "labels")
+    reports = reports or {}
+    files = dict(labels=labels_csv, init_image=init_image, init_text=init_text, reports=reports.get("train"))
+    identity = {"stage": stage, "modality": modality if stage == "supervised" else "both",  # this run's own
+                **{k: str(v or "") for k, v in files.items()}}
+    ckpt = load_checkpoint(out) if out.is_file() and not restart else None
+    if ckpt:  # the config (but workers, which change no number), stage, tower, labels, initialisation
+        ours = {**dataclasses.asdict(cfg), **identity}
+        theirs = {**dataclasses.asdict(checkpoint_config(ckpt)), **ckpt.get("run", {"stage": ckpt["stage"]})}
+        if differ := differences(ours, theirs, [k for k in ours if k != "workers"]):
+            raise RadclipError(f"{out}: holds another run ({differ}); rerun with its flags to resume it, "
+                               "pass --restart to train afresh over it, or choose another --out")
+        if ckpt["step"] >= ckpt["max_steps"]:
+            print0(f"{out}: already trained ({ckpt['step']} steps); --restart trains it again")
+            return ckpt["metrics"]
+        print0(f"{out}: resuming at step {ckpt['step']} of {ckpt['max_steps']} (same config)")
+    run = SimpleNamespace(cfg=cfg, stage=stage, modality=modality, out=out, rank=rank, world=world,
+                          device=device, identity=identity, text_only=text_only)
+    build_run(run, ckpt, data_dir, labels_csv, reports, cache_root)
+    return train_loop(run, stop_after)
+
+
+def build_run(run, ckpt, data_dir, labels_csv, reports, cache_root):
+    """Give run its datasets, tokenizer, model, optimizer and step count, fresh or as ckpt left them."""
+    cfg, device = run.cfg, run.device
+    inits = {m: tower_weights(run.identity[f"init_{m}"], m, cfg) for m in ("image", "text")
+             if run.identity[f"init_{m}"] and not ckpt}  # a wrong file fails now, not after the data
+    run.amp_dtype = resolve_amp(cfg.amp, device)
+    torch.backends.cudnn.benchmark = True  # fixed input shape: let cuDNN pick its fastest kernels
+    run.channels_last = not run.text_only and resolve_channels_last(cfg.channels_last, cfg, device,
+                                                                    run.amp_dtype)
+    seed_everything(cfg.seed)  # after the channels-last timing, which draws random numbers
+    text = {k: reports[k] for k in ("id_col", "text_cols") if k in reports}
+    run.train_ds = CTRateDataset(data_dir, "train", cfg, None, labels_csv, cfg.augment, cfg.max_train_volumes,
+                                 cache_root, reports.get("train"), **text)
+    run.valid_ds = CTRateDataset(data_dir, "valid", cfg, None, reports.get("valid_labels"),  # the gold labels
+                                 cache_root=cache_root, reports_csv=reports.get("valid"), **text)
+    if ckpt or "text" in inits:  # the vocabulary its weights were trained with
+        run.tokenizer = Tokenizer((ckpt or load_checkpoint(run.identity["init_text"]))["vocab"])
+    else:  # deterministic: every run on the same training reports builds the same vocabulary
+        run.tokenizer = Tokenizer.build(run.train_ds.reports, cfg.vocab_min_freq)
+    run.train_ds.tokenizer = run.valid_ds.tokenizer = run.tokenizer
+    model = RadCLIP(cfg, len(run.tokenizer.vocab))
+    for modality, weights in inits.items():
+        load_weights(model, weights, run.identity[f"init_{modality}"], strict=False)
+    for name, p in model.named_parameters():  # logit_scale stays fixed without --learn-temperature
+        p.requires_grad_(p.requires_grad and trainable(name, run.stage, run.modality, cfg))
+    run.model = model.to(device, memory_format=torch.channels_last_3d if run.channels_last else
+                         torch.preserve_format)
+    run.params = [p for p in model.parameters() if p.requires_grad]
+    run.opt = torch.optim.AdamW([{"params": [p for p in run.params if p.ndim >= 2]},  # no decay on biases,
+                                 {"params": [p for p in run.params if p.ndim < 2], "weight_decay": 0.0}],
+                                weight_decay=cfg.weight_decay)  # norms and the temperature
+    run.base_lr = cfg.supervised_lr if run.stage == "supervised" else cfg.clip_lr
+    run.batch = cfg.batch_size * cfg.accum_steps * run.world
+    epochs = cfg.supervised_epochs if run.stage == "supervised" else cfg.clip_epochs
+    run.max_steps = max(1, math.ceil(epochs * len(run.train_ds) / run.batch))
+    if ckpt and ckpt["max_steps"] != run.max_steps:  # more volumes, or another world size: another schedule
+        raise RadclipError(f"{run.out}: its run has {ckpt['max_steps']} steps, this one {run.max_steps} "
+                           f"({len(run.train_ds)} volumes, global batch {run.batch}); pass --restart to "
+                           "train afresh, or choose another --out")
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
+    run.pos_weight, run.start = None, ckpt["step"] if ckpt else 0
+    if cfg.pos_weight:  # neg/pos per finding, over the labels that are 0 or 1
+        y = run.train_ds.labels
+        run.pos_weight = ((y == 0).sum(0) / (y == 1).sum(0).clamp(min=1)).float().clamp(1, 20).to(device)
+    for part, key in ((model, "model"), (run.opt, "optimizer"), (run.scaler, "scaler")) if ckpt else ():
+        part.load_state_dict(ckpt[key])
+
+
+def train_step(run, batches, step):
+    """One optimizer step over cfg.accum_steps micro-batches -> (the last one's loss, gradient norm)."""
+    cfg, model, opt, device = run.cfg, run.model, run.opt, run.device
+    model.train()
+    torch.manual_seed((cfg.seed * 1_000_003 + step) * run.world + run.rank)  # dropout: the same when resumed
+    for group in opt.param_groups:
+        group["lr"] = get_lr(step, run.max_steps, run.base_lr, cfg)
+    for _ in range(cfg.accum_steps):
+        vol, ids, labels = next(batches)
+        with autocast(device, run.amp_dtype):
+            loss = stage_loss(model, (volumes_to(vol, device, run.channels_last), ids.to(device),
+                                      labels.to(device)), cfg, run.stage, run.modality, run.pos_weight)
+        run.scaler.scale(loss / cfg.accum_steps).backward()
+    if run.world > 1:
+        all_reduce_grads(run.params, [model.logit_scale] if run.stage == "clip" else run.params)
+    run.scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.scaler.step(opt)
+    run.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def train_loop(run, stop_after=None):
+    """Steps from run.start to the end (or stop_after), logged, validated and saved as cfg says."""
+    cfg, model, out, metrics = run.cfg, run.model, run.out, {}
+    name = run.stage if run.stage == "clip" else f"{run.stage}/{run.modality}"
+    what = "reports" if run.text_only else "volumes"
+    print0(f"radclip train {name}: {sum(p.numel() for p in run.params):,} trainable parameters, "
+           f"{len(run.train_ds)} train / {len(run.valid_ds)} valid {what}, global batch {run.batch}, "
+           f"{run.max_steps} steps, {run.device}, amp={run.amp_dtype or 'fp32'} (from --amp {cfg.amp}), "
+           f"channels_last={run.channels_last} (from {cfg.channels_last}), world {run.world}")
+    if run.rank == 0 and not run.start:  # a fresh run starts a fresh log; a resumed one appends
+        out.with_suffix(".log.jsonl").unlink(missing_ok=True)
+    sampler = StepSampler(len(run.train_ds), cfg.batch_size, cfg.seed, run.start * cfg.accum_steps, run.rank,
+                          run.world)
+    with stop_requests(out) as stop:  # the loader's worker processes, forked in here, inherit it
+        batches = iter(torch.utils.data.DataLoader(
+            run.train_ds, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+            persistent_workers=cfg.workers > 0, pin_memory=run.device.type == "cuda"))
+        bar = tqdm(range(run.start, run.max_steps), initial=run.start, total=run.max_steps, desc=name,
+                   disable=run.rank != 0, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for step in bar:
+            loss, grad_norm = train_step(run, batches, step)
+            done, interrupted = step + 1, any_rank(stop, run.device)  # every rank stops after one step
+            last = done in (run.max_steps, stop_after)
+            if not math.isfinite(loss.item()):  # never validate or save a diverged model
+                raise RadclipError(f"the loss is {loss.item()} at step {done}: training diverged; lower the "
+                                   f"learning rate or try --amp off ({out} keeps its last saved step)")
+            if done % cfg.log_every == 0 or last:
+                row = {"step": done, "loss": loss.item(), "lr": run.opt.param_groups[0]["lr"],
+                       "grad_norm": grad_norm.item(), "logit_scale": model.logit_scale.exp().item(),
+                       "volumes_per_s": (done - run.start) * run.batch / (time.perf_counter() - t0)}
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                vol_s=f"{row['volumes_per_s']:.1f}")
+                log_row(run, row)
+            if run.rank == 0 and (done % cfg.eval_every == 0 and not interrupted or last):  # a last step too
+                metrics = dict(validate(model, run.valid_ds, cfg, run.stage, run.modality, run.device,
+                                        run.amp_dtype, run.channels_last), step=done)
+                print0(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                   if isinstance(v, float)))
+                log_row(run, {"eval": metrics})
+            if run.rank == 0 and (done % cfg.save_every == 0 or last or interrupted):
+                save_run(run, done, metrics)
+            if interrupted:
+                stop.append("saved")  # a rank that only heard of it from another raises below too
+                print0(f"{out}: saved at step {done} of {run.max_steps}; the same command resumes there")
+            if last or interrupted:
+                break
+    bar.close()
+    if stop:
+        raise KeyboardInterrupt
+    return metrics
+
+
+def validate(model, ds, cfg, stage, modality, device, amp_dtype, channels_last):
+    """Supervised: the AUC of each finding of the trained head on the valid split, and their macro
+    mean. CLIP: the InfoNCE loss of the whole split as one batch, and Recall@5 (of min(5, N)) of
+    reports retrieving their volume."""
+    if stage == "supervised":
+        scores = embed(model, ds, lambda m, v, t: m.classify(modality, v, t), cfg, device, amp_dtype,
+                       channels_last)
+        auc = dict(zip(FINDINGS, finding_auc(ds.labels.numpy(), scores.numpy()).tolist()))
+        return {"macro_auc": float(np.nanmean(list(auc.values()))), "auc": auc}
+    image_emb, text_emb = embed_pairs(model, ds, cfg, device, amp_dtype, channels_last)
+    k = min(5, len(ds))
+    scale = model.logit_scale.detach().cpu().clamp(max=math.log(cfg.logit_scale_max))
+    return {"val_loss": clip_loss(image_emb, text_emb, scale).item(),
+            "recall_at_5": recall_at_k(text_emb, image_emb, ks=(k,))[k]}
+
+
+# ---------------------------------------------------------------------------------------
+# ---- 6b. Training machinery: devices, several GPUs, exact resumption, checkpoints ----
+# What the loop needs to run on any device and under torchrun, to resume exactly where it
+# stopped, and to load only files that are what they claim to be.
+# ---------------------------------------------------------------------------------------
+def check_device(name):
+    """--device as a torch.device that this machine has: auto (CUDA if present), cpu, cuda, cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(name)):
+        raise RadclipError(f"--device {name!r} is not auto, cpu, cuda or cuda:N")
+    device, gpus = torch.device(name), torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise RadclipError(f"--device {name}: this machine (or torch build) has {gpus} CUDA GPU(s); "
+                           "use --device cpu" + (" or a cuda:N it has" if gpus else ""))
+    return device
+
+
+def setup_distributed(device_name):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on CUDA, gloo on CPU. -> (rank, world, device)"""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = check_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def resolve_amp(amp, device):
+    """The autocast dtype, or None for fp32. auto: bf16 on GPUs that have it, else fp16 with a
+    GradScaler; fp32 on CPU, where bf16 autocast is far slower than fp32."""
+    if amp == "auto":
+        amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def resolve_channels_last(choice, cfg, device, amp_dtype):
+    """on/off as asked. auto: whichever memory format trains this image tower faster on this
+    device, timed now over a few steps and kept nowhere (`bench` prints the flag that skips it)."""
+    if choice != "auto":
+        return choice == "on"
+    speed = [time_train_step(cfg, device, amp_dtype, cl, steps=3)["volumes_per_s"] for cl in (False, True)]
+    return any_rank(speed[1] > speed[0], device)  # one choice for every rank
+
+
+def time_train_step(cfg, device, amp_dtype, channels_last, steps=5, batch=None):
+    """Median forward+backward volumes/s of the image tower and the peak memory, on random input."""
+    batch, fmt = batch or cfg.batch_size, torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = ResNet3d18(cfg.width, cfg.stem_kernel, cfg.stem_stride).to(device, memory_format=fmt)
+    x = torch.randn(batch, 1, *cfg.input_shape, device=device).to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps + 2):  # two warm-up steps (cudnn.benchmark, allocator)
+        t0 = time.perf_counter()
+        with autocast(device, amp_dtype):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"volumes_per_s": batch / float(np.median(times[2:])), "peak_gib": peak}
 
 
 def gather_features(x):
@@ -2362,38 +2633,25 @@ def gather_features(x):
     return torch.cat(xs)
 
 
-def clip_loss(image_emb, text_emb, logit_scale):
-    """Symmetric InfoNCE. With unit vectors u_i, v_j and s = exp(logit_scale):
-    L = (CE(s * U V^T, I) + CE(s * V U^T, I)) / 2, where pair i is the positive of row i."""
-    u, v = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
-    logits = logit_scale.exp() * u @ v.T
-    target = torch.arange(len(u), device=u.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+def all_reduce_grads(params, averaged):
+    """Combine the gradients of all ranks in one buffer. A gradient in `averaged` is already
+    complete on every rank (from a loss of the local shard, or logit_scale, which sees the whole
+    gathered batch on every rank); the others are the rank's share of the global CLIP loss,
+    through its own embeddings, so they are summed."""
+    params = [p for p in params if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(chunk.view_as(p.grad) / (dist.get_world_size() if any(p is a for a in averaged) else 1))
 
 
-def stage_loss(model, batch, cfg, stage, modality, pos_weight=None):
-    """The loss of one micro-batch for the chosen stage."""
-    vol, ids, labels = batch
-    if stage == "supervised":
-        if modality == "image":
-            return masked_bce(model.visual_cls(model.visual(vol)), labels, cfg.uncertain, pos_weight)
-        return masked_bce(model.text_cls(model.text(ids)), labels, cfg.uncertain, pos_weight)
-    img_feat, txt_feat = model.visual(vol), model.text(ids)
-    scale = model.logit_scale.clamp(max=math.log(cfg.logit_scale_max))
-    loss = clip_loss(gather_features(model.visual_proj(img_feat)),
-                     gather_features(model.text_proj(txt_feat)), scale)
-    if cfg.aux_cls:  # the GreenRFM-style ablation; vanilla CLIP (the paper) has aux_cls = 0
-        loss = loss + cfg.aux_cls / 2 * (masked_bce(model.visual_cls(img_feat), labels, cfg.uncertain)
-                                         + masked_bce(model.text_cls(txt_feat), labels, cfg.uncertain))
-    return loss
-
-
-def trainable(name, stage, modality, cfg):
-    """Which parameters a stage trains: a supervised stage one tower and its head; CLIP both
-    towers, projections and temperature (and the heads only for --aux-cls)."""
-    if stage == "supervised":
-        return name.startswith(("visual.", "visual_cls.") if modality == "image" else ("text.", "text_cls."))
-    return not name.startswith(("visual_cls.", "text_cls.")) or cfg.aux_cls > 0
+def any_rank(flag, device):
+    """flag, or'ed over all ranks, so that every rank takes the same branch."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    flag = torch.tensor(float(bool(flag)), device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -2419,103 +2677,28 @@ class StepSampler(torch.utils.data.Sampler):
                 yield int(perm[p % self.n]), self.seed * 1_000_003 + p
 
 
-def resolve_amp(amp, device):
-    """The autocast dtype, or None for fp32. auto: bf16 on GPUs that have it, else fp16 with a
-    GradScaler; fp32 on CPU, where bf16 autocast ran ~35x slower than fp32 on an AVX2 machine."""
-    if amp == "auto":
-        amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+def differences(ours, theirs, keys):
+    """The flags among keys whose values differ, as one sentence: "--width 8 here, 4 there; ..."."""
+    return "; ".join(f"--{k.replace('_', '-')} {ours[k]!r} here, {theirs[k]!r} there" for k in keys
+                     if k in theirs and ours[k] != theirs[k])
 
 
-def resolve_channels_last(choice, cfg, device, amp_dtype, measured=None):
-    """auto: whichever memory format trains faster here, as measured by `bench` (which passes
-    its {channels_last: volumes/s} as measured) or, failing that, by a quick measurement now;
-    remembered per device and model size. On a 2-core AVX2 CPU it won at width 16, lost at 64."""
-    if choice != "auto":
-        return choice == "on"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{os.cpu_count()}"
-    key = f"{name}|{cfg.width}|{cfg.stem_kernel}/{cfg.stem_stride}|{cfg.input_shape}|{amp_dtype}"
-    path = Path(os.environ.get("RADCLIP_CACHE", Path.home() / ".cache" / "radclip")) / "channels_last.json"
-    try:
-        known = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):  # unreadable or torn: measure again
-        known = {}
-    known = known if isinstance(known, dict) else {}
-    if measured or key not in known:
-        measured = measured or {cl: time_train_step(cfg, device, amp_dtype, cl, steps=3)["volumes_per_s"]
-                                for cl in (False, True)}
-        known[key] = measured[True] > measured[False]
-        try:
-            atomic_write_bytes(check_writable(path.parent) / path.name, json.dumps(known, indent=1).encode())
-        except RadclipError as e:  # a read-only home: the choice holds for this run only
-            print(f"radclip: warning: channels-last choice not remembered: {e}", file=sys.stderr)
-    return known[key]
+def save_run(run, step, metrics):
+    """A checkpoint of the run at step: its weights, optimizer and scaler, what makes it this run, the
+    vocabulary, the last validation metrics and where it was trained."""
+    provenance = {"torch": str(torch.__version__), "device": str(run.device), "seed": run.cfg.seed,
+                  "radclip_sha256": sha256_file(__file__), "world_size": run.world}
+    save_checkpoint(run.out, model=run.model.state_dict(), optimizer=run.opt.state_dict(),
+                    scaler=run.scaler.state_dict(), step=step, max_steps=run.max_steps,
+                    config=dataclasses.asdict(run.cfg), stage=run.stage, modality=run.modality,
+                    run=run.identity, vocab=run.tokenizer.vocab, provenance=provenance, metrics=metrics)
 
 
-def time_train_step(cfg, device, amp_dtype, channels_last, steps=5, batch=None):
-    """Median forward+backward volumes/s of the image tower and the peak memory, on random input."""
-    batch = batch or cfg.batch_size
-    model = ResNet3d18(cfg.width, cfg.stem_kernel, cfg.stem_stride).to(device)
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x = torch.randn(batch, 1, *cfg.input_shape, device=device).to(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(steps + 2):  # two warm-up steps (cudnn.benchmark, allocator)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = model(x).float().square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"volumes_per_s": batch / float(np.median(times[2:])), "peak_gib": peak}
-
-
-def check_device(name):
-    """--device as a torch.device that this machine has: auto (CUDA if present), cpu, cuda, cuda:N."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise RadclipError(f"--device {name!r} is not auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RadclipError(f"--device {name}: this torch build or machine has no CUDA GPU; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise RadclipError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return device
-
-
-def setup_distributed(device_name):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on CUDA, gloo on CPU. -> (rank, world, device)"""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = check_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_reduce_grads(params, averaged):
-    """Combine the gradients of all ranks in one buffer. A gradient in `averaged` is already
-    complete on every rank (from a loss of the local shard, or logit_scale, which sees the whole
-    gathered batch on every rank); the others are the rank's share of the global CLIP loss,
-    through its own embeddings, so they are summed."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad.copy_(chunk.view_as(p.grad) / (dist.get_world_size() if any(p is a for a in averaged) else 1))
+def log_row(run, row):
+    """Append row to the run's log, one JSON object a line, beside its checkpoint (rank 0 only)."""
+    if run.rank == 0:
+        with open(run.out.with_suffix(".log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def save_checkpoint(path, **state):
@@ -2525,14 +2708,11 @@ def save_checkpoint(path, **state):
     atomic_write_bytes(path, buf.getvalue())
 
 
-CHECKPOINT_KEYS = ("model", "config", "stage", "modality", "vocab")
-
-
 def load_checkpoint(path, need=None, state_dict_ok=False):
     """A radclip checkpoint, loaded weights-only: a file from the internet cannot run code on load.
     need: "clip" (eval), "image" or "text" (a tower to start from); a checkpoint that does not
     hold it, or a file that is no radclip checkpoint at all, is a one-line error. state_dict_ok:
-    a plain state_dict (torchvision's r3d_18, for load_r3d_18 to check) is returned as it is."""
+    a plain state_dict (torchvision's r3d_18, for r3d_18_weights to check) is returned as it is."""
     path = Path(path)
     if not path.is_file():
         raise RadclipError(f"{path}: no such checkpoint")
@@ -2540,16 +2720,14 @@ def load_checkpoint(path, need=None, state_dict_ok=False):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch advises weights_only=False here; never, for a file from elsewhere
         why = ("it holds Python objects that a weights-only load refuses to run" if "Weights only" in str(e)
-               else f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+               else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}")
         raise RadclipError(f"{path}: not a radclip checkpoint ({why})") from None
     plain = isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
     if plain and state_dict_ok:
         return ckpt
-    if not (isinstance(ckpt, dict) and all(k in ckpt for k in CHECKPOINT_KEYS)):
+    if not (isinstance(ckpt, dict) and {"model", "config", "stage", "modality", "vocab"} <= ckpt.keys()):
         what = "a plain state_dict" if plain else f"a {type(ckpt).__name__}"
         raise RadclipError(f"{path}: holds {what}, not a radclip checkpoint (one that `radclip train` saved)")
-    if "epochs" in ckpt["config"]:  # saved before the two stages had their own epochs
-        ckpt["config"]["supervised_epochs"] = ckpt["config"]["clip_epochs"] = ckpt["config"].pop("epochs")
     try:
         checkpoint_config(ckpt)
     except RadclipError as e:
@@ -2563,10 +2741,12 @@ def load_checkpoint(path, need=None, state_dict_ok=False):
 
 
 def checkpoint_config(ckpt):
-    return make_config("paper", **ckpt["config"])  # every field is in the checkpoint
+    """The Config a checkpoint was trained with (it holds every field), checked against BOUNDS."""
+    return make_config("paper", **ckpt["config"])
 
 
 def load_weights(model, state, path, strict=True):
+    """model.load_state_dict, with a mismatch as one line that names the file."""
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as e:  # a checkpoint edited or saved by another program
@@ -2577,74 +2757,63 @@ def load_weights(model, state, path, strict=True):
 def model_from_checkpoint(path, need=None):
     """(model, cfg, tokenizer) rebuilt from a checkpoint alone, without the CLI."""
     ckpt = load_checkpoint(path, need)
-    cfg = checkpoint_config(ckpt)
-    tokenizer = Tokenizer(ckpt["vocab"])
+    cfg, tokenizer = checkpoint_config(ckpt), Tokenizer(ckpt["vocab"])
     model = RadCLIP(cfg, len(tokenizer.vocab))
     load_weights(model, ckpt["model"], path)
     return model, cfg, tokenizer
 
 
-def load_r3d_18(visual, state, path, check_only=False):
+def r3d_18_weights(state, path, cfg):
     """The authors' initialisation: torchvision's Kinetics-400 r3d_18 (a torch.save'd state_dict)
     in the image tower, all but its 3-channel stem and 400-way fc, which the 1-channel strided
-    stem and the 18-way head replace. Names and shapes must match exactly; says what it skipped.
-    check_only: the checks alone, before a run spends time on its data."""
+    stem and the 18-way head replace. Names and shapes must match exactly; says what it skips."""
     skipped = sorted(k for k in state if k.startswith(("stem.", "fc.")))
-    weights = {k: v for k, v in state.items() if k not in skipped}
-    own = {k: v for k, v in visual.state_dict().items() if not k.startswith("stem.")}
-    wrong = sorted(set(own) ^ set(weights))
+    visual = ResNet3d18(cfg.width, cfg.stem_kernel, cfg.stem_stride)
+    own = {k for k in visual.state_dict() if not k.startswith("stem.")}
+    wrong = sorted((set(state) - set(skipped)) ^ own)
     if wrong or not skipped:
-        raise RadclipError(f"{path}: a plain state_dict, but not torchvision's r3d_18 ({len(wrong)} keys missing "
-                           f"or extra, e.g. {wrong[:1]}) nor a radclip checkpoint")
-    if visual.out_dim != 512:
-        raise RadclipError(f"{path}: torchvision's r3d_18 weights need --width 64 (this run: {visual.out_dim // 8})")
-    wrong = [k for k in own if own[k].shape != weights[k].shape]
-    if wrong:
-        raise RadclipError(f"{path}: not torchvision's r3d_18 state_dict ({len(wrong)} weights of another shape, "
-                           f"e.g. {wrong[:1]})")
-    if check_only:
-        return
-    visual.load_state_dict(weights, strict=False)
+        raise RadclipError(f"{path}: a plain state_dict, but not torchvision's r3d_18 ({len(wrong)} keys "
+                           f"missing or extra, e.g. {wrong[:1]}) nor a radclip checkpoint")
+    if cfg.width != 64:
+        raise RadclipError(f"{path}: torchvision's r3d_18 weights need --width 64 (this run: {cfg.width})")
+    load_weights(visual, {k: state[k] for k in own}, path, strict=False)  # the shapes must match too
     print0(f"{path}: torchvision r3d_18 weights in the image tower; skipped {', '.join(skipped)} "
            "(the 1-channel stem and the head start from scratch)")
+    return {f"visual.{k}": state[k] for k in own}
 
 
 TOWER_FIELDS = {"image": ("width", "stem_kernel", "stem_stride"),
                 "text": ("context_len", "text_width", "text_layers", "text_heads")}
 
 
-def load_tower(model, path, modality, tokenizer, cfg):
-    """Copy one tower (and its head) from a supervised or CLIP checkpoint into model; an image tower can
-    also come from torchvision's r3d_18 state_dict (load_r3d_18)."""
+def tower_weights(path, modality, cfg):
+    """The weights of one tower and its head, named as in RadCLIP, from a supervised or CLIP
+    checkpoint (or, for the image tower, torchvision's r3d_18), checked before a run reads its data."""
     ckpt = load_checkpoint(path, modality, state_dict_ok=modality == "image")
     if "model" not in ckpt:
-        return load_r3d_18(model.visual, ckpt, path)
-    theirs = checkpoint_config(ckpt)
-    differ = [f"--{f.replace('_', '-')} {getattr(cfg, f)} here, {getattr(theirs, f)} there"
-              for f in TOWER_FIELDS[modality] if getattr(cfg, f) != getattr(theirs, f)]
-    if differ:
-        raise RadclipError(f"{path}: its {modality} tower has another shape ({'; '.join(differ)})")
-    if modality == "text" and ckpt["vocab"] != tokenizer.vocab:
-        raise RadclipError(f"{path}: its vocabulary differs from this run's; build both from the "
-                           "same training reports")
-    prefixes = ("visual.", "visual_cls.") if modality == "image" else ("text.", "text_cls.")
-    load_weights(model, {k: v for k, v in ckpt["model"].items() if k.startswith(prefixes)}, path, strict=False)
+        return r3d_18_weights(ckpt, path, cfg)
+    theirs = dataclasses.asdict(checkpoint_config(ckpt))
+    if differ := differences(dataclasses.asdict(cfg), theirs, TOWER_FIELDS[modality]):
+        raise RadclipError(f"{path}: its {modality} tower has another shape ({differ})")
+    return {k: v for k, v in ckpt["model"].items() if k.startswith(TOWER_PREFIXES[modality])}
+
+
+def volumes_to(vol, device, channels_last):
+    """A batch of volumes on device, in the model's memory format."""
+    vol = vol.to(device, non_blocking=True)
+    return vol.to(memory_format=torch.channels_last_3d) if channels_last and vol.dim() == 5 else vol
 
 
 @torch.no_grad()
 def embed(model, ds, fn, cfg, device, amp_dtype=None, channels_last=False, batch_size=None):
     """fn(model, vol, ids) for every example of ds, concatenated (in ds order) on the CPU."""
     model.eval()
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size or 2 * cfg.batch_size,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                         generator=torch.Generator())  # keeps training's RNG as is
+    loader = torch.utils.data.DataLoader(ds, batch_size or 2 * cfg.batch_size, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda")
     out = []
     for vol, ids, _ in loader:
-        vol = vol.to(device, non_blocking=True)
-        if channels_last and vol.dim() == 5:
-            vol = vol.to(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out.append(fn(model, vol, ids.to(device)).float().cpu())
+        with autocast(device, amp_dtype):
+            out.append(fn(model, volumes_to(vol, device, channels_last), ids.to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -2656,6 +2825,7 @@ def embed_pairs(model, ds, cfg, device, amp_dtype=None, channels_last=False):
 
 
 def print0(*args):
+    """print, on rank 0 only, above any progress bar."""
     if int(os.environ.get("RANK", 0)) == 0:
         tqdm.write(" ".join(str(a) for a in args))
 
@@ -2683,216 +2853,6 @@ def stop_requests(out):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-
-
-def run_differences(ckpt, cfg, run):
-    """What makes the run in a checkpoint another run than this one: config fields (but workers,
-    which change no number) and the stage, tower, labels and initialisation, as one sentence."""
-    theirs = {**dataclasses.asdict(checkpoint_config(ckpt)), **ckpt.get("run", {})}
-    ours = {**dataclasses.asdict(cfg), **run}
-    return "; ".join(f"{k} {ours[k]!r} here, {theirs[k]!r} there" for k in ours
-                     if k != "workers" and k in theirs and ours[k] != theirs[k])
-
-
-def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_image=None,
-          init_text=None, restart=False, device="auto", stop_after=None, cache_root=None, reports=None):
-    """Train one stage and save to `out`; returns the final validation metrics. If `out` holds this
-    same run, it resumes there (or returns at once if it is finished); a checkpoint of another run is
-    an error unless restart. Ctrl-C or SIGTERM finishes the step, saves, and raises KeyboardInterrupt.
-    stop_after ends the run early without changing its schedule (a time box; the resume test).
-    The supervised text stage reads no volumes: it trains from data_dir's report and label CSVs, or
-    from reports = dict(train=CSV, valid=CSV, valid_labels=None, id_col=..., text_cols=...) alone
-    (the labels: labels_csv, or each CSV's own 18 columns)."""
-    rank, world, device = setup_distributed(device)
-    out = Path(out)
-    if out.is_dir():
-        raise RadclipError(f"--out {out} is a folder; name the checkpoint file, e.g. {out / 'model.pt'}")
-    check_writable(out.parent)
-    text_only = (stage, modality) == ("supervised", "text")
-    if not text_only and reports:
-        raise RadclipError("reports CSVs without volumes train only --stage supervised --modality text")
-    if text_only and not reports:
-        reports = {split: ctrate_csv(data_dir, split, "reports") for split in ("train", "valid")}
-        labels_csv, reports["valid_labels"] = labels_csv or ctrate_csv(data_dir, "train", "labels"), \
-            ctrate_csv(data_dir, "valid", "labels")
-    reports = reports or {}
-    identity = {"stage": stage, "modality": modality if stage == "supervised" else "both",
-           **{k: str(v or "") for k, v in (("labels", labels_csv), ("init_image", init_image),
-                                            ("init_text", init_text), ("reports", reports.get("train")))}}
-    ckpt = load_checkpoint(out) if out.is_file() and not restart else None
-    if ckpt:
-        differ = run_differences(ckpt, cfg, identity) or ("" if (ckpt["stage"], ckpt["modality"]) == (
-            stage, modality) else f"a {ckpt['stage']} {ckpt['modality']} run there")
-        if differ:
-            raise RadclipError(f"{out}: holds another run ({differ}); rerun with its flags to resume it, "
-                               "pass --restart to train afresh over it, or choose another --out")
-        if ckpt["step"] >= ckpt["max_steps"]:
-            print0(f"{out}: already trained ({ckpt['step']} steps); --restart trains it again")
-            return ckpt["metrics"]
-        print0(f"{out}: resuming at step {ckpt['step']} of {ckpt['max_steps']} (same config)")
-    for path, tower in ((init_image, "image"), (init_text, "text")):  # a wrong file fails now, not after the data
-        if path and not ckpt and "model" not in (state := load_checkpoint(path, tower, state_dict_ok=tower == "image")):
-            load_r3d_18(ResNet3d18(cfg.width, cfg.stem_kernel, cfg.stem_stride), state, path, check_only=True)
-    seed_everything(cfg.seed)
-    text = {k: reports[k] for k in ("id_col", "text_cols") if k in reports}
-    train_ds = CTRateDataset(data_dir, "train", cfg, None, labels_csv, cfg.augment, cfg.max_train_volumes,
-                             cache_root, reports.get("train"), **text)
-    valid_ds = CTRateDataset(data_dir, "valid", cfg, None, reports.get("valid_labels"), cache_root=cache_root,
-                             reports_csv=reports.get("valid"), **text)  # the split's own (gold) labels
-    if ckpt or init_text:
-        tokenizer = Tokenizer(ckpt["vocab"] if ckpt else load_checkpoint(init_text, "text")["vocab"])
-    else:  # deterministic: every run on the same training reports builds the same vocabulary
-        tokenizer = Tokenizer.build(train_ds.reports, cfg.vocab_min_freq)
-    train_ds.tokenizer = valid_ds.tokenizer = tokenizer
-
-    model = RadCLIP(cfg, len(tokenizer.vocab))
-    for modality_, path in (("image", init_image), ("text", init_text)):
-        if path and not ckpt:
-            load_tower(model, path, modality_, tokenizer, cfg)
-    for name, p in model.named_parameters():
-        p.requires_grad_(trainable(name, stage, modality, cfg) and
-                         (name != "logit_scale" or cfg.learn_temperature))
-    amp_dtype = resolve_amp(cfg.amp, device)
-    channels_last = resolve_channels_last(cfg.channels_last, cfg, device, amp_dtype)
-    torch.backends.cudnn.benchmark = True  # fixed input shape: let cuDNN pick its fastest kernels
-    model = model.to(device, memory_format=torch.channels_last_3d if channels_last else torch.preserve_format)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2]},  # no decay on
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=cfg.supervised_lr if stage == "supervised" else cfg.clip_lr,
-                            weight_decay=cfg.weight_decay)  # biases, norms, temperature
-    base_lr = opt.param_groups[0]["lr"]
-    batch = cfg.batch_size * cfg.accum_steps * world
-    epochs = cfg.supervised_epochs if stage == "supervised" else cfg.clip_epochs
-    max_steps = max(1, math.ceil(epochs * len(train_ds) / batch))
-    if ckpt and ckpt["max_steps"] != max_steps:  # more volumes, or another world size: another schedule
-        raise RadclipError(f"{out}: its run has {ckpt['max_steps']} steps, this one {max_steps} ({len(train_ds)} "
-                           f"volumes, global batch {batch}); pass --restart to train afresh, or choose another --out")
-
-    def lr_factor(step):  # linear warmup, then cosine from base_lr down to min_lr
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
-        return (cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))) / base_lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    pos_weight = None
-    if cfg.pos_weight:  # neg/pos per finding, over the labels that are 0 or 1
-        y = train_ds.labels
-        pos_weight = (((y == 0).sum(0)) / (y == 1).sum(0).clamp(min=1)).float().clamp(1, 20).to(device)
-    start = 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        start = ckpt["step"]
-    sampler = StepSampler(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.accum_steps, rank, world)
-    loader = torch.utils.data.DataLoader(
-        train_ds, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
-    run = stage if stage == "clip" else f"{stage}/{modality}"
-    print0(f"radclip train {run}: {sum(p.numel() for p in params):,} trainable "
-           f"parameters, {len(train_ds)} train / {len(valid_ds)} valid "
-           f"{'reports' if text_only else 'volumes'}, global batch "
-           f"{batch}, {max_steps} steps, {device}, amp={amp_dtype or 'fp32'} (from --amp "
-           f"{cfg.amp}), channels_last={channels_last} (from {cfg.channels_last}), world {world}")
-    provenance = {"torch": str(torch.__version__), "device": str(device), "seed": cfg.seed,
-                  "radclip_sha256": sha256_file(__file__), "world_size": world}
-    log_path = out.with_suffix(".log.jsonl")
-    if rank == 0 and not ckpt:  # a fresh run starts a fresh log; a resumed one appends
-        log_path.unlink(missing_ok=True)
-    metrics = {}
-    with stop_requests(out) as stop:  # the loader's worker processes, forked in here, inherit it
-        batches = iter(loader)
-        bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc=run,
-                   disable=rank != 0, dynamic_ncols=True)
-        t0, seen = time.perf_counter(), 0
-        for step in bar:
-            model.train()
-            for _ in range(cfg.accum_steps):
-                vol, ids, labels = (t.to(device, non_blocking=True) for t in next(batches))
-                if channels_last and vol.dim() == 5:
-                    vol = vol.to(memory_format=torch.channels_last_3d)
-                with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = stage_loss(model, (vol, ids, labels), cfg, stage, modality, pos_weight)
-                scaler.scale(loss / cfg.accum_steps).backward()
-            if world > 1:
-                all_reduce_grads(params, [model.logit_scale] if stage == "clip" else params)
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            seen += batch
-            done = step + 1
-            if done % cfg.log_every == 0 or done == max_steps:
-                row = {"step": done, "loss": loss.item(), "lr": sched.get_last_lr()[0],
-                       "grad_norm": grad_norm.item(), "logit_scale": model.logit_scale.exp().item(),
-                       "volumes_per_s": seen / (time.perf_counter() - t0)}
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                vol_s=f"{row['volumes_per_s']:.1f}")
-                if rank == 0:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-            interrupted = bool(stop)
-            if world > 1:  # every rank stops after the same step
-                flag = torch.tensor(float(interrupted), device=device)
-                dist.all_reduce(flag)
-                interrupted = flag.item() > 0
-            last = done == max_steps or done == stop_after
-            if (last or interrupted or not (done % cfg.log_every and done % cfg.eval_every and done % cfg.save_every)) \
-                    and not math.isfinite(loss.item()):  # never validate or save a diverged model
-                raise RadclipError(f"the loss is {loss.item()} at step {done}: training diverged; lower the "
-                                   f"learning rate or try --amp off ({out} keeps its last saved step)")
-            if rank == 0 and (done % cfg.eval_every == 0 and not interrupted or last):  # a finished run is validated
-                metrics = validate(model, valid_ds, cfg, stage, modality, device, amp_dtype, channels_last)
-                metrics["step"] = done
-                print0(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                   if isinstance(v, float)))
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"eval": metrics}) + "\n")
-            if rank == 0 and (done % cfg.save_every == 0 or last or interrupted):
-                rng = {"torch": torch.get_rng_state()}
-                if device.type == "cuda":
-                    rng["cuda"] = torch.cuda.get_rng_state(device)
-                save_checkpoint(out, model=model.state_dict(), optimizer=opt.state_dict(),
-                                scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=done, max_steps=max_steps,
-                                config=dataclasses.asdict(cfg), stage=stage, modality=modality, run=identity,
-                                vocab=tokenizer.vocab, rng=rng, provenance=provenance, metrics=metrics)
-            if interrupted:
-                stop.append("saved")
-                print0(f"{out}: saved at step {done} of {max_steps}; the same command resumes there")
-            if last or interrupted:
-                break
-    bar.close()
-    if stop:
-        raise KeyboardInterrupt
-    return metrics
-
-
-def validate(model, ds, cfg, stage, modality, device, amp_dtype, channels_last):
-    """Supervised: macro AUC of the trained head on the valid split. CLIP: the InfoNCE loss
-    of the whole split as one batch, and Recall@5 of reports retrieving their volume."""
-    if stage == "supervised":
-        head = (lambda m, v, t: m.visual_cls(m.visual(v))) if modality == "image" else \
-               (lambda m, v, t: m.text_cls(m.text(t)))
-        scores, y = embed(model, ds, head, cfg, device, amp_dtype, channels_last).numpy(), ds.labels.numpy()
-        auc = {f: roc_auc_score(y[:, k] == 1, scores[:, k]) if 0 < (y[:, k] == 1).sum() < len(y)
-               else math.nan for k, f in enumerate(FINDINGS)}  # undefined is NaN, never 0.5
-        return {"macro_auc": float(np.nanmean(list(auc.values()))), "auc": auc}
-    both = embed(model, ds, lambda m, v, t: torch.cat([m.encode_image(v), m.encode_text(t)], 1),
-                 cfg, device, amp_dtype, channels_last)
-    img, txt = both.split(cfg.embed_dim, dim=1)
-    sim = F.normalize(txt, dim=1) @ F.normalize(img, dim=1).T
-    hits = (sim.topk(min(5, len(sim)), dim=1).indices == torch.arange(len(sim))[:, None]).any(1)
-    loss = clip_loss(img, txt, model.logit_scale.detach().cpu().clamp(max=math.log(cfg.logit_scale_max)))
-    return {"val_loss": loss.item(), "recall_at_5": hits.float().mean().item()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -1105,47 +1105,27 @@ def torchvision_r3d_18_state_dict():
     return state
 
 
-def test_torchvision_r3d_18_loads_all_but_stem_and_fc(tmp_path, capsys):
+def test_torchvision_r3d_18_fills_all_but_stem_and_fc(tmp_path, capsys):
     state = torchvision_r3d_18_state_dict()
     torch.save(state, tmp_path / "r3d_18.pth")
-    model = rc.RadCLIP(rc.make_config("paper"), 10)
-    stem, head = model.visual.stem[0].weight.clone(), model.visual_cls.weight.clone()
-    rc.load_tower(model, tmp_path / "r3d_18.pth", "image", None, rc.make_config("paper"))
-    loaded = model.visual.state_dict()
-    for k, v in state.items():
-        if not k.startswith(("stem.", "fc.")):
-            assert torch.equal(loaded[k], v), k
-    assert torch.equal(model.visual.stem[0].weight, stem) and torch.equal(model.visual_cls.weight, head)
-    out = capsys.readouterr().out
-    assert "skipped fc.bias, fc.weight, stem.0.weight, stem.1.bias" in out
+    weights = rc.tower_weights(tmp_path / "r3d_18.pth", "image", rc.make_config("paper"))
+    assert weights.keys() == {f"visual.{k}" for k in state if not k.startswith(("stem.", "fc."))}
+    assert all(torch.equal(v, state[k.removeprefix("visual.")]) for k, v in weights.items())
+    assert "skipped fc.bias, fc.weight, stem.0.weight, stem.1.bias" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda s: s.pop("layer4.1.conv2.1.running_var"), "1 keys missing"),
-    (lambda s: s.update({"layer1.0.conv1.0.weight": torch.zeros(64, 64, 3, 3)}), "of another shape"),  # 2-D resnet18
-    (lambda s: s.update({"layer1.0.conv3.0.weight": torch.zeros(64, 64, 1, 1, 1)}), "extra"),           # bottleneck
+@pytest.mark.parametrize("change, width, message", [
+    (lambda s: s.pop("layer4.1.conv2.1.running_var"), 64, "1 keys missing"),
+    (lambda s: s.update({"layer1.0.conv1.0.weight": torch.zeros(64, 64, 3, 3)}), 64, "size mismatch"),  # 2-D
+    (lambda s: s.update({"layer1.0.conv3.0.weight": torch.zeros(64, 64, 1, 1, 1)}), 64, "extra"),  # bottleneck
+    (lambda s: None, 4, r"need --width 64 \(this run: 4\)"),
 ])
-def test_a_state_dict_of_another_architecture_is_a_one_line_error(tmp_path, change, message):
+def test_a_state_dict_of_another_architecture_or_width_is_a_one_line_error(tmp_path, change, width, message):
     state = torchvision_r3d_18_state_dict()
     change(state)
     torch.save(state, tmp_path / "other.pth")
     with pytest.raises(rc.RadclipError, match=message):
-        rc.load_tower(rc.RadCLIP(rc.make_config("paper"), 10), tmp_path / "other.pth", "image", None,
-                      rc.make_config("paper"))
-
-
-def test_supervised_stage_starts_from_torchvision_weights_only_at_width_64(tmp_path, capsys):
-    tiny_training_data(tmp_path)
-    torch.save(torchvision_r3d_18_state_dict(), tmp_path / "r3d_18.pth")
-    base = ["train", "--stage", "supervised", "--data", str(tmp_path), "--out", str(tmp_path / "s.pt"),
-            "--init-image", str(tmp_path / "r3d_18.pth"), "--spacing-mm", "8", "8", "16", "--input-shape", "8", "16", "16",
-            "--workers", "0", "--channels-last", "off", "--epochs", "1", "--batch-size", "12"]
-    assert rc.main(base + ["--width", "4"]) == 1
-    assert "need --width 64 (this run: 4)" in capsys.readouterr().err
-    assert rc.main(base + ["--width", "64", "--stem-kernel", "4", "--stem-stride", "4"]) == 0
-    assert "torchvision r3d_18 weights in the image tower" in capsys.readouterr().out
-    assert rc.main(base[:-4] + ["--init-text", str(tmp_path / "s.pt")]) == 1  # the image stage has no text tower
-    assert "pass only --init-image" in capsys.readouterr().err
+        rc.tower_weights(tmp_path / "other.pth", "image", rc.make_config("paper", width=width))
 
 
 def test_text_encoder_ignores_padding():
@@ -1182,13 +1162,13 @@ def test_shuffled_reports_keep_every_sentence_and_their_labels():
 
 
 # ---- 6. Training ----
-def test_masked_bce_ignores_uncertain_labels():
-    logits = torch.tensor([[2.0, -1.0, 0.5]])
-    y = torch.tensor([[1, -1, 0]])
-    expected = (torch.nn.functional.softplus(-logits[0, 0]) + torch.nn.functional.softplus(logits[0, 2])) / 2
-    assert rc.masked_bce(logits, y, "ignore") == pytest.approx(expected.item())
-    as_one = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[1.0, 1, 0]]))
-    assert rc.masked_bce(logits, y, "one") == pytest.approx(as_one.item())
+@pytest.mark.parametrize("policy, target, counted", [
+    ("ignore", [1, 0, 0], [1, 0, 1]), ("zero", [1, 0, 0], [1, 1, 1]), ("one", [1, 1, 0], [1, 1, 1])])
+def test_masked_bce_trains_uncertain_labels_as_the_policy_says_and_never_as_minus_one(policy, target, counted):
+    logits, y = torch.tensor([[2.0, -1.0, 0.5]]), torch.tensor([[1, -1, 0]])
+    bce = F.binary_cross_entropy_with_logits(logits, torch.tensor([target], dtype=torch.float), reduction="none")
+    expected = (bce * torch.tensor(counted)).sum() / sum(counted)
+    assert rc.masked_bce(logits, y, policy).item() == pytest.approx(expected.item())
 
 
 def test_clip_loss_matches_hand_computation():
@@ -1205,8 +1185,7 @@ def test_clip_loss_matches_hand_computation():
 
 def tiny_training_data(root, n_train=12, n_valid=6):
     """A prepped CT-RATE layout whose labels are visible: finding 0 is a bright block."""
-    rng = np.random.default_rng(0)
-    volumes, reports, labels = {}, [], []
+    rng, volumes, csvs = np.random.default_rng(0), {}, {}
     for split, n in (("train", n_train), ("valid", n_valid)):
         for i in range(n):
             name = f"{split}_{i}_a_1.nii.gz"
@@ -1215,17 +1194,13 @@ def tiny_training_data(root, n_train=12, n_valid=6):
             if y[0]:
                 hu[10:16, 10:16, 4:8] = 2500
             volumes[name] = hu + 1024
-            reports.append((split, {"VolumeName": name, "ClinicalInformation_EN": "Not given.",
-                                    "Technique_EN": "Not given.",
-                                    "Findings_EN": "Stent present." if y[0] else "No stent.",
-                                    "Impressions_EN": "Not given."}))
-            labels.append((split, dict({"VolumeName": name}, **dict(zip(rc.FINDINGS, y)))))
+            csvs.setdefault((split, "reports"), []).append({
+                "VolumeName": name, "ClinicalInformation_EN": "Not given.", "Technique_EN": "Not given.",
+                "Findings_EN": "Stent present." if y[0] else "No stent.", "Impressions_EN": "Not given."})
+            csvs.setdefault((split, "labels"), []).append({"VolumeName": name, **dict(zip(rc.FINDINGS, y))})
     write_tiny_ctrate(root, volumes, spacing=(4.0, 4.0, 8.0))
-    for split in ("train", "valid"):
-        r = [row for s, row in reports if s == split]
-        rc.write_csv(rc.ctrate_csv(root, split, "reports"), r, list(r[0]))
-        lab = [row for s, row in labels if s == split]
-        rc.write_csv(rc.ctrate_csv(root, split, "labels"), lab, list(lab[0]))
+    for (split, kind), rows in csvs.items():
+        rc.write_csv(rc.ctrate_csv(root, split, kind), rows, list(rows[0]))
     cfg = tiny_cfg()
     for split in ("train", "valid"):
         rc.prep_split(root, split, cfg, workers=1)
@@ -1244,17 +1219,31 @@ def test_supervised_steps_overfit_a_fixed_batch():
     torch.manual_seed(0)
     cfg = tiny_cfg()
     model = rc.RadCLIP(cfg, 10)
-    vol = torch.randn(4, 1, *cfg.input_shape)
-    y = torch.randint(0, 2, (4, 18))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    first = None
+    vol, y = torch.randn(4, 1, *cfg.input_shape), torch.randint(0, 2, (4, 18))
+    opt, losses = torch.optim.AdamW(model.parameters(), lr=1e-2), []
     for _ in range(60):
-        loss = rc.stage_loss(model, (vol, None, y), cfg, "supervised", "image")
-        first = first or loss.item()
+        losses.append(rc.stage_loss(model, (vol, None, y), cfg, "supervised", "image"))
         opt.zero_grad()
-        loss.backward()
+        losses[-1].backward()
         opt.step()
-    assert loss.item() < 0.1 * first
+    assert losses[-1].item() < 0.1 * losses[0].item()
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    cfg = rc.make_config("tiny", warmup_steps=4, min_lr=1e-5)
+    lrs = [rc.get_lr(step, 20, 1e-3, cfg) for step in range(25)]
+    assert lrs[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert all(a > b for a, b in zip(lrs[4:20], lrs[5:21])) and lrs[20:] == pytest.approx([1e-5] * 5)
+
+
+def test_step_sampler_resumes_mid_stream_and_deals_micro_batches_to_ranks():
+    def first(sampler, n):
+        return [x for x, _ in zip(sampler, range(n))]
+    one = first(rc.StepSampler(10, 2, 3, start=0), 40)
+    assert sorted(i for i, _ in one[:10]) == list(range(10)) and one[:10] != one[10:20]  # a new order each epoch
+    assert first(rc.StepSampler(10, 2, 3, start=5), 30) == one[10:]  # micro-batch slot 5 on
+    pairs = [list(zip(*[iter(first(rc.StepSampler(10, 2, 3, 0, rank, 2), 20))] * 2)) for rank in (0, 1)]
+    assert [x for p0, p1 in zip(*pairs) for x in p0 + p1] == one  # rank r takes every 2nd slot
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
@@ -1268,81 +1257,55 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.allclose(full[k].float(), part[k].float(), atol=1e-6), k
 
 
-def test_checkpoint_loads_in_another_process_with_weights_only(tmp_path):
-    cfg = tiny_training_data(tmp_path)
-    metrics = rc.train(cfg, "supervised", tmp_path / "sup.pt", tmp_path)
-    assert 0 <= metrics["macro_auc"] <= 1
-    code = ("import torch, radclip as rc; c = torch.load(r'%s', weights_only=True); "
-            "m, cfg, tok = rc.model_from_checkpoint(r'%s'); print(c['step'], cfg.width, len(tok.vocab))")
-    out = subprocess.run([sys.executable, "-c", code % (tmp_path / "sup.pt", tmp_path / "sup.pt")],
-                         capture_output=True, text=True, cwd=HERE, check=True).stdout.split()
-    assert out[:2] == [str(rc.load_checkpoint(tmp_path / "sup.pt")["step"]), "4"]
+def test_checkpoint_loads_in_another_process_with_weights_only(towers):
+    path = towers[0] / "image.pt"
+    assert 0 <= rc.load_checkpoint(path)["metrics"]["macro_auc"] <= 1
+    code = ("import sys, torch, radclip as rc; c = torch.load(sys.argv[1], weights_only=True); "
+            "m, cfg, tok = rc.model_from_checkpoint(sys.argv[1]); print(c['step'], cfg.width, len(tok.vocab))")
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=HERE, check=True)
+    assert out.stdout.split()[:2] == [str(rc.load_checkpoint(path)["step"]), "4"]
 
 
-def test_a_checkpoint_from_before_per_stage_epochs_still_loads(tmp_path):
-    config = {k: v for k, v in vars(tiny_cfg()).items() if not k.endswith("_epochs")}
-    rc.save_checkpoint(tmp_path / "old.pt", config=dict(config, epochs=3.0), vocab=["<pad>"], model={},
-                       stage="supervised", modality="image")
-    cfg = rc.checkpoint_config(rc.load_checkpoint(tmp_path / "old.pt"))
-    assert (cfg.supervised_epochs, cfg.clip_epochs, cfg.width) == (3.0, 3.0, 4)
-
-
-DDP_SCRIPT = r"""
-import sys, torch, radclip as rc
-rank, world, device = rc.setup_distributed("cpu")
-out, data = sys.argv[1], sys.argv[2]
-cfg = rc.make_config("tiny", width=4, input_shape=(8, 16, 16), context_len=8, text_width=16,
-                     text_layers=1, text_heads=2, embed_dim=8)
-result = {}
-for stage in ("clip", "supervised"):
+def ddp_case(stage, rank=0, world=1):
+    """(loss, gradients) of a fixed model on rank's share of a fixed global batch of 8, the gradients
+    combined over the ranks as train combines them."""
+    cfg = rc.make_config("tiny", width=4, input_shape=(8, 16, 16), context_len=8, text_width=16,
+                         text_layers=1, text_heads=2, embed_dim=8)
     torch.manual_seed(0)
     model = rc.RadCLIP(cfg, 20).eval()  # eval: BatchNorm statistics are per rank by design
     g = torch.Generator().manual_seed(1)
     vol, ids = torch.randn(8, 1, 8, 16, 16, generator=g), torch.randint(1, 20, (8, 8), generator=g)
-    y = torch.randint(0, 2, (8, 18), generator=g)
-    shard = slice(rank * 4, rank * 4 + 4)
+    shard, y = slice(rank * 8 // world, (rank + 1) * 8 // world), torch.randint(0, 2, (8, 18), generator=g)
     loss = rc.stage_loss(model, (vol[shard], ids[shard], y[shard]), cfg, stage, "image")
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
-    rc.all_reduce_grads(params, [model.logit_scale] if stage == "clip" else params)
-    total = loss.detach().clone()
-    torch.distributed.all_reduce(total)  # the supervised loss is a mean over the rank's shard
-    result[stage] = {"loss": loss.item() if stage == "clip" else total.item() / world,
-                     "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
-if rank == 0:
-    torch.save(result, out)
-rc.train(rc.make_config("tiny", **TINY), "clip", out + ".ckpt", data)
+    if world > 1:
+        rc.all_reduce_grads(params, [model.logit_scale] if stage == "clip" else params)
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+DDP_SCRIPT = """
+import dataclasses, sys, torch, radclip as rc, test_radclip as t
+rank, world, device = rc.setup_distributed("cpu")
+torch.save({stage: t.ddp_case(stage, rank, world) for stage in ("clip", "supervised")}, f"{sys.argv[1]}.{rank}")
+rc.train(dataclasses.replace(t.tiny_cfg(), channels_last="auto"), "clip", sys.argv[1] + ".ckpt", sys.argv[2])
 """
 
 
 def test_torchrun_two_processes_equal_one_process_on_the_global_batch(tmp_path):
-    cfg = tiny_training_data(tmp_path)
-    tiny = {k: getattr(cfg, k) for k in ("spacing_mm", "input_shape", "width", "context_len",
-            "text_width", "text_layers", "text_heads", "embed_dim", "batch_size", "workers",
-            "channels_last", "supervised_epochs", "clip_epochs", "augment")}
-    script = tmp_path / "ddp.py"
-    script.write_text(f"TINY = {tiny!r}\n" + DDP_SCRIPT)
+    tiny_training_data(tmp_path)
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    "--master_port=29517", str(script), str(tmp_path / "ddp.pt"), str(tmp_path)],
-                   check=True, env=env, capture_output=True)
-    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    cfg = rc.make_config("tiny", width=4, input_shape=(8, 16, 16), context_len=8, text_width=16,
-                         text_layers=1, text_heads=2, embed_dim=8)
-    for stage in ("clip", "supervised"):
-        torch.manual_seed(0)
-        model = rc.RadCLIP(cfg, 20).eval()
-        g = torch.Generator().manual_seed(1)
-        vol, ids = torch.randn(8, 1, 8, 16, 16, generator=g), torch.randint(1, 20, (8, 8), generator=g)
-        y = torch.randint(0, 2, (8, 18), generator=g)
-        loss = rc.stage_loss(model, (vol, ids, y), cfg, stage, "image")
-        loss.backward()
-        assert ddp[stage]["loss"] == pytest.approx(loss.item(), abs=1e-5)
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        assert grads.keys() == ddp[stage]["grads"].keys()
-        for n, grad in grads.items():
-            assert torch.allclose(grad, ddp[stage]["grads"][n], atol=1e-5), (stage, n)
-    ckpt = rc.load_checkpoint(tmp_path / "ddp.pt.ckpt")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    tmp_path / "ddp.py", tmp_path / "ddp", tmp_path], check=True, env=env, capture_output=True)
+    ranks = [torch.load(tmp_path / f"ddp.{rank}", weights_only=True) for rank in (0, 1)]
+    for stage in ("clip", "supervised"):  # CLIP: the loss of the global batch; supervised: of the shard
+        loss, grads = ddp_case(stage)
+        assert np.mean([r[stage][0] for r in ranks]) == pytest.approx(loss, abs=1e-5)
+        for rank in ranks:
+            assert rank[stage][1].keys() == grads.keys()
+            assert all(torch.allclose(grads[n], rank[stage][1][n], atol=1e-5) for n in grads), stage
+    ckpt = rc.load_checkpoint(tmp_path / "ddp.ckpt")
     assert ckpt["provenance"]["world_size"] == 2 and ckpt["step"] == 6  # 4 epochs of 12, batch 2x4
 
 
@@ -1779,23 +1742,30 @@ def test_a_file_that_is_no_radclip_checkpoint_is_one_line(towers, tmp_path, caps
         assert not (tmp_path / "c.pt").exists()
 
 
-@pytest.mark.parametrize("flag, ckpt, why", [
-    ("eval", "image", "is a supervised image checkpoint; this needs a CLIP checkpoint"),
-    ("--init-image", "text", "is a supervised text checkpoint; this needs an image tower"),
-    ("--init-text", "image", "is a supervised image checkpoint; this needs a text tower")])
-def test_a_checkpoint_of_the_wrong_stage_or_tower_is_refused(towers, tmp_path, capsys, flag, ckpt, why):
+@pytest.mark.parametrize("flags, why", [
+    (["eval", "--ckpt", "image.pt"], "is a supervised image checkpoint; this needs a CLIP checkpoint"),
+    (["train", "--stage", "clip", "--init-image", "text.pt"], "is a supervised text checkpoint; this needs an image"),
+    (["train", "--stage", "clip", "--init-text", "image.pt"], "is a supervised image checkpoint; this needs a text"),
+    (["train", "--stage", "clip", "--init-image", "image.pt", "--width", "8"], "--width 8 here, 4 there"),
+    (["train", "--stage", "supervised", "--init-image", "image.pt", "--init-text", "text.pt"], "pass only --init-image"),
+])
+def test_a_checkpoint_of_the_wrong_stage_tower_or_shape_is_refused(towers, tmp_path, capsys, flags, why):
     root, _ = towers
-    args = ["eval", "--ckpt", root / f"{ckpt}.pt", "--data", root, "--out", tmp_path / "r.json"] if flag == "eval" \
-        else ["train", "--stage", "clip", "--data", root, "--out", tmp_path / "c.pt", flag, root / f"{ckpt}.pt"]
+    args = [root / a if a.endswith(".pt") else a for a in flags] + ["--data", root, "--out", tmp_path / "x.pt"]
     code, _, err = cli(args, capsys)
-    assert code == 1
+    assert code == 1 and not (tmp_path / "x.pt").exists()
     one_line_error(err, why)
 
 
-def test_a_tower_of_another_width_is_named(towers, tmp_path):
+def test_clip_starts_from_both_supervised_towers(towers, tmp_path):
     root, cfg = towers
-    with pytest.raises(rc.RadclipError, match="image tower has another shape.*--width 8 here, 4 there"):
-        rc.train(dataclasses.replace(cfg, width=8), "clip", tmp_path / "c.pt", root, init_image=root / "image.pt")
+    rc.train(dataclasses.replace(cfg, clip_lr=1e-9, weight_decay=0.0), "clip", tmp_path / "c.pt", root,
+             init_image=root / "image.pt", init_text=root / "text.pt", stop_after=1)
+    clip = rc.load_checkpoint(tmp_path / "c.pt")["model"]
+    for tower, prefixes in rc.TOWER_PREFIXES.items():
+        started = rc.load_checkpoint(root / f"{tower}.pt")["model"]
+        for k in (k for k in started if k.startswith(prefixes) and k.endswith(("weight", "bias"))):
+            assert torch.allclose(clip[k], started[k], atol=1e-6), k
 
 
 # Outputs
@@ -1857,12 +1827,18 @@ def test_prep_cache_outside_a_read_only_dataset_serves_train_and_eval(tmp_path, 
     assert code == 0 and "N = 6 volumes" in out, err
 
 
-def test_an_unwritable_home_cache_never_crashes_train(towers, tmp_path, monkeypatch, capsys):
+def test_channels_last_auto_is_timed_at_start_up_and_writes_nothing_outside_the_run(towers, tmp_path,
+                                                                                 monkeypatch, capsys):
     root, cfg = towers
-    (tmp_path / "home").write_text("")
-    monkeypatch.setenv("RADCLIP_CACHE", str(tmp_path / "home" / "radclip"))
-    rc.train(dataclasses.replace(cfg, channels_last="auto"), "clip", tmp_path / "c.pt", root)
-    assert "channels-last choice not remembered" in capsys.readouterr().err
+    (tmp_path / "home").mkdir()
+    for var in ("HOME", "XDG_CACHE_HOME", "RADCLIP_CACHE"):
+        monkeypatch.setenv(var, str(tmp_path / "home"))
+    data = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*"))
+    rc.train(dataclasses.replace(cfg, channels_last="auto"), "clip", tmp_path / "run" / "c.pt", root)
+    assert re.search(r"channels_last=(True|False) \(from auto\)", capsys.readouterr().out)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == \
+        ["home", "run", "run/c.log.jsonl", "run/c.pt"]
+    assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == data
 
 
 # Interruptions
@@ -1896,10 +1872,10 @@ def test_a_rerun_with_another_config_names_it_and_restart_is_explicit(towers, tm
     root, cfg = towers
     rc.train(cfg, "supervised", tmp_path / "s.pt", root, stop_after=2)
     stamp = (tmp_path / "s.pt").read_bytes()
-    with pytest.raises(rc.RadclipError, match=r"holds another run \(batch_size 2 here, 4 there\).*--restart"):
+    with pytest.raises(rc.RadclipError, match=r"holds another run \(--batch-size 2 here, 4 there\).*--restart"):
         rc.train(dataclasses.replace(cfg, batch_size=2), "supervised", tmp_path / "s.pt", root)
     assert (tmp_path / "s.pt").read_bytes() == stamp  # never overwritten
-    with pytest.raises(rc.RadclipError, match="modality 'text' here, 'image' there"):
+    with pytest.raises(rc.RadclipError, match="--modality 'text' here, 'image' there"):
         rc.train(cfg, "supervised", tmp_path / "s.pt", root, "text")
     rc.train(dataclasses.replace(cfg, batch_size=2), "supervised", tmp_path / "s.pt", root, restart=True)
     assert rc.load_checkpoint(tmp_path / "s.pt")["config"]["batch_size"] == 2
@@ -1910,7 +1886,7 @@ def test_a_diverged_run_is_one_line_and_saves_nothing(towers, tmp_path, monkeypa
     nan = lambda *args, **kwargs: torch.tensor(math.nan, requires_grad=True)
     monkeypatch.setattr(rc, "stage_loss", nan)
     with pytest.raises(rc.RadclipError, match="the loss is nan at step 1: training diverged"):
-        rc.train(dataclasses.replace(cfg, log_every=1), "supervised", tmp_path / "s.pt", root)
+        rc.train(cfg, "supervised", tmp_path / "s.pt", root)  # checked at every step, logged or not
     assert not (tmp_path / "s.pt").exists()
 
 
