@@ -1771,11 +1771,11 @@ UNCERTAINTY_AFTER = re.compile(r"\b(?:is|are|was|were) (?:\w+ly )?(?:suspected|p
                                r"|questionable|considered|suggested)\b|^[\w\s-]*\?")
 
 
-def rules_label(text):
-    """{finding: 1 | 0 | -1} for one report. Each mention is uncertain (-1), negated (0) or positive
-    (1); a finding takes its strongest mention as CheXpert does ({0,-1} -> -1, {0,1} and {-1,1} -> 1),
-    and 0 when it is never mentioned."""
-    votes = {f: set() for f in FINDINGS}
+def rule_mentions(text):
+    """{finding: 1 | 0 | -1} for the findings one report mentions. Each mention is uncertain (-1),
+    negated (0) or positive (1); a finding takes its strongest mention as CheXpert does ({0,-1} -> -1,
+    {0,1} and {-1,1} -> 1)."""
+    votes = {}
     for s in SENTENCE.split(text.lower()):
         cuts = sorted({0, len(s), *(m.start() for m in CLAUSE.finditer(s)),
                        *(m.end() for m in PREDICATE.finditer(s))})
@@ -1787,13 +1787,18 @@ def rules_label(text):
                 hi = min(c for c in cuts if c >= m.end())
                 before, after = s[lo:m.start()], s[m.end():hi]
                 if PRE_NEGATION_UNCERTAINTY.search(s, lo, hi):
-                    votes[finding].add(-1)
+                    vote = -1
                 elif NEGATION_BEFORE.search(before) or NEGATION_AFTER.search(after):
-                    votes[finding].add(0)
+                    vote = 0
                 else:
-                    hedged = UNCERTAINTY_BEFORE.search(before) or UNCERTAINTY_AFTER.search(after)
-                    votes[finding].add(-1 if hedged else 1)
+                    vote = -1 if UNCERTAINTY_BEFORE.search(before) or UNCERTAINTY_AFTER.search(after) else 1
+                votes.setdefault(finding, set()).add(vote)
     return {f: 1 if 1 in v else -1 if -1 in v else 0 for f, v in votes.items()}
+
+
+def rules_label(text):
+    """{finding: 1 | 0 | -1} for one report: rule_mentions', and 0 for a finding never mentioned."""
+    return {**dict.fromkeys(FINDINGS, 0), **rule_mentions(text)}
 
 
 # -- The LLM over raw HTTP --
@@ -3125,19 +3130,21 @@ def run_eval(ckpt_path, data_dir, split="valid", prompt="report", ctclip_quirks=
              n_boot=1000, device="auto", labels_csv=None, map_ks=(1, 5, 10, 50), recall_ks=(5, 10, 50, 100),
              all_findings=False, cache_root=None, emb_cache=None):
     """Embed a split once, then evaluate() it with the chosen zero-shot prompts (a split without
-    reports, RAD-ChestCT's: evaluate_external())."""
+    reports, RAD-ChestCT's: evaluate_external()); the results keep each volume's scores and labels."""
     model, cfg, ds, image_emb, text_emb = embed_split(ckpt_path, data_dir, split, device, labels_csv,
                                                       cache_root, emb_cache)
     triples = zero_shot_prompts(load_prompts(), prompt)
     pos, neg, pair_finding, unknown = encode_prompts(model, ds.tokenizer, triples, cfg)
     scale = model.logit_scale.clamp(max=math.log(cfg.logit_scale_max)).item()
     scores, labels = zero_shot_scores(image_emb, pos, neg, scale, pair_finding), ds.labels.numpy()
-    about = dict(checkpoint=str(ckpt_path), split=split, prompt=prompt, prompt_unknown_words=unknown)
+    keep = list(range(len(ds)))
+    if scan_level and ds.has_reports:  # one volume per scan: a sibling reconstruction is not a second answer
+        keep = sorted({n.rsplit("_", 1)[0]: i for i, n in reversed(list(enumerate(ds.names)))}.values())
+    image_emb, text_emb, scores, labels = image_emb[keep], text_emb[keep], scores[keep], labels[keep]
+    about = dict(checkpoint=str(ckpt_path), split=split, prompt=prompt, prompt_unknown_words=unknown,
+                 volumes=[ds.names[i] for i in keep], scores=scores.tolist(), labels=labels.tolist())
     if not ds.has_reports:
         return {**evaluate_external(scores, labels, n_boot, all_findings=all_findings), **about}
-    if scan_level:  # one volume per scan: a sibling reconstruction is not a second answer
-        keep = sorted({n.rsplit("_", 1)[0]: i for i, n in reversed(list(enumerate(ds.names)))}.values())
-        image_emb, text_emb, scores, labels = image_emb[keep], text_emb[keep], scores[keep], labels[keep]
     results = evaluate(image_emb, text_emb, scores, labels, map_ks, recall_ks, ctclip_quirks, n_boot)
     return {**results, **about, "retrieval_unit": "scan" if scan_level else "volume"}
 
@@ -3458,12 +3465,6 @@ def cmd_bench(args):
     if args.labeler:
         r = bench_labeler(args.labeler_reports, args.latency, args.labeler_workers)
         return print(json.dumps(r, indent=1))
-    if args.prep:
-        print(f"bench --prep: preset {args.preset}, spacing {cfg.spacing_mm} mm, input {cfg.input_shape}, "
-              f"one thread, median of {args.steps}\n{'volume':<40}{'read only, s':>14}{'load + prep, s':>16}")
-        for r in bench_prep(cfg, args.steps):
-            print(f"{r['what']:<40}{r['read_s']:>14.2f}{r['prep_s']:>16.2f}")
-        return
     rows = bench(cfg, device, args.data, args.steps, args.batch, cache_root=args.cache_dir)
     print(f"bench: {device}, preset {args.preset}, width {cfg.width}, stem {cfg.stem_kernel}^3 stride "
           f"{cfg.stem_stride}, input {cfg.input_shape}, batch {args.batch}, median of {args.steps} steps, "
@@ -3603,13 +3604,12 @@ def build_parser():
     p.add_argument("--out", default="demo", help="working folder; a rerun reuses what is there")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
 
-    p = command("bench", cmd_bench, "volumes/s per amp x channels-last, labeler reports/s, prep s/volume",
+    p = command("bench", cmd_bench, "training volumes/s per amp x channels-last; labeler reports/s",
                 "--device", "--cache-dir")
     p.add_argument("--data", help="also time data loading from this folder's prep cache")
     p.add_argument("--steps", type=number(int, 1, 1000), default=5, help="timed steps per variant (median)")
     p.add_argument("--batch", type=number(int, 1, 4096), default=8, help="volumes per timed step")
     p.add_argument("--labeler", action="store_true", help="time the LLM labeler against a local server")
-    p.add_argument("--prep", action="store_true", help="time prep per real-size volume beside reading it")
     p.add_argument("--latency", type=number(float, 0, 60), default=0.2, help="the local server's s per reply")
     p.add_argument("--labeler-reports", type=number(int, 1, 10**6), default=1000)
     p.add_argument("--labeler-workers", type=number(int, 1, 256), default=16)

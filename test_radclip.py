@@ -644,7 +644,7 @@ def test_radchestct_prep_and_eval_of_a_ctrate_checkpoint_on_16_classes_without_r
     results = json.loads((tmp_path / "r.json").read_text())
     assert list(results["diagnosis"]["per_finding"]) == rc.EXTERNAL_CLASSES
     assert "Mosaic attenuation pattern" in results["all_findings"]["undefined"]
-    assert set(results["ci"]) == {"macro AUC"}
+    assert set(results["ci"]) == {"macro_auc"}
 
 
 # ---- helpers for section 4 ----
