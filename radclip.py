@@ -3400,7 +3400,8 @@ def cmd_prep(args):
 def cmd_train(args):
     cfg = config_from_args(args)
     if args.stage == "supervised" and (args.init_text if args.modality == "image" else args.init_image):
-        raise RadclipError(f"a supervised {args.modality} stage trains one tower: --init-{args.modality}")
+        raise RadclipError(f"a supervised {args.modality} stage trains one tower: pass only "
+                           f"--init-{args.modality}")
     reports = None
     if args.reports or args.valid_reports:
         if not (args.reports and args.valid_reports) or args.data:
