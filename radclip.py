@@ -355,10 +355,11 @@ def draw_tubes(hu, grid, tubes, lumen_hu, wall_mm=0.0, wall_hu=40.0, where=True)
     """Paint tubes (start, end, radius mm), all walls first so that no branch walls off its parent's lumen."""
     for wall in (wall_mm, 0.0) if wall_mm else (0.0,):
         for start, end, radius in tubes:
-            s, *xyz = box(grid, np.minimum(start, end) - radius - wall, np.maximum(start, end) + radius + wall)
+            reach = radius + wall
+            s, *xyz = box(grid, np.minimum(start, end) - reach, np.maximum(start, end) + reach)
             offset, axis = [v - c for v, c in zip(xyz, start)], end - start
             t = np.clip(sum(o * a for o, a in zip(offset, axis)) / (axis @ axis), 0, 1)
-            near = sum((o - t * a) ** 2 for o, a in zip(offset, axis)) < (radius + wall) ** 2
+            near = sum((o - t * a) ** 2 for o, a in zip(offset, axis)) < reach ** 2
             hu[s][near & (where if where is True else where[s])] = wall_hu if wall else lumen_hu
 
 
@@ -366,8 +367,14 @@ def lung_radius(lung, x, y, z):
     """Normalised radius in a lung (< 1 inside): an elliptic cylinder that tapers to the apex and
     stands on a diaphragm dome that is highest under the lung's centre."""
     across = ((x - lung.centre[0]) / lung.radii[0]) ** 2 + ((y - lung.centre[1]) / lung.radii[1]) ** 2
-    taper = np.sqrt(1 - np.clip((z - lung.mid) / (lung.top - lung.mid), 0, 0.999) ** 2)
+    mid = lung.base + 0.45 * (lung.top - lung.base)
+    taper = np.sqrt(1 - np.clip((z - mid) / (lung.top - mid), 0, 0.999) ** 2)
     return np.where(z > lung.base + lung.dome * (1 - across), np.sqrt(across) / taper, np.inf)
+
+
+def lung_box(grid, lung):
+    """box() around a lung."""
+    return box(grid, (*lung.centre - lung.radii, lung.base), (*lung.centre + lung.radii, lung.top))
 
 
 def lung_point(rng, chest, radius=(0.0, 0.8), height=(-100.0, 115.0), lateral_mm=0.0):
@@ -409,7 +416,7 @@ def soft_room(hu, chest):
 def paint_heart(hu, grid, chest, effusion_mm=0.0, effusion_hu=0.0):
     """The heart in 4 mm of epicardial fat, in effusion_mm of pericardial fluid if given (thickest
     dependently, behind), painted in soft_room: the lung there is lung no more."""
-    room, centre, radii = soft_room(hu, chest), chest.heart_centre, chest.heart_radii  # room: before the layers
+    room, centre, radii = soft_room(hu, chest), chest.heart_centre, chest.heart_radii  # before any layer
     layers = [(centre + (0, effusion_mm / 3, 0), radii + 4 + effusion_mm, effusion_hu)] * (effusion_mm > 0)
     for c, r, value in layers + [(centre, radii + 4, chest.fat_hu), (centre, radii, chest.tissue_hu)]:
         s, painted = blob(hu, grid, c, r, value, room)
@@ -420,33 +427,34 @@ def build_chest(rng, grid):
     """A normal chest in HU on the grid and the landmarks that findings are placed by. Sizes,
     positions and densities vary from patient to patient."""
     x, y, z = grid[0][:, None, None], grid[1][None, :, None], grid[2][None, None, :]
-    chest = SimpleNamespace(half_width=rng.uniform(150, 175), half_depth=rng.uniform(100, 130), lungs=[],
-                            fat_hu=rng.uniform(-110, -90), tissue_hu=rng.uniform(35, 50))
-    body = np.hypot(x / chest.half_width, y / chest.half_depth)               # < 1 inside the body
-    chest.inside_ribs = body < 0.84
+    width, depth = rng.uniform(150, 175), rng.uniform(100, 130)                # half-axes of the body
+    chest = SimpleNamespace(half_depth=depth, fat_hu=rng.uniform(-110, -90), tissue_hu=rng.uniform(35, 50))
+    body = np.hypot(x / width, y / depth)                                      # < 1 inside the body
+    chest.inside_ribs, chest.lungs = body < 0.84, []
     for side, dome in ((-1, rng.uniform(55, 75)), (1, rng.uniform(40, 60))):  # the liver lifts the right dome
-        radii = np.array([rng.uniform(0.36, 0.41) * chest.half_width, rng.uniform(0.75, 0.82) * chest.half_depth])
+        radii = rng.uniform((0.36 * width, 0.75 * depth), (0.41 * width, 0.82 * depth))
         base, top = rng.uniform(-115, -95), rng.uniform(110, 135)
-        chest.lungs.append(SimpleNamespace(radii=radii, base=base, dome=dome, top=top, mid=base + 0.45 * (top - base),
-                                           centre=0.84 * np.array([side * chest.half_width, chest.half_depth])
-                                           - radii * (side, 1)))
+        chest.lungs.append(SimpleNamespace(centre=0.84 * np.array([side * width, depth]) - radii * (side, 1),
+                                           radii=radii, base=base, dome=dome, top=top))
     diaphragm = np.maximum(*(lung.base + lung.dome * (1 - ((x - lung.centre[0]) / lung.radii[0]) ** 2
                                                       - ((y - lung.centre[1]) / lung.radii[1]) ** 2)
                              for lung in chest.lungs))
     wall = np.where((body > 0.84) & (body < 0.93), rng.uniform(35, 55), chest.fat_hu)  # chest muscle in fat
     abdomen = np.where(x < 0, rng.uniform(50, 65), rng.uniform(30, 45))                 # liver, spleen
-    hu = np.where(body < 1, np.where(chest.inside_ribs & (z < diaphragm), abdomen, wall), -1000).astype(np.float32)
-    chest.lung, lung_hu = np.zeros(hu.shape, bool), rng.uniform(-880, -820)
+    hu = np.where(body < 1, np.where(chest.inside_ribs & (z < diaphragm), abdomen, wall), -1000)
+    hu, chest.lung, lung_hu = hu.astype(np.float32), np.zeros(hu.shape, bool), rng.uniform(-880, -820)
     for lung in chest.lungs:
-        s, xs, ys, zs = box(grid, (*lung.centre - lung.radii, lung.base), (*lung.centre + lung.radii, lung.top))
-        inside = lung_radius(lung, xs, ys, zs) < 1
+        s, *xyz = lung_box(grid, lung)
+        inside = lung_radius(lung, *xyz) < 1
         chest.lung[s] |= inside
-        hu[s] = np.where(inside, lung_hu + 30 * (ys - lung.centre[1]) / lung.radii[1], hu[s])  # denser behind
-    chest.ctr, left = rng.uniform(0.40, 0.48), chest.lungs[1]                     # cardiothoracic ratio
-    chest.heart_radii = np.array([1, rng.uniform(0.7, 0.8), rng.uniform(0.75, 0.85)]) * chest.ctr * 0.84 * chest.half_width
-    chest.heart_centre = np.array([rng.uniform(0.2, 0.35) * chest.heart_radii[0],             # on the left dome
-                                   -0.82 * chest.half_depth + chest.heart_radii[1] + rng.uniform(0, 8),
-                                   left.base + left.dome + chest.heart_radii[2] * rng.uniform(0.4, 0.6)])
+        dependent = (xyz[1] - lung.centre[1]) / lung.radii[1]                    # denser behind
+        hu[s] = np.where(inside, lung_hu + 30 * dependent, hu[s])
+    chest.ctr, left = rng.uniform(0.40, 0.48), chest.lungs[1]                          # cardiothoracic ratio
+    heart_radii = chest.heart_radii = chest.ctr * 0.84 * width * np.array([1, rng.uniform(0.7, 0.8),
+                                                                            rng.uniform(0.75, 0.85)])
+    chest.heart_centre = np.array([rng.uniform(0.2, 0.35) * heart_radii[0],           # on the left dome
+                                   rng.uniform(0, 8) - 0.82 * depth + heart_radii[1],
+                                   left.base + left.dome + rng.uniform(0.4, 0.6) * heart_radii[2]])
     paint_heart(hu, grid, chest)
     draw_mediastinum(rng, hu, grid, chest)
     draw_bronchial_tree(rng, hu, grid, chest)
@@ -471,8 +479,8 @@ def draw_mediastinum(rng, hu, grid, chest):
     svc, esophagus = (-rng.uniform(22, 30), -0.2 * depth), (rng.uniform(0, 8), carina[1] + 16)
     aorta = chest.aorta + [np.array([*descending, -400])]
     draw_tubes(hu, grid, [(p, q, chest.aorta_radius) for p, q in zip(aorta, aorta[1:])]
-               + [(heart + heart_radii * (0.15, -0.5, 0.75), trunk, 12.0)]             # pulmonary trunk,
-               + [(trunk, lung.hilum, 9.0) for lung in chest.lungs]                      # arteries to the hila,
+               + [(heart + heart_radii * (0.15, -0.5, 0.75), trunk, 12.0)]          # the pulmonary trunk,
+               + [(trunk, lung.hilum, 9.0) for lung in chest.lungs]                   # its arteries,
                + [(np.array([*svc, 200]), np.array([*svc, heart[2] + 0.6 * heart_radii[2]]), 9.0),
                   (np.array([*esophagus, 200]), np.array([5, esophagus[1] + 4, -200]), 7.0)], chest.tissue_hu)
     chest.lung &= hu < -500                           # lung that the vessels displace is no longer lung
@@ -495,7 +503,8 @@ def draw_bronchial_tree(rng, hu, grid, chest):
     for lung, side in zip(chest.lungs, ("right", "left")):
         for lobe, direction in LOBE_DIRECTIONS.items():
             name = "lingula" if (side, lobe) == ("left", "middle") else f"{side} {lobe} lobe"
-            direction = unit(np.multiply(direction, (1 if side == "left" else -1, 1, 1)) + rng.normal(0, 0.1, 3))
+            mirror = (-1 if side == "right" else 1, 1, 1)
+            direction = unit(np.multiply(direction, mirror) + rng.normal(0, 0.1, 3))
             lobar = lung.hilum + direction * rng.uniform(20, 30)
             chest.bronchi.append((lung.hilum, lobar, 4.5, name))
             for _ in range(2):
@@ -505,29 +514,31 @@ def draw_bronchial_tree(rng, hu, grid, chest):
                 chest.bronchi += [(lobar, segmental, 3.0, name), (segmental, subsegmental, 2.0, name)]
     for start, end, radius, _ in chest.bronchi:
         beside = unit(np.cross(end - start, rng.normal(size=3))) * (2 * radius + 2)
-        vessels.append((start + beside, end + beside, radius * rng.uniform(0.9, 1.2)))
-        vessels += [(end + beside, end + beside + unit(end - start + rng.normal(0, 12, 3)) * rng.uniform(20, 35), 2.0)
+        start, end = start + beside, end + beside
+        vessels.append((start, end, radius * rng.uniform(0.9, 1.2)))
+        vessels += [(end, end + unit(end - start + rng.normal(0, 12, 3)) * rng.uniform(20, 35), 2.0)
                     for _ in range(3 * (radius < 3))]
     draw_tubes(hu, grid, vessels, chest.tissue_hu, where=chest.lung)
-    draw_tubes(hu, grid, [bronchus[:3] for bronchus in chest.bronchi], -1000, 1.0, chest.tissue_hu, chest.lung)
+    draw_tubes(hu, grid, [tube[:3] for tube in chest.bronchi], -1000, 1.0, chest.tissue_hu, chest.lung)
     draw_tubes(hu, grid, [(np.array([0, chest.carina[1], 200]), chest.carina, rng.uniform(8, 10))]
                + [(chest.carina, lung.hilum, 6.5) for lung in chest.lungs], -1000, 2.0, chest.tissue_hu)
 
 
 def draw_skeleton(rng, hu, x, y, z, body, chest):
-    """Vertebrae (cortex 450-700 HU, marrow 150-250) around the spinal canal, ribs that slope
-    down to the front (400-600) and the sternum (300-450)."""
-    centre_y, radius = chest.half_depth - rng.uniform(60, 70), rng.uniform(15, 20)   # the vertebral body
-    from_centre, from_canal = np.hypot(x, y - centre_y), np.hypot(x, y - centre_y - radius - 10)
-    spinous = (np.abs(x) < 5) & (y > centre_y + radius + 20) & (y < centre_y + radius + 40)
-    hu[((from_centre < radius) | (from_canal > 8) & (from_canal < 13) | spinous)[..., 0]] = rng.uniform(450, 700)
-    hu[(from_centre < radius - 3)[..., 0]] = rng.uniform(150, 250)                  # marrow
+    """Vertebrae (cortex 450-700 HU, marrow 150-250) around the spinal canal, ribs that slope down to
+    the front (400-600) and the sternum (300-450)."""
+    centre, radius, depth = chest.half_depth - rng.uniform(60, 70), rng.uniform(15, 20), chest.half_depth
+    from_centre, from_canal = np.hypot(x, y - centre), np.hypot(x, y - centre - radius - 10)
+    spinous = (np.abs(x) < 5) & (y > centre + radius + 20) & (y < centre + radius + 40)
+    vertebra = (from_centre < radius) | (from_canal > 8) & (from_canal < 13) | spinous
+    hu[vertebra[..., 0]] = rng.uniform(450, 700)                                     # cortex
+    hu[(from_centre < radius - 3)[..., 0]] = rng.uniform(150, 250)                   # marrow
     hu[(from_canal < 8)[..., 0]] = 20                                                # the spinal canal
     pitch, front = rng.uniform(24, 30), (y < 0) & (np.abs(x) < 30)     # costal cartilages spare the front
     slope, width = (z - rng.uniform(0.3, 0.5) * y + rng.uniform(0, 30)) % pitch, rng.uniform(9, 12)
     hu[(body > 0.86) & (body < 0.91) & ~front & (slope < width)] = rng.uniform(400, 600)
-    depth = chest.half_depth
-    hu[(np.abs(x) < 14) & (y > -0.93 * depth) & (y < -0.85 * depth) & (z > -80) & (z < 100)] = rng.uniform(300, 450)
+    sternum = (np.abs(x) < 14) & (y > -0.93 * depth) & (y < -0.85 * depth) & (z > -80) & (z < 100)
+    hu[sternum] = rng.uniform(300, 450)
 
 
 # -- The 18 findings, as they look on CT, at a random size, place and strength --
@@ -537,7 +548,7 @@ def draw_medical_material(rng, hu, grid, chest):
     """Metal (2500-3500 HU): sternotomy wires, or a pacemaker or port in the chest wall with its lead
     or catheter through the subclavian vein and the SVC into the heart."""
     metal, kind, depth = rng.uniform(2500, 3500), rng.integers(3), chest.half_depth
-    if kind == 0:               # wire loops around the sternum: inside the bone they would not show
+    if kind == 0:                # wire loops around the sternum: inside the bone they would not show
         corners = [(-18, -.95 * depth), (18, -.95 * depth), (18, -.82 * depth), (-18, -.82 * depth)]
         for z in np.arange(-60, 90, rng.uniform(22, 32)):
             loop = [np.array([*corner, z]) for corner in corners + corners[:1]]
@@ -545,7 +556,7 @@ def draw_medical_material(rng, hu, grid, chest):
         return "consistent with sternotomy wires"
     device = np.array([rng.choice([-1, 1]) * rng.uniform(60, 80), -0.78 * depth, rng.uniform(60, 90)])
     blob(hu, grid, device, (24, 8, 20) if kind == 1 else (12, 8, 12), metal)
-    tip = (-0.3, -0.6, -0.5) if kind == 1 else (-0.7, 0, 0.4)   # the right ventricle; the right atrium
+    tip = (-0.3, -0.6, -0.5) if kind == 1 else (-0.7, 0, 0.4)       # the right ventricle; the right atrium
     path = [device, np.array([np.sign(device[0]) * 45, -0.45 * depth, 125]),
             np.array([-26, -0.2 * depth, chest.carina[2] + 20]), chest.heart_centre + chest.heart_radii * tip]
     draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(path, path[1:])], metal)
@@ -567,11 +578,12 @@ def draw_arterial_wall_calcification(rng, hu, grid, chest):
 
 
 def draw_cardiomegaly(rng, hu, grid, chest):
-    """The heart (35-50 HU) repainted larger, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48): it grows
-    left, back and up into lung and fat, still resting on the diaphragm and the anterior chest wall."""
+    """The heart (35-50 HU) repainted larger, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48): it
+    grows left, back and up into lung and fat, still on the diaphragm and the anterior chest wall."""
     ctr = rng.uniform(0.56, 0.68)
     grow = chest.heart_radii * (ctr / chest.ctr - 1)
-    chest.heart_centre, chest.heart_radii, chest.ctr = chest.heart_centre + grow * (0.4, 1, 1), chest.heart_radii + grow, ctr
+    chest.heart_centre, chest.heart_radii = chest.heart_centre + grow * (0.4, 1, 1), chest.heart_radii + grow
+    chest.ctr = ctr
     paint_heart(hu, grid, chest)
     return f"(cardiothoracic ratio {ctr:.2f})"
 
@@ -590,20 +602,23 @@ CORONARIES = {"LAD": (-80, -60, 0.5, -0.7), "circumflex": (-50, 60, 0.4, 0.3), "
 
 def draw_coronary_artery_wall_calcification(rng, hu, grid, chest):
     """Calcified plaques (400-1200 HU): segments 7-10 mm thick, 3 mm out from the heart's surface,
-    covering 30-80% of the course of 1-3 coronary arteries."""
+    along 30-80% of the course of 1-3 coronary arteries."""
     names = sorted(rng.choice(list(CORONARIES), rng.integers(1, 4), replace=False))
     for name in names:
         azimuth_from, azimuth_to, height_from, height_to = CORONARIES[name]
-        t = rng.uniform(0, 0.5) + np.linspace(0, rng.uniform(0.3, 0.5), 5)[:, None]   # a curve, in 4 pieces
-        azimuth, height = np.radians(azimuth_from + t * (azimuth_to - azimuth_from)), height_from + t * (height_to - height_from)
-        on_sphere = np.hstack([np.cos(azimuth) * np.sqrt(1 - height ** 2), np.sin(azimuth) * np.sqrt(1 - height ** 2), height])
-        course = chest.heart_centre + on_sphere * (chest.heart_radii + 3)
-        draw_tubes(hu, grid, [(p, q, rng.uniform(3.5, 5)) for p, q in zip(course, course[1:])], rng.uniform(400, 1200))
+        t = rng.uniform(0, 0.5) + np.linspace(0, rng.uniform(0.3, 0.5), 5)      # a curve, in 4 pieces
+        azimuth = np.radians(azimuth_from + t * (azimuth_to - azimuth_from))
+        height = height_from + t * (height_to - height_from)
+        on_sphere = np.stack([np.cos(azimuth), np.sin(azimuth), 0 * t], 1) * np.sqrt(1 - height[:, None] ** 2)
+        course = chest.heart_centre + (on_sphere + np.outer(height, (0, 0, 1))) * (chest.heart_radii + 3)
+        draw_tubes(hu, grid, [(p, q, rng.uniform(3.5, 5)) for p, q in zip(course, course[1:])],
+                   rng.uniform(400, 1200))
     return "(" + ", ".join(names) + ")"
 
 
 def draw_hiatal_hernia(rng, hu, grid, chest):
-    """Stomach above the diaphragm behind the heart, in lung and fat: a walled fluid sac (0-30 HU), a gas cap."""
+    """Stomach above the diaphragm behind the heart, in lung and fat: a walled fluid sac (0-30 HU)
+    with a gas cap."""
     radii, left, room = rng.uniform((28, 20, 25), (45, 30, 40)), chest.lungs[1], soft_room(hu, chest)
     centre = np.array([rng.uniform(5, 30), chest.heart_centre[1] + chest.heart_radii[1] + 0.6 * radii[1],
                        left.base + left.dome + 0.7 * radii[2]])
@@ -616,40 +631,45 @@ def draw_hiatal_hernia(rng, hu, grid, chest):
 
 def draw_lymphadenopathy(rng, hu, grid, chest):
     """Enlarged nodes (18-32 mm short axis, 30-50 HU), 1-2 at each of 3-6 mediastinal and hilar stations."""
-    names, short_axes = rng.choice(list(chest.stations), rng.integers(3, 7), replace=False), rng.uniform(18, 32, 6)
+    names = rng.choice(list(chest.stations), rng.integers(3, 7), replace=False)
+    short_axes = rng.uniform(18, 32, 6)
     for name, short_axis in zip(names, short_axes):
         for _ in range(rng.integers(1, 3)):
-            blob(hu, grid, chest.stations[name] + rng.normal(0, 6, 3), short_axis / 2 * np.array([1, 1, rng.uniform(1.2, 1.6)]),
-                 rng.uniform(30, 50), soft_room(hu, chest))
+            centre = chest.stations[name] + rng.normal(0, 6, 3)
+            radii = short_axis / 2 * np.array([1, 1, rng.uniform(1.2, 1.6)])
+            blob(hu, grid, centre, radii, rng.uniform(30, 50), soft_room(hu, chest))
     return f"in the {names[0]} region, the largest {short_axes[:len(names)].max():.0f} mm in short axis"
 
 
+def fill_lung(rng, hu, grid, chest, points, radii_mm, value_hu, edge=3.0):
+    """What most parenchymal findings share: at each point a lung_patch (half-axes drawn from
+    radii_mm) whose parenchyma (-950 to -600 HU) takes value_hu, while vessels and airways only ever
+    become denser (they show through ground glass; darker lung spares them). Returns the points."""
+    for point in points:
+        s, weight = lung_patch(grid, chest, point, rng.uniform(*radii_mm), edge)
+        change = rng.uniform(*value_hu) - hu[s]
+        hu[s] += weight * np.where((hu[s] > -950) & (hu[s] < -600), change, np.maximum(change, 0))
+    return points
+
+
 def draw_emphysema(rng, hu, grid, chest):
-    """Wall-less holes (-1000 to -980 HU): 40-100 centrilobular ones 10-24 mm across in the upper lungs
-    and up to four 25-50 mm subpleural bullae; the vessels are spared."""
-    level, upper, bullae = rng.uniform(-1000, -980), (chest.carina[2] - 30, 115), rng.integers(0, 5)
-    holes = [(lung_point(rng, chest, height=upper), rng.uniform(5, 12)) for _ in range(rng.integers(40, 100))]
-    parenchyma = chest.lung & (hu < -600)
-    for centre, radius in holes + [(lung_point(rng, chest, (0.8, 0.97), upper), rng.uniform(12, 25)) for _ in range(bullae)]:
-        blob(hu, grid, centre, radius, level, parenchyma)
+    """Wall-less holes (-1000 to -980 HU): 40-100 centrilobular ones 10-24 mm across in the upper
+    lungs and up to four 25-50 mm subpleural bullae; the vessels are spared."""
+    upper, bullae = (chest.carina[2] - 30, 115), rng.integers(0, 5)
+    holes = [lung_point(rng, chest, height=upper) for _ in range(rng.integers(40, 100))]
+    fill_lung(rng, hu, grid, chest, holes, (5, 12), (-1000, -980), edge=50)
+    fill_lung(rng, hu, grid, chest, [lung_point(rng, chest, (0.8, 0.97), upper) for _ in range(bullae)],
+              (12, 25), (-1000, -980), edge=50)
     return ("with bullae, " if bullae else "") + "more prominent in the upper lobes"
 
 
-def fill_lung(rng, hu, grid, chest, points, radii_mm, target_hu, edge=3.0):
-    """Fill patches of lung (lung_patch at each point, half-axes drawn from radii_mm) towards
-    target_hu: the parenchyma takes it, vessels and airways only ever become denser (they show
-    through ground glass). Returns where they lie."""
-    for point in points:
-        s, weight = lung_patch(grid, chest, point, rng.uniform(*radii_mm), edge)
-        hu[s] += weight * np.maximum(rng.uniform(*target_hu) - hu[s], 0)
-    return where_in_lungs(chest, *points)
-
-
 def draw_atelectasis(rng, hu, grid, chest):
-    """Collapsed lung (10-60 HU) in the lower lobes: 1-2 sharp plates 6-12 mm thick front to back and
-    40-80 mm wide, bands in the axial slices."""
-    points = [lung_point(rng, chest, (0, 0.7), (-90, chest.carina[2] - 30)) for _ in range(rng.integers(1, 3))]
-    return fill_lung(rng, hu, grid, chest, points, ((20, 3, 8), (40, 6, 15)), (10, 60), edge=10)
+    """Collapsed lung (10-60 HU) in the lower lobes: 1-2 sharp plates 6-12 mm thick front to back
+    and 40-80 mm wide, bands in the axial slices."""
+    lower = (-90, chest.carina[2] - 30)
+    points = [lung_point(rng, chest, (0, 0.7), lower) for _ in range(rng.integers(1, 3))]
+    plates = ((20, 3, 8), (40, 6, 15))                                 # half-axes from, to (mm)
+    return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, plates, (10, 60), edge=10))
 
 
 def draw_lung_nodule(rng, hu, grid, chest):
@@ -665,16 +685,18 @@ def draw_lung_nodule(rng, hu, grid, chest):
 def draw_lung_opacity(rng, hu, grid, chest):
     """Ground glass (-650 to -350 HU): 2-5 soft-edged patches 30-90 mm across; vessels show through."""
     points = [lung_point(rng, chest) for _ in range(rng.integers(2, 6))]
-    return fill_lung(rng, hu, grid, chest, points, ((15,) * 3, (45,) * 3), (-650, -350))
+    return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, (15, 45), (-650, -350)))
 
 
 def draw_pulmonary_fibrotic_sequela(rng, hu, grid, chest):
     """4-8 dense (-50 to +40 HU) bands 5-8 mm thick and 50-80 mm long reaching the pleura, mostly in
-    the upper lobes and mostly in the axial plane."""
-    points = [lung_point(rng, chest, (0.7, 0.95), (chest.carina[2] - 40, 115)) for _ in range(rng.integers(4, 9))]
+    the upper lobes and in the axial plane."""
+    upper = (chest.carina[2] - 40, 115)
+    points = [lung_point(rng, chest, (0.7, 0.95), upper) for _ in range(rng.integers(4, 9))]
     for point in points:
         half = unit((*rng.normal(size=2), 0.3 * rng.normal())) * rng.uniform(25, 40)
-        draw_tubes(hu, grid, [(point - half, point + half, rng.uniform(2.5, 4))], rng.uniform(-50, 40), where=chest.lung)
+        draw_tubes(hu, grid, [(point - half, point + half, rng.uniform(2.5, 4))], rng.uniform(-50, 40),
+                   where=chest.lung)
     return where_in_lungs(chest, points[0])
 
 
@@ -683,18 +705,19 @@ def draw_pleural_effusion(rng, hu, grid, chest):
     deepest at the base, with a meniscus climbing along the chest wall."""
     sides, depth = [[0], [1], [0, 1]][rng.integers(3)], rng.uniform(0.12, 0.35)
     for lung in (chest.lungs[i] for i in sides):
-        s, x, y, z = box(grid, (*(lung.centre - lung.radii), lung.base), (*(lung.centre + lung.radii), lung.top))
+        s, x, y, z = lung_box(grid, lung)
         height = np.clip((z - lung.base) / (lung.top - lung.base), 0, 1)
         across = (y - lung.centre[1]) / lung.radii[1] + 0.6 * ((x - lung.centre[0]) / lung.radii[0]) ** 2
         hu[s][(across > 1 - 2 * depth * (1.2 - height)) & chest.lung[s]] = rng.uniform(0, 20)
-    where = "in both hemithoraces, up to" if len(sides) == 2 else f"in the {['right', 'left'][sides[0]]} hemithorax,"
+    side = f"in the {('right', 'left')[sides[0]]} hemithorax,"
+    where = "in both hemithoraces, up to" if len(sides) == 2 else side
     return f"{where} {2.4 * depth * chest.lungs[sides[0]].radii[1]:.0f} mm thick"
 
 
 def draw_mosaic_attenuation_pattern(rng, hu, grid, chest):
     """Geographic patches of darker lung (air trapping or hypoperfusion: 60-120 HU below the lung
     around them), sharply bounded: 4-8 of them, 25-60 mm across, a few percent of the lungs."""
-    points, darker = [lung_point(rng, chest) for _ in range(rng.integers(4, 9))], np.zeros(hu.shape, np.float32)
+    points, darker = [lung_point(rng, chest) for _ in range(rng.integers(4, 9))], np.zeros_like(hu)
     for point in points:
         s, weight = lung_patch(grid, chest, point, rng.uniform(12, 30, 3), edge=10)
         darker[s] = np.maximum(darker[s], weight)                       # overlapping patches: darker once
@@ -704,7 +727,7 @@ def draw_mosaic_attenuation_pattern(rng, hu, grid, chest):
 
 def draw_peribronchial_thickening(rng, hu, grid, chest):
     """Bronchial walls thickened to 3-5 mm (normal: 1 mm) of 20-50 HU around lumens of normal size."""
-    bronchi = [bronchus[:3] for bronchus in chest.bronchi]
+    bronchi = [tube[:3] for tube in chest.bronchi]
     draw_tubes(hu, grid, bronchi, -1000, rng.uniform(3, 5), rng.uniform(20, 50), chest.lung)
     return "in both lungs"
 
@@ -713,40 +736,40 @@ def draw_consolidation(rng, hu, grid, chest):
     """Dense airspace opacity (-50 to +50 HU), 50-110 mm, with air bronchograms branching through it
     from the hilar side."""
     point, radii = lung_point(rng, chest, (0, 0.75)), rng.uniform(25, 55, 3)
-    where = fill_lung(rng, hu, grid, chest, [point], (radii, radii), (-50, 50), edge=6)
-    consolidated = chest.lung & (hu > -100)                         # where the air bronchograms run
+    fill_lung(rng, hu, grid, chest, [point], (radii, radii), (-50, 50), edge=6)
     hilum = chest.lungs[int(point[0] >= 0)].hilum
     start = point + unit(hilum - point) * radii.min()
-    draw_tubes(hu, grid, [(start, start + unit(point - hilum + rng.normal(0, 15, 3)) * 2 * radii.max(), rng.uniform(2, 3.5))
-                          for _ in range(rng.integers(2, 5))], -950, where=consolidated)
-    return where
+    bronchograms = [(start, start + unit(point - hilum + rng.normal(0, 15, 3)) * 2 * radii.max(),
+                     rng.uniform(2, 3.5)) for _ in range(rng.integers(2, 5))]
+    draw_tubes(hu, grid, bronchograms, -950, where=chest.lung & (hu > -100))    # in the consolidated lung
+    return where_in_lungs(chest, point)
 
 
 def draw_bronchiectasis(rng, hu, grid, chest):
     """Dilated bronchi: lumens of 6-10 mm radius (wider than the artery beside them), walls 3-4.5 mm
     of 20-50 HU, reaching towards the pleura, in 2-4 lobes, mostly the lower ones."""
-    lobes = sorted({bronchus[3] for bronchus in chest.bronchi})
+    lobes = sorted({tube[3] for tube in chest.bronchi})
     weights = np.array([3.0 if "lower" in lobe else 1.0 for lobe in lobes])
     chosen = rng.choice(lobes, rng.integers(2, 5), replace=False, p=weights / weights.sum())
-    tubes = [(start, start + 1.5 * (end - start), rng.uniform(6, 10)) for start, end, radius, lobe in chest.bronchi
-             if lobe in chosen and radius < 4]                          # segmental and subsegmental
+    tubes = [(start, start + 1.5 * (end - start), rng.uniform(6, 10))
+             for start, end, radius, lobe in chest.bronchi if lobe in chosen and radius < 4]  # (sub)segmental
     draw_tubes(hu, grid, tubes, -1000, rng.uniform(3, 4.5), rng.uniform(20, 50), chest.lung)
     return "in the " + " and ".join(chosen)
 
 
 def draw_interlobular_septal_thickening(rng, hu, grid, chest):
-    """Thickened septa (3-5 mm lines, -250 to -50 HU) around 12-20 mm lobules in 2-4 subpleural regions
-    40-70 mm across, mostly basal: three tilted families of parallel planes 60 degrees apart."""
-    height, value = (-100, chest.carina[2] - 20) if rng.random() < 0.7 else (-100, 115), rng.uniform(-250, -50)
+    """Thickened septa (3-5 mm lines, -250 to -50 HU) around 12-20 mm lobules in 2-4 subpleural
+    regions 40-70 mm across, mostly basal: three tilted families of parallel planes 60 degrees apart."""
+    height = (-100, chest.carina[2] - 20) if rng.random() < 0.7 else (-100, 115)
     points = [lung_point(rng, chest, (0.75, 0.97), height) for _ in range(rng.integers(2, 5))]
-    lobule, width = rng.uniform(12, 20), rng.uniform(3, 5)
+    value, lobule, width = rng.uniform(-250, -50), rng.uniform(12, 20), rng.uniform(3, 5)
     theta = rng.uniform(0, np.pi / 3) + np.arange(3) * np.pi / 3
     planes, phase = np.stack([np.cos(theta), np.sin(theta), np.full(3, 0.35)]) / lobule, rng.random(3)
     for point in points:
         s, weight = lung_patch(grid, chest, point, rng.uniform(20, 35))
-        t = np.stack(np.meshgrid(*(grid[k][s[k]] for k in range(3)), indexing="ij"), -1) @ planes + phase
+        t = np.stack(np.meshgrid(*(g[k] for g, k in zip(grid, s)), indexing="ij"), -1) @ planes + phase
         septa = (np.abs(t - np.round(t)) * lobule < width / 2).any(-1) & (weight > 0.5)
-        hu[s][septa & (hu[s] > -950) & (hu[s] < -600)] = value          # in the parenchyma, between the vessels
+        hu[s][septa & (hu[s] > -950) & (hu[s] < -600)] = value      # in the parenchyma, between the vessels
     return where_in_lungs(chest, *points)
 
 
@@ -827,7 +850,8 @@ def sample_labels(rng, n):
     """(n, 18) 0/1 labels with CT-RATE's prevalence and co-occurrence."""
     loadings = np.array([[FACTORS[k].get(f, 0.0) for k in FACTORS] for f in FINDINGS])   # (18, factors)
     own = np.sqrt(1 - (loadings ** 2).sum(1))
-    score = rng.standard_normal((n, len(FACTORS))) @ loadings.T + rng.standard_normal((n, len(FINDINGS))) * own
+    factors, noise = rng.standard_normal((n, len(FACTORS))), rng.standard_normal((n, len(FINDINGS)))
+    score = factors @ loadings.T + noise * own
     return (score > [NormalDist().inv_cdf(1 - p) for p in PREVALENCE]).astype(np.int8)
 
 
@@ -851,7 +875,7 @@ def say(rng, grammar, sentence=True, **slots):
     grammar = "{" + grammar + "}"
     while "{" in grammar:
         grammar = re.sub(r"\{([^{}]*)\}", choose, grammar)
-    number = lambda m: f"{rng.uniform(float(m[1]), float(m[2])):.{len(m[1].partition('.')[2])}f}"  # noqa: E731
+    number = lambda m: f"{rng.uniform(float(m[1]), float(m[2])):.{len(m[1].partition('.')[2])}f}"  # noqa
     text = re.sub(r"\$(\w+)", lambda m: slots[m[1]], re.sub(r"<([\d.]+)-([\d.]+)>", number, grammar))
     if not sentence:
         return text
@@ -859,112 +883,120 @@ def say(rng, grammar, sentence=True, **slots):
     return text[:1].upper() + text[1:]
 
 
-LOBE = ("in {the right lung {upper lobe {apical|posterior}|middle lobe {medial|lateral}|lower lobe {superior|"
-        "posterobasal}} segment|the left lung {upper lobe apicoposterior|{superior|inferior} lingular|lower lobe "
-        "{superior|posterobasal}} segment|the {right|left} lung {upper|lower} lobe|both lung {lower lobes|apices}"
-        "|the {dependent|subpleural} parts of both lungs|both lungs}")
+LOBE = ("in {the right lung {upper lobe {apical|posterior}|middle lobe {medial|lateral}|lower lobe "
+        "{superior|posterobasal}} segment|the left lung {upper lobe apicoposterior|{superior|inferior} "
+        "lingular|lower lobe {superior|posterobasal}} segment|the {right|left} lung {upper|lower} lobe|both "
+        "lung {lower lobes|apices}|the {dependent|subpleural} parts of both lungs|both lungs}")
 # "Finding: its names; where, when the volume gives no detail; an afterword when present; how often an
 # absent one is negated (CT-RATE's rate); how". None uses the finding's CT-RATE name.
 TERMS = {f: (names, place, after, float(rate), negation) for f, names, place, after, rate, negation in (
     [part.strip() for part in spec.replace(": ", ";", 1).split(";")] for spec in (
-        "Medical material: {metallic {images|structures}|foreign material of medical origin}; {consistent with "
-        "sternotomy wires|belonging to a {port|central venous} catheter extending to the superior vena cava|"
-        "belonging to a pacemaker and its lead|consistent with a stent in the {aorta|esophagus}};; 0;",
-        "Arterial wall calcification: {calcific |}atheroma{tous|} plaques|{calcific |}atherosclerotic changes|"
-        "wall calcifications; in the {thoracic aorta|aortic arch|wall of the {ascending|descending} aorta};; 0;",
-        "Cardiomegaly: cardiomegaly|increased heart size|an increase in the cardiothoracic {ratio|index} in favor "
-        "of the heart;;; 0.8; {2*heart contour{ and|,} size {are|is} {normal|natural}|heart dimensions and "
-        "compartments appear natural|the cardiothoracic ratio is <0.38-0.49>}.",
+        "Medical material: {metallic {images|structures}|foreign material of medical origin}; {consistent "
+        "with sternotomy wires|belonging to a {port|central venous} catheter extending to the superior vena "
+        "cava|belonging to a pacemaker and its lead|consistent with a stent in the {aorta|esophagus}};; 0;",
+        "Arterial wall calcification: {calcific |}atheroma{tous|} plaques|{calcific |}atherosclerotic "
+        "changes|wall calcifications; in the {thoracic aorta|aortic arch|wall of the {ascending|descending} "
+        "aorta};; 0;",
+        "Cardiomegaly: cardiomegaly|increased heart size|an increase in the cardiothoracic {ratio|index} in "
+        "favor of the heart;;; 0.8; {2*heart contour{ and|,} size {are|is} {normal|natural}|heart dimensions "
+        "and compartments appear natural|the cardiothoracic ratio is <0.38-0.49>}.",
         "Pericardial effusion: {minimal |mild |}pericardial effusion|{minimal |}effusion in the pericardial "
         "space; {reaching <4-15> mm in its thickest part|in the form of thin smears|};; 0.75; {pericardial "
         "effusion-thickening|pericardial effusion} {was not|is not} {observed|detected}.",
-        "Coronary artery wall calcification: {calcified |}atheroma{tous|} plaques in the coronary {arteries|"
-        "vascular structures}|coronary artery calcifications; {|, {most prominent |}in the {LAD|RCA|circumflex}}"
-        ";; 0;",
+        "Coronary artery wall calcification: {calcified |}atheroma{tous|} plaques in the coronary "
+        "{arteries|vascular structures}|coronary artery calcifications; {|, {most prominent |}in the "
+        "{LAD|RCA|circumflex}};; 0;",
         "Hiatal hernia: {a sliding type|a mild|a} hiatal hernia; {at the esophagogastric junction|};; 0.7; "
-        "{thoracic esophagus calibration was normal and no significant {tumoral|pathological} wall thickening "
-        "was detected|no pathological wall thickness increase was observed in the esophagus}.",
-        "Lymphadenopathy: {enlarged |}lymph nodes of pathological size|{pathologically |}enlarged lymph nodes|"
-        "lymphadenopathies; in the {prevascular|{right |}{upper|lower} paratracheal|subcarinal|{right|left|"
-        "bilateral} hilar} {region|area}{, the largest <11-24> mm in short axis|};; 0.96; {there {are|were} no "
-        "{enlarged lymph nodes|lymph nodes of pathological size}|no pathological LAP was detected} in {the "
-        "mediastinum|the mediastinal and {bilateral |}hilar regions}.",
+        "{thoracic esophagus calibration was normal and no significant {tumoral|pathological} wall "
+        "thickening was detected|no pathological wall thickness increase was observed in the esophagus}.",
+        "Lymphadenopathy: {enlarged |}lymph nodes of pathological size|{pathologically |}enlarged lymph "
+        "nodes|lymphadenopathies; in the {prevascular|{right |}{upper|lower} "
+        "paratracheal|subcarinal|{right|left|bilateral} hilar} {region|area}{, the largest <11-24> mm in "
+        "short axis|};; 0.96; {there {are|were} no {enlarged lymph nodes|lymph nodes of pathological "
+        "size}|no pathological LAP was detected} in {the mediastinum|the mediastinal and {bilateral |}hilar "
+        "regions}.",
         "Emphysema: {mild |diffuse |}emphysematous changes|{centrilobular|paraseptal} emphysema{ areas|}; in "
         "{both lungs|the upper {lobes|zones} of both lungs};; 0;",
         "Atelectasis: {linear |subsegmental |plate-like |}atelectasis|atelectatic changes; " + LOBE + ";; 0;",
         "Lung nodule: a {nonspecific |solid |}{pulmonary |parenchymal |}nodule|a nodular {lesion|formation}|"
         "{a few |several |}millimetric {nonspecific |}nodules; {2*|of <2-9> mm|of <2.0-8.9> mm in diameter} "
         + LOBE + "; { (intrapulmonary lymph node?)| (granuloma?)|5*}; 0.37; {no {mass or nodule|suspicious "
-        "nodule, mass or infiltration} {was|is} {detected|observed} in {both lungs|the lung parenchyma}|aeration "
-        "of both lungs is normal and no nodular or infiltrative lesion is seen}.",
+                 "nodule, mass or infiltration} {was|is} {detected|observed} in {both lungs|the lung "
+                 "parenchyma}|aeration of both lungs is normal and no nodular or infiltrative lesion is "
+                 "seen}.",
         "Lung opacity: ground{ |-}glass {opacities|densities|areas}|{patchy |}ground{ |-}glass density "
         "increases; " + LOBE + "; { (infection?)| (early viral pneumonia?)|6*}; 0;",
         "Pulmonary fibrotic sequela: {pleuroparenchymal |}sequelae {changes|density increases}|{linear |}"
         "fibrotic bands|fibroatelectatic changes; " + LOBE + ";; 0;",
-        "Pleural effusion: {minimal |mild |}pleural effusion|{an |}effusion in the pleural space; {in the {right|"
-        "left} hemithorax{, reaching <5-40> mm in its thickest part|}|in both hemithoraces};; 0.69; {{bilateral |}"
-        "pleural effusion-thickening was not {detected|observed}|no pleural effusion was detected}.",
-        "Mosaic attenuation pattern: {a |}mosaic {attenuation|perfusion} pattern|areas of mosaic attenuation; "
-        "in {both lungs|both lung lower lobes}; { (small airway disease?)|4*}; 0;",
+        "Pleural effusion: {minimal |mild |}pleural effusion|{an |}effusion in the pleural space; {in the "
+        "{right|left} hemithorax{, reaching <5-40> mm in its thickest part|}|in both hemithoraces};; 0.69; "
+        "{{bilateral |}pleural effusion-thickening was not {detected|observed}|no pleural effusion was "
+        "detected}.",
+        "Mosaic attenuation pattern: {a |}mosaic {attenuation|perfusion} pattern|areas of mosaic "
+        "attenuation; in {both lungs|both lung lower lobes}; { (small airway disease?)|4*}; 0;",
         "Peribronchial thickening: {minimal |}peribronchial thickening{s|}|{bronchial|peribronchial} wall "
         "thickening{s|}; " + LOBE + ";; 0;",
-        "Consolidation: {patchy |focal |}consolidation{ areas|}|{an area|areas} of {pneumonic |}consolidation; "
-        + LOBE + "; { (pneumonia?)| (infection?)|6*}; 0.05; {no pneumonic infiltration or consolidation area "
-        "was detected|pneumonic infiltration or consolidation area is not observed} in {the lung parenchyma|"
-        "both lungs}.",
-        "Bronchiectasis: {mild |}{cylindrical |traction |}bronchiectasis|bronchiectatic changes|dilatation of "
-        "the segmental bronchi; {in the central parts of both lungs|" + LOBE + "};; 0;",
+        "Consolidation: {patchy |focal |}consolidation{ areas|}|{an area|areas} of {pneumonic |}"
+        "consolidation; " + LOBE + "; { (pneumonia?)| (infection?)|6*}; 0.05; {no pneumonic infiltration or "
+        "consolidation area was detected|pneumonic infiltration or consolidation area is not observed} in "
+        "{the lung parenchyma|both lungs}.",
+        "Bronchiectasis: {mild |}{cylindrical |traction |}bronchiectasis|bronchiectatic changes|dilatation "
+        "of the segmental bronchi; {in the central parts of both lungs|" + LOBE + "};; 0;",
         "Interlobular septal thickening: {smooth |}interlobular septal thickening{s|}|thickening of the "
         "interlobular septa; in {the {lower lobes|basal segments} of both lungs|both lungs}; { (pulmonary "
         "edema?)|3*}; 0;"))}
 PRESENT = "{$s $p|there $be $s $p|$s $be {observed|seen|noted} $p|$s $p $was {observed|detected}}$c."
-HEDGED = ("{an appearance|{minimal|nonspecific} changes} $b.|{an appearance that may be compatible with $s $p is "
-          "observed|findings that may be compatible with $s $p are observed}.|$s $p cannot be excluded.|{the |}"
-          "differential diagnosis includes $s $p.")
-STOCK = [  # (how often, a sentence), in a real report's order; a slice: where the findings of FINDINGS[slice] go
+HEDGED = ("{an appearance|{minimal|nonspecific} changes} $b.|{an appearance that may be compatible with $s "
+          "$p is observed|findings that may be compatible with $s $p are observed}.|$s $p cannot be "
+          "excluded.|{the |}differential diagnosis includes $s $p.")
+# (how often, a sentence), in a real report's order; a slice: where the findings of FINDINGS[slice] go.
+STOCK = [
     (1, "{trachea and {both |}main bronchi} {are|were} {open|in the midline and open}{2*| and no {occlusive|"
         "obstructive} pathology {is|was} detected in the lumen}."),
     (.5, "{mediastinal structures {cannot be|were not} evaluated optimally because contrast material is not "
          "given|the mediastinum could not be evaluated optimally in the non-contrast examination}."),
-    (.7, "{thoracic aorta diameter is normal|the widths of the mediastinal main vascular structures are normal|"
-         "the {ascending aorta|main pulmonary artery} {is|was measured as} {3*<24-39>|<28.0-39.9>} mm in "
-         "diameter}."),
-    (.3, "{4*the thyroid gland {is|appears} {normal|natural} in size|a {hypodense |}nodule of <5-22> mm {is|was} "
-         "observed in the {right|left} lobe of the thyroid gland{ (colloid nodule?)|2*}}."),
+    (.7, "{thoracic aorta diameter is normal|the widths of the mediastinal main vascular structures are "
+         "normal|the {ascending aorta|main pulmonary artery} {is|was measured as} {3*<24-39>|<28.0-39.9>} mm "
+         "in diameter}."),
+    (.3, "{4*the thyroid gland {is|appears} {normal|natural} in size|a {hypodense |}nodule of <5-22> mm "
+         "{is|was} observed in the {right|left} lobe of the thyroid gland{ (colloid nodule?)|2*}}."),
     (1, slice(0, 7)),
     (.25, "{{reactive |}lymph nodes smaller than {1 cm|10 mm} in short axis {are|were} observed in the "
-          "{bilateral |}axillary {region|regions}|a lipoma of <15-60> mm {is|was} observed in the subcutaneous "
-          "fatty tissue of the {right|left} chest wall}."),
+          "{bilateral |}axillary {region|regions}|a lipoma of <15-60> mm {is|was} observed in the "
+          "subcutaneous fatty tissue of the {right|left} chest wall}."),
     (.6, "{when examined in the lung parenchyma window|in the evaluation of both lung parenchyma};"),
     (1, slice(7, 18)),
     (.3, "{2*{there is no pneumothorax|no pneumothorax was detected}|apical pleural thickening {is|was} "
          "observed {bilaterally|on the {right|left}}}."),
     (.5, "upper abdominal organs included in the sections {are|were} {normal|natural}{| as far as can be "
          "observed| within the limits of a non-contrast examination}."),
-    (.8, "{6*{no space-occupying lesion was detected in the liver{ within the sections|}|the contour, size and "
-         "parenchymal density of the liver are {normal|natural}}|2*a decrease in density consistent with "
-         "hepatosteatosis {is|was} observed in the liver|a hypodense lesion {of|measuring} {2*<3-24>|<2.0-9.9>} "
-         "mm {is|was} observed in {segment <2-8>|the {right|left} lobe} of the liver{ (cyst?)|, consistent "
-         "with a {simple |}cyst|}}."),
-    (.4, "{3*the {gallbladder|spleen|pancreas} {is|appears} {normal|natural}|{a stone of <4-18> mm is|calculi "
-         "of up to <4-18> mm are} observed in the gallbladder}."),
-    (.7, "{4*{bilateral|both} adrenal glands {were|are} {normal|natural}|a {nodular |}thickening of <8-24> mm "
-         "{is|was} observed in the {right|left} adrenal gland{ (adenoma?)|, compatible with an adenoma|2*}}."),
-    (.5, "{3*both kidneys are {normal|natural} in size and contour|a {cortical |parapelvic |}cyst {of|measuring} "
-         "<5-45> mm {is|was} observed in the {upper|lower} pole of the {right|left} kidney{ (Bosniak {1|2})|3*}}."),
-    (.8, "{bone structures in the study area are natural|no lytic-destructive lesions were detected in the bone "
-         "structures {within the sections|in the study area}}."),
+    (.8, "{6*{no space-occupying lesion was detected in the liver{ within the sections|}|the contour, size "
+         "and parenchymal density of the liver are {normal|natural}}|2*a decrease in density consistent with "
+         "hepatosteatosis {is|was} observed in the liver|a hypodense lesion {of|measuring} "
+         "{2*<3-24>|<2.0-9.9>} mm {is|was} observed in {segment <2-8>|the {right|left} lobe} of the liver{ "
+         "(cyst?)|, consistent with a {simple |}cyst|}}."),
+    (.4, "{3*the {gallbladder|spleen|pancreas} {is|appears} {normal|natural}|{a stone of <4-18> mm "
+         "is|calculi of up to <4-18> mm are} observed in the gallbladder}."),
+    (.7, "{4*{bilateral|both} adrenal glands {were|are} {normal|natural}|a {nodular |}thickening of <8-24> "
+         "mm {is|was} observed in the {right|left} adrenal gland{ (adenoma?)|, compatible with an "
+         "adenoma|2*}}."),
+    (.5, "{3*both kidneys are {normal|natural} in size and contour|a {cortical |parapelvic |}cyst "
+         "{of|measuring} <5-45> mm {is|was} observed in the {upper|lower} pole of the {right|left} kidney{ "
+         "(Bosniak {1|2})|3*}}."),
+    (.8, "{bone structures in the study area are natural|no lytic-destructive lesions were detected in the "
+         "bone structures {within the sections|in the study area}}."),
     (.7, "{4*{vertebral corpus heights|thoracic vertebral corpus heights, alignments and densities} are "
-         "{preserved|natural|normal}|there is a loss of height of {about |}<10-40>% in the {T<4-12>|L1} vertebral "
-         "corpus{, compatible with a compression fracture|2*}}."),
-    (.6, "{degenerative changes|{degenerative |}osteophytes} {are|were} observed {in the thoracic vertebrae|in "
-         "the bone structures}."),
+         "{preserved|natural|normal}|there is a loss of height of {about |}<10-40>% in the {T<4-12>|L1} "
+         "vertebral corpus{, compatible with a compression fracture|2*}}."),
+    (.6, "{degenerative changes|{degenerative |}osteophytes} {are|were} observed {in the thoracic "
+         "vertebrae|in the bone structures}."),
     (.4, "{schmorl nodules are observed in the vertebral endplates|{mild |}{dextro|levo}scoliosis of the "
-         "thoracic spine is observed|a {sclerotic bone island|vertebral hemangioma} of <4-15> mm is observed in "
-         "the {T<5-12>|L1} vertebral corpus}."),
+         "thoracic spine is observed|a {sclerotic bone island|vertebral hemangioma} of <4-15> mm is observed "
+         "in the {T<5-12>|L1} vertebral corpus}."),
 ]
 CLINICAL = "{cough|dyspnea|chest pain|fever|control|shortness of breath|not given}."
-TECHNIQUE = "{non-contrast thorax CT images were obtained in the axial plane|thorax CT without contrast|not given}."
+TECHNIQUE = ("{non-contrast thorax CT images were obtained in the axial plane|thorax CT without contrast"
+             "|not given}.")
 NORMAL = "{thoracic CT examination within normal limits|no significant pathology was detected}."
 
 
@@ -985,9 +1017,10 @@ def write_report(rng, labels_row, hedged_mask, details=None):
             s, detail = say(rng, names, False), (details or {}).get(FINDINGS[i])
             p = detail if detail and not hedged_mask[i] and rng.random() < 0.4 else say(rng, place, False)
             plural = re.search(r"(?<!si)s$", s.split(" of ")[0])  # "areas of ..." are, "atelectasis" is
-            b = f"({s} {p}?)" if re.fullmatch(r"[\w\s-]*", p) else f"{p} ({s}?)"  # all that is doubted before "?"
-            findings.append(say(rng, HEDGED if hedged_mask[i] else PRESENT, s=s, p=p, b=b, c=say(rng, afterword, False),
-                                be="are" if plural else "is", was="were" if plural else "was"))
+            b = f"({s} {p}?)" if re.fullmatch(r"[\w\s-]*", p) else f"{p} ({s}?)"  # all doubted before "?"
+            findings.append(say(rng, HEDGED if hedged_mask[i] else PRESENT, s=s, p=p, b=b,
+                                c=say(rng, afterword, False), be="are" if plural else "is",
+                                was="were" if plural else "was"))
             impressions.append(say(rng, "$s?" if hedged_mask[i] else "$s{ $p|}.", s=say(rng, names, False),
                                    p=say(rng, place, False) if p == detail else p))
     return {"ClinicalInformation_EN": say(rng, CLINICAL), "Technique_EN": say(rng, TECHNIQUE),
@@ -1022,20 +1055,24 @@ def store_volume(path, hu, affine, rng, store):
 def synthesize_scan(job):
     """Render, store and report every reconstruction of one scan: a (report, labels, metadata) row each."""
     root, split, patient, n_recons, labels_row, seed, store = job
-    key = [seed, ("train", "valid").index(split), patient]          # seeds from (seed, split, patient): order-free
+    key = [seed, ("train", "valid").index(split), patient]   # seeds from (seed, split, patient): order-free
     rng = np.random.default_rng(key + [0])
-    sex, age, maker = rng.choice(["M", "F"]), rng.integers(20, 90), rng.choice(["SIEMENS", "PHILIPS", "TOSHIBA"])
+    sex, age = rng.choice(["M", "F"]), rng.integers(20, 90)
+    maker = rng.choice(["SIEMENS", "PHILIPS", "TOSHIBA"])
     rows = []
     for recon in range(1, n_recons + 1):
         scanner = np.random.default_rng(key + [recon])
-        hu, (sxy, _, sz), affine, details = render_volume(np.random.default_rng(key + [99]), labels_row, scanner)
+        patient_rng = np.random.default_rng(key + [99])          # the same patient in every reconstruction
+        hu, (sxy, _, sz), affine, details = render_volume(patient_rng, labels_row, scanner)
         name = f"{split}_{patient}_a_{recon}.nii.gz"             # CT-RATE's VolumeName keeps the suffix
         intercept = store_volume(root / split / f"{split}_{patient}" / f"{split}_{patient}_a" / name,
                                  hu, affine, scanner, store)
         rows.append(dict(VolumeName=name, Manufacturer=maker, PatientSex=sex, PatientAge=f"{age:03d}Y",
                          Rows=hu.shape[1], Columns=hu.shape[0], XYSpacing=str([sxy, sxy]), ZSpacing=sz,
-                         RescaleIntercept=intercept, RescaleSlope=1.0, RescaleType="HU", NumberofSlices=hu.shape[2]))
-    report = write_report(rng, labels_row, labels_row.astype(bool) & (rng.random(len(FINDINGS)) < 0.1), details)
+                         RescaleIntercept=intercept, RescaleSlope=1.0, RescaleType="HU",
+                         NumberofSlices=hu.shape[2]))
+    hedged = labels_row.astype(bool) & (rng.random(len(FINDINGS)) < 0.1)
+    report = write_report(rng, labels_row, hedged, details)
     labels = dict(zip(FINDINGS, labels_row.tolist()))
     return [(dict(VolumeName=m["VolumeName"], **report), dict(VolumeName=m["VolumeName"], **labels), m)
             for m in rows]
@@ -1052,7 +1089,7 @@ def synthesize_ctrate(out, n_train=1000, n_valid=300, seed=0, store="raw", worke
     ~20% of scans have a second reconstruction) with their reports, labels and metadata."""
     root, unfinished = Path(out) / "dataset", Path(out) / ".synth-unfinished"
     if store not in ("raw", "hu") or min(n_train, n_valid) < 0 or workers < 1:
-        raise RadclipError(f"need --store raw|hu (got {store!r}), --n-train/--n-valid >= 0 and --workers >= 1")
+        raise RadclipError(f"need --store raw|hu (got {store!r}), --n-train/--n-valid >= 0, --workers >= 1")
     if unfinished.exists():  # an interrupted synth: what it wrote is ours, and incomplete
         print(f"synth: {root} is from an interrupted run; writing it again", file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
@@ -1066,8 +1103,9 @@ def synthesize_ctrate(out, n_train=1000, n_valid=300, seed=0, store="raw", worke
         labels = sample_labels(rng, len(recons))
         jobs = [(root, split, i + 1, r, labels[i], seed, store) for i, r in enumerate(recons)]
         rows = [row for scan in in_workers(synthesize_scan, jobs, workers, f"synth {split}") for row in scan]
-        for i, (kind, columns) in enumerate((("reports", REPORT_COLUMNS), ("labels", ["VolumeName"] + FINDINGS),
-                                             ("metadata", METADATA_COLUMNS))):
+        tables = (("reports", REPORT_COLUMNS), ("labels", ["VolumeName"] + FINDINGS),
+                  ("metadata", METADATA_COLUMNS))
+        for i, (kind, columns) in enumerate(tables):
             write_csv(ctrate_csv(out, split, kind), [r[i] for r in rows], columns)
     unfinished.unlink()
 
@@ -1123,20 +1161,23 @@ def synthesize_radchestct(out, n=(8, 4, 2), seed=0, npz_spacing_mm=3.0, workers=
         raise RadclipError("need --n-train/--n-valid/--n-test >= 0, --workers >= 1 and --npz-spacing-mm > 0")
     if any(out.glob("*_Abnormality_and_Location_Labels.csv")):
         raise RadclipError(f"{out} already holds RAD-ChestCT labels; choose a new --out or delete them")
-    abnormalities = sorted({a for sources in RADCHESTCT_MAPPING.values() for a in sources} | set(UNMAPPED_ABNORMALITIES))
+    mapped = {abnormality for sources in RADCHESTCT_MAPPING.values() for abnormality in sources}
+    abnormalities = sorted(mapped | set(UNMAPPED_ABNORMALITIES))
     columns = ["NoteAcc_DEID"] + [f"{a}*{loc}" for a in abnormalities for loc in RADCHESTCT_LOCATIONS]
     tables = {}
     for k, (prefix, n_scans) in enumerate(zip(RADCHESTCT_SPLITS, n)):
         rng = np.random.default_rng([seed, 2 + k])                 # 0 and 1 are CT-RATE's splits
         labels = sample_labels(rng, n_scans)
         ids = [f"{prefix}{i:05d}" for i in rng.choice(100000, n_scans, replace=False)]
-        jobs = [(out / f"{i}.npz", y, [seed, 2 + k, j], npz_spacing_mm) for j, (i, y) in enumerate(zip(ids, labels))]
+        jobs = [(out / f"{i}.npz", y, [seed, 2 + k, j], npz_spacing_mm)
+                for j, (i, y) in enumerate(zip(ids, labels))]
         in_workers(synthesize_radchestct_scan, jobs, workers, f"synth {prefix}")
         tables[prefix] = [dict(dict.fromkeys(columns, 0), NoteAcc_DEID=i, **radchestct_row(rng, y))
                           for i, y in zip(ids, labels)]
     for prefix, rows in tables.items():  # last: an interrupted run leaves no labels, so a rerun starts over
         write_csv(out / f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv", rows, columns)
-    print(f"synth: RAD-ChestCT at {npz_spacing_mm:g} mm in {out}; prep it with --npz-spacing-mm {npz_spacing_mm:g}")
+    print(f"synth: RAD-ChestCT at {npz_spacing_mm:g} mm in {out}; prep it with --npz-spacing-mm "
+          f"{npz_spacing_mm:g}")
 
 
 def add_synth_parser(subparsers):
