@@ -227,6 +227,18 @@ def test_histogram_shortcuts_find_a_shifted_histogram_and_nothing_else():
     assert all(math.isnan(auc[f]) for f in rc.FINDINGS[2:])                  # one class only: undefined
 
 
+def test_store_volume_orientations_round_trip(tmp_path):
+    hu = np.random.default_rng(0).normal(0, 200, (6, 7, 8)).astype(np.float32)
+    affine = np.diag([-2.0, -2.0, 3.0, 1.0])
+    affine[:3, 3] = (5, 6, -10)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(np.rint(hu), affine))
+    for seed in range(12):                           # covers LPS, RAS and reversed-slice storage
+        intercept = rc.store_volume(tmp_path / f"v{seed}.nii.gz", hu, affine, np.random.default_rng(seed), "raw")
+        stored = nib.as_closest_canonical(nib.load(tmp_path / f"v{seed}.nii.gz"))
+        assert np.allclose(stored.affine, canonical.affine)
+        assert np.array_equal(np.asarray(stored.dataobj) + intercept, np.rint(canonical.get_fdata()))
+
+
 def test_dataset_layout_and_csv_columns(dataset):
     for split, reports, meta, n in (("train", "train", "train", 12), ("valid", "validation", "validation", 5)):
         files = sorted(dataset.glob(f"{split}/*/*/*.nii.gz"))
