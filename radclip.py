@@ -300,268 +300,280 @@ def read_csv(path, required=(), id_col=None):
 
 
 # ---------------------------------------------------------------------------------------
-# ---- 3a. A synthetic miniature CT-RATE ----
-# No real CT can be had on our machines, so radclip draws its own CT-RATE: chest phantoms in HU with
-# the 18 findings painted as they look on CT, CT-RATE-style reports, labels and metadata, stored in
-# the release's layout and format, so that everything downstream reads it through the code path
-# real CT-RATE takes. Phantoms live in patient mm: x to the patient's left, y posterior, z up.
-# The same phantoms can also be written as RAD-ChestCT is, for the external test's code path.
+# ---- Appendix. A synthetic miniature CT-RATE ----
+# No real CT can be had on radclip's machines, so radclip draws its own CT-RATE in the release's
+# layout and formats: chest phantoms in HU with the 18 findings painted as they look on CT, reports
+# in CT-RATE's style, labels and metadata, so that everything downstream takes the code path that
+# real CT-RATE takes. Phantoms live in patient mm (x to the patient's left, y posterior, z up) on a
+# grid of voxel centres, and their arrays are (x, y, z), as NIfTI stores them.
 # ---------------------------------------------------------------------------------------
+def unit(vector):
+    return np.asarray(vector, float) / np.linalg.norm(vector)
 
 
-def unit(v):
-    return np.asarray(v, float) / np.linalg.norm(v)
-
-
-def box(ax, lo, hi):
+def box(grid, lo, hi):
     """Index slices of the voxels whose centres lie in [lo, hi] mm, and their broadcastable x, y, z."""
-    s = tuple(slice(np.searchsorted(a, l), np.searchsorted(a, h, "right")) for a, l, h in zip(ax, lo, hi))
-    return s, ax[0][s[0], None, None], ax[1][None, s[1], None], ax[2][None, None, s[2]]
+    s = tuple(slice(np.searchsorted(g, a), np.searchsorted(g, b, "right")) for g, a, b in zip(grid, lo, hi))
+    return s, grid[0][s[0], None, None], grid[1][None, s[1], None], grid[2][None, None, s[2]]
 
 
-def ellipsoid(ax, c, r):
-    """Slices around an axis-aligned ellipsoid and the normalised radius there (< 1 inside)."""
-    s, x, y, z = box(ax, np.subtract(c, r), np.add(c, r))
-    return s, np.sqrt(((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2)
+def ellipsoid(grid, centre, radii):
+    """Slices around an axis-aligned ellipsoid (half-axes radii, mm) and the normalised radius there."""
+    radii = np.broadcast_to(radii, 3)
+    s, *xyz = box(grid, np.subtract(centre, radii), np.add(centre, radii))
+    return s, np.sqrt(sum(((v - c) / r) ** 2 for v, c, r in zip(xyz, centre, radii)))
 
 
-def blob(hu, ax, c, r, value, where=None):
-    """Paint an ellipsoid (r: half-axes or one radius, mm) where the mask allows; returns where it painted."""
-    s, rho = ellipsoid(ax, c, np.broadcast_to(r, 3))
-    painted = rho < 1 if where is None else (rho < 1) & where[s]
+def blob(hu, grid, centre, radii, value, where=True):
+    """Paint an ellipsoid where the mask allows; returns its slices and where it painted."""
+    s, radius = ellipsoid(grid, centre, radii)
+    painted = (radius < 1) & (where if where is True else where[s])
     hu[s][painted] = value
     return s, painted
 
 
-def disc(ax, p, normal, radius, half_thick):
-    """Slices around a flat disc (a plate or band of tissue) and the mask of the voxels inside it."""
-    s, x, y, z = box(ax, p - radius, p + radius)
-    h = (x - p[0]) * normal[0] + (y - p[1]) * normal[1] + (z - p[2]) * normal[2]
-    return s, (np.abs(h) < half_thick) & ((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2 - h ** 2 < radius ** 2)
-
-
-def draw_tubes(hu, ax, tubes, hu_lumen, wall_mm=0.0, hu_wall=40.0, where=None):
-    """Paint tubes (p0, p1, radius mm), all walls first so that no branch walls off its parent's lumen."""
+def draw_tubes(hu, grid, tubes, lumen_hu, wall_mm=0.0, wall_hu=40.0, where=True):
+    """Paint tubes (start, end, radius mm), all walls first so that no branch walls off its parent's lumen."""
     for wall in (wall_mm, 0.0) if wall_mm else (0.0,):
-        for p0, p1, r in tubes:
-            s, x, y, z = box(ax, np.minimum(p0, p1) - r - wall, np.maximum(p0, p1) + r + wall)
-            d = p1 - p0
-            t = np.clip(((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / (d @ d), 0, 1)
-            dist2 = (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2
-            near = dist2 < (r + wall) ** 2
-            hu[s][near if where is None else near & where[s]] = hu_wall if wall else hu_lumen
+        for start, end, radius in tubes:
+            reach = radius + wall
+            s, *xyz = box(grid, np.minimum(start, end) - reach, np.maximum(start, end) + reach)
+            offset, axis = [v - c for v, c in zip(xyz, start)], end - start
+            t = np.clip(sum(o * a for o, a in zip(offset, axis)) / (axis @ axis), 0, 1)
+            near = sum((o - t * a) ** 2 for o, a in zip(offset, axis)) < reach ** 2
+            hu[s][near & (where if where is True else where[s])] = wall_hu if wall else lumen_hu
 
 
-def lung_radius(L, x, y, z):
-    """Normalised radius in lung L (< 1 inside): an elliptic cylinder that tapers to the apex and
+def lung_radius(lung, x, y, z):
+    """Normalised radius in a lung (< 1 inside): an elliptic cylinder that tapers to the apex and
     stands on a diaphragm dome that is highest under the lung's centre."""
-    rr2 = ((x - L.cx) / L.a) ** 2 + ((y - L.cy) / L.b) ** 2
-    taper = np.sqrt(1 - np.clip((z - L.mid) / (L.top - L.mid), 0, 0.999) ** 2)
-    return np.where(z > L.base + L.dome * (1 - rr2), np.sqrt(rr2) / taper, np.inf)
+    across = ((x - lung.centre[0]) / lung.radii[0]) ** 2 + ((y - lung.centre[1]) / lung.radii[1]) ** 2
+    mid = lung.base + 0.45 * (lung.top - lung.base)
+    taper = np.sqrt(1 - np.clip((z - mid) / (lung.top - mid), 0, 0.999) ** 2)
+    return np.where(z > lung.base + lung.dome * (1 - across), np.sqrt(across) / taper, np.inf)
 
 
-def lung_point(rng, a, r=(0.0, 0.8), z=(-100.0, 115.0), lateral_mm=0.0):
-    """A random point in the lungs with normalised radius in r, height in z and |x| >= lateral_mm (mm),
-    clear of the heart and inside the 288 mm box that the tiny preset crops around the volume centre.
+def lung_box(grid, lung):
+    """box() around a lung."""
+    return box(grid, (*lung.centre - lung.radii, lung.base), (*lung.centre + lung.radii, lung.top))
+
+
+def lung_point(rng, chest, radius=(0.0, 0.8), height=(-100.0, 115.0), lateral_mm=0.0):
+    """A random point in the lungs at a normalised radius and a height (mm) in the given ranges and
+    |x| >= lateral_mm, clear of the heart and inside the 288 mm box that the tiny preset crops.
     Grid-free, so that both reconstructions of a scan place their findings alike."""
     while True:
-        L = a.lungs[rng.integers(2)]
-        p = np.array([L.cx + L.a * rng.uniform(-1, 1), L.cy + L.b * rng.uniform(-1, 1), rng.uniform(*z)])
-        in_heart = (((p - a.heart_c) / (a.heart_r + 25)) ** 2).sum() < 1
-        if r[0] <= lung_radius(L, *p) < r[1] and lateral_mm <= abs(p[0]) < 130 and not in_heart:
+        lung = chest.lungs[rng.integers(2)]
+        p = np.append(lung.centre + lung.radii * rng.uniform(-1, 1, 2), rng.uniform(*height))
+        in_heart = (((p - chest.heart_centre) / (chest.heart_radii + 25)) ** 2).sum() < 1
+        if radius[0] <= lung_radius(lung, *p) < radius[1] and lateral_mm <= abs(p[0]) < 130 and not in_heart:
             return p
 
 
-def where_in_lungs(a, *points):
+def where_in_lungs(chest, *points):
     """Where findings at points lie, in a report's words: in both lungs, or in the first one's lobe."""
-    p, (side, L) = points[0], ("right", a.lungs[0]) if points[0][0] < 0 else ("left", a.lungs[1])
-    if len({q[0] < 0 for q in points}) == 2:
+    if len({p[0] < 0 for p in points}) == 2:
         return "in both lungs"
-    if p[2] > L.hilum[2] + 10:
+    side, lung = ("right", chest.lungs[0]) if points[0][0] < 0 else ("left", chest.lungs[1])
+    if points[0][2] > lung.hilum[2] + 10:
         return f"in the {side} upper lobe"
-    if p[1] < L.cy - 0.2 * L.b:
+    if points[0][1] < lung.centre[1] - 0.2 * lung.radii[1]:
         return "in the right middle lobe" if side == "right" else "in the lingula"
     return f"in the {side} lower lobe"
 
 
-def soft_room(hu, ax, a):
+def lung_patch(grid, chest, centre, radii, edge=3.0):
+    """The shape that parenchymal findings share: slices around an ellipsoid and a weight that is 1
+    in its lung and falls to 0 over the outer 1/edge of its radius."""
+    s, radius = ellipsoid(grid, centre, radii)
+    return s, np.clip((1 - radius) * edge, 0, 1) * chest.lung[s]
+
+
+def soft_room(hu, chest):
     """Where the heart or a mass may grow: lung and fat inside the ribs, not vessels, airways or bone."""
-    inside_ribs = np.hypot(ax[0][:, None] / a.bw, ax[1][None, :] / a.bh)[..., None] < 0.84
-    return inside_ribs & (a.lung | (np.abs(hu - a.fat) < 1))
+    return chest.inside_ribs & (chest.lung | (np.abs(hu - chest.fat_hu) < 1))
 
 
-def lung_patch(ax, a, p, r, edge=3.0):
-    """Slices around an ellipsoid (centre p, half-axes r mm) and a weight: 1 in its lung, to 0 at its rim."""
-    s, rho = ellipsoid(ax, p, np.broadcast_to(r, 3))
-    return s, np.clip((1 - rho) * edge, 0, 1) * a.lung[s]
+def paint_heart(hu, grid, chest, effusion_mm=0.0, effusion_hu=0.0):
+    """The heart in 4 mm of epicardial fat, in effusion_mm of pericardial fluid if given (thickest
+    dependently, behind), painted in soft_room: the lung there is lung no more."""
+    room, centre, radii = soft_room(hu, chest), chest.heart_centre, chest.heart_radii  # before any layer
+    layers = [(centre + (0, effusion_mm / 3, 0), radii + 4 + effusion_mm, effusion_hu)] * (effusion_mm > 0)
+    for c, r, value in layers + [(centre, radii + 4, chest.fat_hu), (centre, radii, chest.tissue_hu)]:
+        s, painted = blob(hu, grid, c, r, value, room)
+        chest.lung[s] &= ~painted
 
 
-def paint_heart(hu, ax, a, effusion_mm=0.0, hu_effusion=0.0):
-    """The heart (a.tissue) in 4 mm of epicardial fat, in effusion_mm of pericardial fluid if given
-    (thickest dependently, behind), painted in soft_room: the lung there is lung no more."""
-    room = soft_room(hu, ax, a)                                       # before the layers: they cover each other
-    layers = [(a.heart_c + (0, effusion_mm / 3, 0), a.heart_r + 4 + effusion_mm, hu_effusion)] * (effusion_mm > 0)
-    for c, r, value in layers + [(a.heart_c, a.heart_r + 4, a.fat), (a.heart_c, a.heart_r, a.tissue)]:
-        s, painted = blob(hu, ax, c, r, value, room)
-        a.lung[s] &= ~painted
+def build_chest(rng, grid):
+    """A normal chest in HU on the grid and the landmarks that findings are placed by. Sizes,
+    positions and densities vary from patient to patient."""
+    x, y, z = grid[0][:, None, None], grid[1][None, :, None], grid[2][None, None, :]
+    width, depth = rng.uniform(150, 175), rng.uniform(100, 130)                # half-axes of the body
+    chest = SimpleNamespace(half_depth=depth, fat_hu=rng.uniform(-110, -90), tissue_hu=rng.uniform(35, 50))
+    body = np.hypot(x / width, y / depth)                                      # < 1 inside the body
+    chest.inside_ribs, chest.lungs = body < 0.84, []
+    for side, dome in ((-1, rng.uniform(55, 75)), (1, rng.uniform(40, 60))):  # the liver lifts the right dome
+        radii = rng.uniform((0.36 * width, 0.75 * depth), (0.41 * width, 0.82 * depth))
+        base, top = rng.uniform(-115, -95), rng.uniform(110, 135)
+        chest.lungs.append(SimpleNamespace(centre=0.84 * np.array([side * width, depth]) - radii * (side, 1),
+                                           radii=radii, base=base, dome=dome, top=top))
+    diaphragm = np.maximum(*(lung.base + lung.dome * (1 - ((x - lung.centre[0]) / lung.radii[0]) ** 2
+                                                      - ((y - lung.centre[1]) / lung.radii[1]) ** 2)
+                             for lung in chest.lungs))
+    wall = np.where((body > 0.84) & (body < 0.93), rng.uniform(35, 55), chest.fat_hu)  # chest muscle in fat
+    abdomen = np.where(x < 0, rng.uniform(50, 65), rng.uniform(30, 45))                 # liver, spleen
+    hu = np.where(body < 1, np.where(chest.inside_ribs & (z < diaphragm), abdomen, wall), -1000)
+    hu, chest.lung, lung_hu = hu.astype(np.float32), np.zeros(hu.shape, bool), rng.uniform(-880, -820)
+    for lung in chest.lungs:
+        s, *xyz = lung_box(grid, lung)
+        inside = lung_radius(lung, *xyz) < 1
+        chest.lung[s] |= inside
+        dependent = (xyz[1] - lung.centre[1]) / lung.radii[1]                    # denser behind
+        hu[s] = np.where(inside, lung_hu + 30 * dependent, hu[s])
+    chest.ctr, left = rng.uniform(0.40, 0.48), chest.lungs[1]                          # cardiothoracic ratio
+    heart_radii = chest.heart_radii = chest.ctr * 0.84 * width * np.array([1, rng.uniform(0.7, 0.8),
+                                                                            rng.uniform(0.75, 0.85)])
+    chest.heart_centre = np.array([rng.uniform(0.2, 0.35) * heart_radii[0],           # on the left dome
+                                   rng.uniform(0, 8) - 0.82 * depth + heart_radii[1],
+                                   left.base + left.dome + rng.uniform(0.4, 0.6) * heart_radii[2]])
+    paint_heart(hu, grid, chest)
+    draw_mediastinum(rng, hu, grid, chest)
+    draw_bronchial_tree(rng, hu, grid, chest)
+    draw_skeleton(rng, hu, x, y, z, body, chest)
+    chest.lung &= hu < 80                                # nor is the bone that the lungs' outline reaches
+    return hu, chest
 
 
-def build_anatomy(rng, ax):
-    """A normal chest in HU on the grid ax (voxel centres in mm), and the landmarks that findings
-    are placed by. Sizes, positions and densities vary from patient to patient."""
-    U = rng.uniform
-    x, y, z = ax[0][:, None, None], ax[1][None, :, None], ax[2][None, None, :]
-    a = SimpleNamespace(bw=U(150, 175), bh=U(100, 130), fat=U(-110, -90), tissue=U(35, 50), lungs=[])
-    body = np.sqrt((x / a.bw) ** 2 + (y / a.bh) ** 2)                   # < 1 inside the body
-    wall = np.where((body > 0.84) & (body < 0.93), U(35, 55), a.fat).astype(np.float32)  # chest muscle in fat
-    for sgn, dome in ((-1, U(55, 75)), (1, U(40, 60))):                  # the liver lifts the right dome
-        la, lb, base, top = U(0.36, 0.41) * a.bw, U(0.75, 0.82) * a.bh, U(-115, -95), U(110, 135)
-        a.lungs.append(SimpleNamespace(cx=sgn * (0.84 * a.bw - la), cy=0.84 * a.bh - lb, a=la, b=lb,
-                                       base=base, dome=dome, top=top, mid=base + 0.45 * (top - base)))
-    diaphragm = np.maximum(*(L.base + L.dome * (1 - ((x - L.cx) / L.a) ** 2 - ((y - L.cy) / L.b) ** 2)
-                             for L in a.lungs))
-    abdomen = np.where(x < 0, U(50, 65), U(30, 45)).astype(np.float32)     # liver, spleen
-    hu = np.where(body < 1, np.where((z < diaphragm) & (body < 0.84), abdomen, wall), np.float32(-1000))
-    L = a.lungs[1]
-    blob(hu, ax, (0.45 * a.bw, -0.3 * a.bh, L.base + L.dome - 45), (35, 30, 25), -1000)   # stomach gas
-    a.lung, lung_hu = np.zeros(hu.shape, bool), U(-880, -820)
-    for L in a.lungs:
-        s, xs, ys, zs = box(ax, (L.cx - L.a, L.cy - L.b, L.base), (L.cx + L.a, L.cy + L.b, L.top))
-        inside = lung_radius(L, xs, ys, zs) < 1
-        a.lung[s] |= inside
-        hu[s] = np.where(inside, lung_hu + 30 * (ys - L.cy) / L.b, hu[s])  # dependent lung is denser
-    a.ctr = U(0.40, 0.48)                                                   # cardiothoracic ratio
-    a.heart_r = np.array([1, U(0.7, 0.8), U(0.75, 0.85)]) * a.ctr * 0.84 * a.bw
-    a.heart_c = np.array([U(0.2, 0.35) * a.heart_r[0], -0.82 * a.bh + a.heart_r[1] + U(0, 8),
-                          L.base + L.dome + a.heart_r[2] * U(0.4, 0.6)])   # on the left dome
-    paint_heart(hu, ax, a)
-    a.carina, a.aorta_r = np.array([0.0, U(0.0, 0.15) * a.bh, U(25, 45)]), U(12, 16)
-    arch, dx, dy = a.carina[2] + U(20, 35), U(28, 36), U(0.3, 0.4) * a.bh   # descending aorta left of the spine
-    a.aorta = [a.heart_c + a.heart_r * (-0.35, 0.2, 0.6), np.array([-U(10, 20), -0.3 * a.bh, arch - 15]),
-               np.array([U(10, 18), -0.2 * a.bh, arch]), np.array([dx, dy, arch - 15]), np.array([dx, dy, -110])]
-    for L, sgn in zip(a.lungs, (-1, 1)):
-        L.hilum = a.carina + (sgn * U(38, 48), U(5, 15), -U(15, 25))
-    trunk, svc = np.array([U(5, 12), a.carina[1] - 0.15 * a.bh, a.carina[2] - 12]), (-U(22, 30), -0.2 * a.bh)
-    draw_tubes(hu, ax, [(p, q, a.aorta_r) for p, q in zip(a.aorta, a.aorta[1:] + [np.array([dx, dy, -400])])]
-               + [(a.heart_c + a.heart_r * (0.15, -0.5, 0.75), trunk, 12.0)]           # pulmonary trunk,
-               + [(trunk, L.hilum, 9.0) for L in a.lungs]                               # arteries to the hila,
-               + [(np.array([*svc, 200]), np.array([*svc, a.heart_c[2] + 0.6 * a.heart_r[2]]), 9.0),  # SVC,
-                  (np.array([U(0, 8), a.carina[1] + 16, 200]), np.array([5, a.carina[1] + 20, -200]), 7.0)],
-               a.tissue)                                                                # esophagus
-    a.lung &= hu < -500                                   # lung that the vessels displace is no longer lung
-    # Lymph node stations: in mediastinal fat or at the hila, clear of the great vessels.
-    a.stations = {"right paratracheal": a.carina + (-17, -8, 22), "prevascular": a.carina + (0, -0.6 * a.bh, 20),
-                  "aortopulmonary window": a.carina + (22, -12, 6), "subcarinal": a.carina + (0, 0, -28),
-                  "right hilar": a.lungs[0].hilum + (0, -14, -6), "left hilar": a.lungs[1].hilum + (0, -14, -6)}
-    for station in rng.choice(list(a.stations.values()), 2, replace=False):       # normal small lymph nodes
-        blob(hu, ax, station, U(2, 3.5), a.tissue)
-    draw_bronchial_tree(rng, hu, ax, a)
-    draw_skeleton(rng, hu, x, y, z, body, a)
-    a.lung &= hu < 80                                     # nor is the bone that the lungs' outline reaches
-    return hu, a
+def draw_mediastinum(rng, hu, grid, chest):
+    """The aorta, the pulmonary arteries, the superior vena cava and the esophagus in the mediastinal
+    fat, and the lymph node stations, two of them with a normal small node."""
+    depth, heart, heart_radii = chest.half_depth, chest.heart_centre, chest.heart_radii
+    carina = chest.carina = np.array([0.0, rng.uniform(0, 0.15) * depth, rng.uniform(25, 45)])
+    arch, descending = carina[2] + rng.uniform(20, 35), (rng.uniform(28, 36), rng.uniform(0.3, 0.4) * depth)
+    chest.aorta_radius, chest.aorta = rng.uniform(12, 16), [  # root, arch, descending left of the spine
+        heart + heart_radii * (-0.35, 0.2, 0.6), np.array([-rng.uniform(10, 20), -0.3 * depth, arch - 15]),
+        np.array([rng.uniform(10, 18), -0.2 * depth, arch]), np.array([*descending, arch - 15]),
+        np.array([*descending, -110])]
+    for lung, side in zip(chest.lungs, (-1, 1)):
+        lung.hilum = carina + (side * rng.uniform(38, 48), rng.uniform(5, 15), -rng.uniform(15, 25))
+    trunk = np.array([rng.uniform(5, 12), carina[1] - 0.15 * depth, carina[2] - 12])
+    svc, esophagus = (-rng.uniform(22, 30), -0.2 * depth), (rng.uniform(0, 8), carina[1] + 16)
+    aorta = chest.aorta + [np.array([*descending, -400])]
+    draw_tubes(hu, grid, [(p, q, chest.aorta_radius) for p, q in zip(aorta, aorta[1:])]
+               + [(heart + heart_radii * (0.15, -0.5, 0.75), trunk, 12.0)]          # the pulmonary trunk,
+               + [(trunk, lung.hilum, 9.0) for lung in chest.lungs]                   # its arteries,
+               + [(np.array([*svc, 200]), np.array([*svc, heart[2] + 0.6 * heart_radii[2]]), 9.0),
+                  (np.array([*esophagus, 200]), np.array([5, esophagus[1] + 4, -200]), 7.0)], chest.tissue_hu)
+    chest.lung &= hu < -500                           # lung that the vessels displace is no longer lung
+    chest.stations = {  # in mediastinal fat or at the hila, clear of the great vessels
+        "right paratracheal": carina + (-17, -8, 22), "prevascular": carina + (0, -0.6 * depth, 20),
+        "aortopulmonary window": carina + (22, -12, 6), "subcarinal": carina + (0, 0, -28),
+        "right hilar": chest.lungs[0].hilum + (0, -14, -6), "left hilar": chest.lungs[1].hilum + (0, -14, -6)}
+    for station in rng.choice(list(chest.stations.values()), 2, replace=False):
+        blob(hu, grid, station, rng.uniform(2, 3.5), chest.tissue_hu)
 
 
 # Lobar bronchus directions from the hilum, for the left lung (x is mirrored for the right).
 LOBE_DIRECTIONS = {"upper": (0.45, 0.05, 0.9), "lower": (0.3, 0.55, -0.8), "middle": (0.55, -0.7, -0.45)}
 
 
-def draw_bronchial_tree(rng, hu, ax, a):
+def draw_bronchial_tree(rng, hu, grid, chest):
     """Trachea, main, lobar, segmental and subsegmental bronchi (air in a thin wall), each with its
     artery alongside, and smaller vessels beyond them reaching out towards the pleura."""
-    a.bronchi, vessels = [], []                                          # bronchi: (p0, p1, radius, lobe)
-    for L, sgn, side in zip(a.lungs, (-1, 1), ("right", "left")):
-        for lobe, d in LOBE_DIRECTIONS.items():
+    chest.bronchi, vessels = [], []                                   # bronchi: (start, end, radius, lobe)
+    for lung, side in zip(chest.lungs, ("right", "left")):
+        for lobe, direction in LOBE_DIRECTIONS.items():
             name = "lingula" if (side, lobe) == ("left", "middle") else f"{side} {lobe} lobe"
-            d = unit(np.multiply(d, (sgn, 1, 1)) + rng.normal(0, 0.1, 3))
-            p1 = L.hilum + d * rng.uniform(20, 30)
-            a.bronchi.append((L.hilum, p1, 4.5, name))
+            mirror = (-1 if side == "right" else 1, 1, 1)
+            direction = unit(np.multiply(direction, mirror) + rng.normal(0, 0.1, 3))
+            lobar = lung.hilum + direction * rng.uniform(20, 30)
+            chest.bronchi.append((lung.hilum, lobar, 4.5, name))
             for _ in range(2):
-                d2 = unit(d + rng.normal(0, 0.5, 3))
-                p2 = p1 + d2 * rng.uniform(25, 35)
-                p3 = p2 + unit(d2 + rng.normal(0, 0.4, 3)) * rng.uniform(20, 30)
-                a.bronchi += [(p1, p2, 3.0, name), (p2, p3, 2.0, name)]
-    for p0, p1, r, _ in a.bronchi:
-        o = unit(np.cross(p1 - p0, rng.normal(size=3))) * (2 * r + 2)
-        vessels.append((p0 + o, p1 + o, r * rng.uniform(0.9, 1.2)))
-        vessels += [(p1 + o, p1 + o + unit(p1 - p0 + rng.normal(0, 12, 3)) * rng.uniform(20, 35), 2.0)
-                    for _ in range(3 * (r < 3))]
-    draw_tubes(hu, ax, vessels, a.tissue, where=a.lung)
-    draw_tubes(hu, ax, [(p0, p1, r) for p0, p1, r, _ in a.bronchi], -1000, 1.0, a.tissue, a.lung)
-    draw_tubes(hu, ax, [(np.array([0, a.carina[1], 200]), a.carina, rng.uniform(8, 10))]
-               + [(a.carina, L.hilum, 6.5) for L in a.lungs], -1000, 2.0, a.tissue)
+                branch = unit(direction + rng.normal(0, 0.5, 3))
+                segmental = lobar + branch * rng.uniform(25, 35)
+                subsegmental = segmental + unit(branch + rng.normal(0, 0.4, 3)) * rng.uniform(20, 30)
+                chest.bronchi += [(lobar, segmental, 3.0, name), (segmental, subsegmental, 2.0, name)]
+    for start, end, radius, _ in chest.bronchi:
+        beside = unit(np.cross(end - start, rng.normal(size=3))) * (2 * radius + 2)
+        start, end = start + beside, end + beside
+        vessels.append((start, end, radius * rng.uniform(0.9, 1.2)))
+        vessels += [(end, end + unit(end - start + rng.normal(0, 12, 3)) * rng.uniform(20, 35), 2.0)
+                    for _ in range(3 * (radius < 3))]
+    draw_tubes(hu, grid, vessels, chest.tissue_hu, where=chest.lung)
+    draw_tubes(hu, grid, [tube[:3] for tube in chest.bronchi], -1000, 1.0, chest.tissue_hu, chest.lung)
+    draw_tubes(hu, grid, [(np.array([0, chest.carina[1], 200]), chest.carina, rng.uniform(8, 10))]
+               + [(chest.carina, lung.hilum, 6.5) for lung in chest.lungs], -1000, 2.0, chest.tissue_hu)
 
 
-def draw_skeleton(rng, hu, x, y, z, body, a):
-    """Vertebrae (cortex 450-700 HU, marrow 150-250, discs 80) around the spinal canal, ribs that
-    slope down to the front (400-600) and the sternum (300-450)."""
-    U = rng.uniform
-    yv, rv = a.bh - U(60, 70), U(15, 20)                           # vertebral body: centre and radius
-    dv, dc = np.hypot(x, y - yv), np.hypot(x, y - yv - rv - 10)
-    vertebra = (dv < rv) | (dc > 8) & (dc < 13) | (np.abs(x) < 5) & (y > yv + rv + 20) & (y < yv + rv + 40)
-    disc = (z - U(0, 28)) % U(26, 30) < 6
-    hu[vertebra & ~disc] = U(150, 250)
-    hu[vertebra & (dv > rv - 3) & ~disc] = U(450, 700)
-    hu[vertebra & disc] = 80
-    hu[dc[..., 0] < 8] = 20                                         # spinal canal
-    pitch, front = U(24, 30), (y < 0) & (np.abs(x) < 30)           # costal cartilages spare the front
-    hu[(body > 0.86) & (body < 0.91) & ~front & ((z - U(0.3, 0.5) * y + U(0, 30)) % pitch < U(9, 12))] = U(400, 600)
-    hu[(np.abs(x) < 14) & (y > -0.93 * a.bh) & (y < -0.85 * a.bh) & (z > -80) & (z < 100)] = U(300, 450)  # sternum
+def draw_skeleton(rng, hu, x, y, z, body, chest):
+    """Vertebrae (cortex 450-700 HU, marrow 150-250) around the spinal canal, ribs that slope down to
+    the front (400-600) and the sternum (300-450)."""
+    centre, radius, depth = chest.half_depth - rng.uniform(60, 70), rng.uniform(15, 20), chest.half_depth
+    from_centre, from_canal = np.hypot(x, y - centre), np.hypot(x, y - centre - radius - 10)
+    spinous = (np.abs(x) < 5) & (y > centre + radius + 20) & (y < centre + radius + 40)
+    vertebra = (from_centre < radius) | (from_canal > 8) & (from_canal < 13) | spinous
+    hu[vertebra[..., 0]] = rng.uniform(450, 700)                                     # cortex
+    hu[(from_centre < radius - 3)[..., 0]] = rng.uniform(150, 250)                   # marrow
+    hu[(from_canal < 8)[..., 0]] = 20                                                # the spinal canal
+    pitch, front = rng.uniform(24, 30), (y < 0) & (np.abs(x) < 30)     # costal cartilages spare the front
+    slope, width = (z - rng.uniform(0.3, 0.5) * y + rng.uniform(0, 30)) % pitch, rng.uniform(9, 12)
+    hu[(body > 0.86) & (body < 0.91) & ~front & (slope < width)] = rng.uniform(400, 600)
+    sternum = (np.abs(x) < 14) & (y > -0.93 * depth) & (y < -0.85 * depth) & (z > -80) & (z < 100)
+    hu[sternum] = rng.uniform(300, 450)
 
 
 # -- The 18 findings, as they look on CT, at a random size, place and strength --
-# Sizes and contrasts are generous enough to survive the tiny preset's 4.5 x 4.5 x 9 mm voxels and
-# [-1000, 1000] HU window. Each returns a detail (where, how big) that the report quotes.
-def draw_medical_material(rng, hu, ax, a):
-    """Metal (2500-3500 HU): sternotomy wires, a pacemaker and its lead, a port catheter or an aortic stent."""
-    metal, kind = rng.uniform(2500, 3500), rng.integers(4)
-    if kind == 0:                   # wire loops around the sternum: inside the bone they would not show
-        loop = [np.array([x, f * a.bh]) for x, f in ((-18, -.95), (18, -.95), (18, -.82), (-18, -.82), (-18, -.95))]
+# Sizes and contrasts survive the tiny preset's 4.5 x 4.5 x 9 mm voxels and [-1000, 1000] HU window.
+# Each paints one finding and returns a detail (where, how big) that the report may quote.
+def draw_medical_material(rng, hu, grid, chest):
+    """Metal (2500-3500 HU): sternotomy wires, or a pacemaker or port in the chest wall with its lead
+    or catheter through the subclavian vein and the SVC into the heart."""
+    metal, kind, depth = rng.uniform(2500, 3500), rng.integers(3), chest.half_depth
+    if kind == 0:                # wire loops around the sternum: inside the bone they would not show
+        corners = [(-18, -.95 * depth), (18, -.95 * depth), (18, -.82 * depth), (-18, -.82 * depth)]
         for z in np.arange(-60, 90, rng.uniform(22, 32)):
-            draw_tubes(hu, ax, [(np.append(p, z), np.append(q, z), 3.0) for p, q in zip(loop, loop[1:])], metal)
+            loop = [np.array([*corner, z]) for corner in corners + corners[:1]]
+            draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(loop, loop[1:])], metal)
         return "consistent with sternotomy wires"
-    if kind == 3:                   # a wire mesh lining the descending aorta
-        s, x, y, z = box(ax, a.aorta[4] - a.aorta_r - 2, a.aorta[3] + a.aorta_r + 2)
-        d = np.sqrt((x - a.aorta[4][0]) ** 2 + (y - a.aorta[4][1]) ** 2)
-        hu[s][(np.abs(d - a.aorta_r + 1) < 2) & (np.cos(z * 0.8) > 0)] = metal
-        return "consistent with a stent in the descending aorta"
-    c = np.array([rng.choice([-1, 1]) * rng.uniform(60, 80), -0.78 * a.bh, rng.uniform(60, 90)])  # chest wall
-    blob(hu, ax, c, (24, 8, 20) if kind == 1 else (12, 8, 12), metal)
-    tip = (-0.3, -0.6, -0.5) if kind == 1 else (-0.7, 0, 0.4)   # lead to the right ventricle, catheter to the atrium
-    path = [c, np.array([np.sign(c[0]) * 45, -0.45 * a.bh, 125]), np.array([-26, -0.2 * a.bh, a.carina[2] + 20]),
-            a.heart_c + a.heart_r * tip]                          # through the subclavian vein and the SVC
-    draw_tubes(hu, ax, [(p, q, 3.0) for p, q in zip(path, path[1:])], metal)
+    device = np.array([rng.choice([-1, 1]) * rng.uniform(60, 80), -0.78 * depth, rng.uniform(60, 90)])
+    blob(hu, grid, device, (24, 8, 20) if kind == 1 else (12, 8, 12), metal)
+    tip = (-0.3, -0.6, -0.5) if kind == 1 else (-0.7, 0, 0.4)       # the right ventricle; the right atrium
+    path = [device, np.array([np.sign(device[0]) * 45, -0.45 * depth, 125]),
+            np.array([-26, -0.2 * depth, chest.carina[2] + 20]), chest.heart_centre + chest.heart_radii * tip]
+    draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(path, path[1:])], metal)
     return "belonging to a pacemaker and its lead" if kind == 1 else "belonging to a port catheter"
 
 
-def draw_arterial_wall_calcification(rng, hu, ax, a):
+def draw_arterial_wall_calcification(rng, hu, grid, chest):
     """Calcified plaques (400-1200 HU): 8-25 curved plates, 10-30 mm long, 6-9 mm thick and up to a
     quarter of the circumference wide, on the wall of the aortic arch and descending aorta."""
     for _ in range(rng.integers(8, 25)):
-        i = rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2])
-        axis = unit(a.aorta[i + 1] - a.aorta[i])
-        c = a.aorta[i] + rng.random() * (a.aorta[i + 1] - a.aorta[i])
-        u = unit(np.cross(axis, rng.normal(size=3)))
-        v, half, r = np.cross(axis, u), axis * rng.uniform(5, 15), rng.uniform(3, 4.5)
-        wall = [c + a.aorta_r * (np.cos(t) * u + np.sin(t) * v) for t in np.linspace(0, rng.uniform(0, 1.6), 3)]
-        draw_tubes(hu, ax, [(w - half, w + half, r) for w in wall], rng.uniform(400, 1200))
+        start, end = chest.aorta[rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]):][:2]
+        axis, centre = unit(end - start), start + rng.random() * (end - start)
+        across = unit(np.cross(axis, rng.normal(size=3)))
+        half, radius = axis * rng.uniform(5, 15), rng.uniform(3, 4.5)
+        wall = [centre + chest.aorta_radius * (np.cos(t) * across + np.sin(t) * np.cross(axis, across))
+                for t in np.linspace(0, rng.uniform(0, 1.6), 3)]
+        draw_tubes(hu, grid, [(w - half, w + half, radius) for w in wall], rng.uniform(400, 1200))
     return "in the aortic arch and descending aorta"
 
 
-def draw_cardiomegaly(rng, hu, ax, a):
-    """The heart (35-50 HU) repainted larger, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48): it grows
-    left, back and up into lung and fat, still resting on the diaphragm and the anterior chest wall."""
+def draw_cardiomegaly(rng, hu, grid, chest):
+    """The heart (35-50 HU) repainted larger, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48): it
+    grows left, back and up into lung and fat, still on the diaphragm and the anterior chest wall."""
     ctr = rng.uniform(0.56, 0.68)
-    grow = a.heart_r * (ctr / a.ctr - 1)
-    a.heart_c, a.heart_r, a.ctr = a.heart_c + grow * (0.4, 1, 1), a.heart_r + grow, ctr
-    paint_heart(hu, ax, a)
+    grow = chest.heart_radii * (ctr / chest.ctr - 1)
+    chest.heart_centre, chest.heart_radii = chest.heart_centre + grow * (0.4, 1, 1), chest.heart_radii + grow
+    chest.ctr = ctr
+    paint_heart(hu, grid, chest)
     return f"(cardiothoracic ratio {ctr:.2f})"
 
 
-def draw_pericardial_effusion(rng, hu, ax, a):
+def draw_pericardial_effusion(rng, hu, grid, chest):
     """Fluid (0-20 HU) 8-20 mm thick around the heart and its fat, thickest dependently (posterior)."""
-    t = rng.uniform(8, 20)
-    paint_heart(hu, ax, a, t, rng.uniform(0, 20))
-    return f"reaching {t:.0f} mm in thickness"
+    thickness = rng.uniform(8, 20)
+    paint_heart(hu, grid, chest, thickness, rng.uniform(0, 20))
+    return f"reaching {thickness:.0f} mm in thickness"
 
 
 # Courses on the heart's surface: azimuth from, to (degrees from the patient's left towards the
@@ -569,173 +581,177 @@ def draw_pericardial_effusion(rng, hu, ax, a):
 CORONARIES = {"LAD": (-80, -60, 0.5, -0.7), "circumflex": (-50, 60, 0.4, 0.3), "RCA": (-110, -230, 0.4, 0.2)}
 
 
-def coronary_point(a, name, t):
-    """The point a fraction t along a coronary artery's course, 3 mm out from the heart's surface."""
-    phi0, phi1, h0, h1 = CORONARIES[name]
-    phi, h = np.radians(phi0 + t * (phi1 - phi0)), h0 + t * (h1 - h0)
-    u = np.array([np.cos(phi) * np.sqrt(1 - h * h), np.sin(phi) * np.sqrt(1 - h * h), h])   # on a unit sphere
-    return a.heart_c + u * (a.heart_r + 3)
-
-
-def draw_coronary_artery_wall_calcification(rng, hu, ax, a):
-    """Calcified plaques (400-1200 HU): segments 7-10 mm thick, covering 30-80% of the course of 1-3
-    coronary arteries on the heart surface."""
+def draw_coronary_artery_wall_calcification(rng, hu, grid, chest):
+    """Calcified plaques (400-1200 HU): segments 7-10 mm thick, 3 mm out from the heart's surface,
+    along 30-80% of the course of 1-3 coronary arteries."""
     names = sorted(rng.choice(list(CORONARIES), rng.integers(1, 4), replace=False))
     for name in names:
-        t0 = rng.uniform(0, 0.5)
-        ts = np.linspace(t0, t0 + rng.uniform(0.3, 0.5), 5)                 # a curved course, in 4 pieces
-        draw_tubes(hu, ax, [(coronary_point(a, name, p), coronary_point(a, name, q), rng.uniform(3.5, 5))
-                            for p, q in zip(ts, ts[1:])], rng.uniform(400, 1200))
+        azimuth_from, azimuth_to, height_from, height_to = CORONARIES[name]
+        t = rng.uniform(0, 0.5) + np.linspace(0, rng.uniform(0.3, 0.5), 5)      # a curve, in 4 pieces
+        azimuth = np.radians(azimuth_from + t * (azimuth_to - azimuth_from))
+        height = height_from + t * (height_to - height_from)
+        on_sphere = np.stack([np.cos(azimuth), np.sin(azimuth), 0 * t], 1) * np.sqrt(1 - height[:, None] ** 2)
+        course = chest.heart_centre + (on_sphere + np.outer(height, (0, 0, 1))) * (chest.heart_radii + 3)
+        draw_tubes(hu, grid, [(p, q, rng.uniform(3.5, 5)) for p, q in zip(course, course[1:])],
+                   rng.uniform(400, 1200))
     return "(" + ", ".join(names) + ")"
 
 
-def draw_hiatal_hernia(rng, hu, ax, a):
-    """Stomach above the diaphragm behind the heart, in lung and fat: a walled fluid sac (0-30 HU), a gas cap."""
-    r, L, room = rng.uniform((28, 20, 25), (45, 30, 40)), a.lungs[1], soft_room(hu, ax, a)
-    c = np.array([rng.uniform(5, 30), a.heart_c[1] + a.heart_r[1] + 0.6 * r[1], L.base + L.dome + 0.7 * r[2]])
-    blob(hu, ax, c, r + 4, a.tissue, room)
-    s, sac = blob(hu, ax, c, r, rng.uniform(0, 30), room)
-    level = c[1] + rng.uniform(-0.5, 0.5) * r[1]                     # supine: the gas rises to the front
-    hu[s][sac & (ax[1][None, s[1], None] < level)] = -1000
-    return f"measuring {2 * r[0]:.0f} mm"
+def draw_hiatal_hernia(rng, hu, grid, chest):
+    """Stomach above the diaphragm behind the heart, in lung and fat: a walled fluid sac (0-30 HU)
+    with a gas cap."""
+    radii, left, room = rng.uniform((28, 20, 25), (45, 30, 40)), chest.lungs[1], soft_room(hu, chest)
+    centre = np.array([rng.uniform(5, 30), chest.heart_centre[1] + chest.heart_radii[1] + 0.6 * radii[1],
+                       left.base + left.dome + 0.7 * radii[2]])
+    blob(hu, grid, centre, radii + 4, chest.tissue_hu, room)
+    s, sac = blob(hu, grid, centre, radii, rng.uniform(0, 30), room)
+    level = centre[1] + rng.uniform(-0.5, 0.5) * radii[1]              # supine: the gas rises to the front
+    hu[s][sac & (grid[1][None, s[1], None] < level)] = -1000
+    return f"measuring {2 * radii[0]:.0f} mm"
 
 
-def draw_lymphadenopathy(rng, hu, ax, a):
+def draw_lymphadenopathy(rng, hu, grid, chest):
     """Enlarged nodes (18-32 mm short axis, 30-50 HU), 1-2 at each of 3-6 mediastinal and hilar stations."""
-    names, short = rng.choice(list(a.stations), rng.integers(3, 7), replace=False), rng.uniform(18, 32, 6)
-    for name, d in zip(names, short):
+    names = rng.choice(list(chest.stations), rng.integers(3, 7), replace=False)
+    short_axes = rng.uniform(18, 32, 6)
+    for name, short_axis in zip(names, short_axes):
         for _ in range(rng.integers(1, 3)):
-            c = a.stations[name] + rng.normal(0, 6, 3)
-            blob(hu, ax, c, d / 2 * np.array([1, 1, rng.uniform(1.2, 1.6)]), rng.uniform(30, 50), soft_room(hu, ax, a))
-    return f"in the {names[0]} region, the largest {short[:len(names)].max():.0f} mm in short axis"
+            centre = chest.stations[name] + rng.normal(0, 6, 3)
+            radii = short_axis / 2 * np.array([1, 1, rng.uniform(1.2, 1.6)])
+            blob(hu, grid, centre, radii, rng.uniform(30, 50), soft_room(hu, chest))
+    return f"in the {names[0]} region, the largest {short_axes[:len(names)].max():.0f} mm in short axis"
 
 
-def draw_emphysema(rng, hu, ax, a):
-    """Wall-less holes (-1000 to -980 HU): 40-100 centrilobular ones 10-24 mm across in the upper lungs
-    and up to four 25-50 mm subpleural bullae; the vessels are spared."""
-    level, upper, bullae = rng.uniform(-1000, -980), (a.carina[2] - 30, 115), rng.integers(0, 5)
-    spots = [(lung_point(rng, a, z=upper), rng.uniform(5, 12)) for _ in range(rng.integers(40, 100))]
-    parenchyma_mask = a.lung & (hu < -600)
-    for p, r in spots + [(lung_point(rng, a, (0.8, 0.97), upper), rng.uniform(12, 25)) for _ in range(bullae)]:
-        blob(hu, ax, p, r, level, parenchyma_mask)
+def fill_lung(rng, hu, grid, chest, points, radii_mm, value_hu, edge=3.0):
+    """What most parenchymal findings share: at each point a lung_patch (half-axes drawn from
+    radii_mm) whose parenchyma (-950 to -600 HU) takes value_hu, while vessels and airways only ever
+    become denser (they show through ground glass; darker lung spares them). Returns the points."""
+    for point in points:
+        s, weight = lung_patch(grid, chest, point, rng.uniform(*radii_mm), edge)
+        change = rng.uniform(*value_hu) - hu[s]
+        hu[s] += weight * np.where((hu[s] > -950) & (hu[s] < -600), change, np.maximum(change, 0))
+    return points
+
+
+def draw_emphysema(rng, hu, grid, chest):
+    """Wall-less holes (-1000 to -980 HU): 40-100 centrilobular ones 10-24 mm across in the upper
+    lungs and up to four 25-50 mm subpleural bullae; the vessels are spared."""
+    upper, bullae = (chest.carina[2] - 30, 115), rng.integers(0, 5)
+    holes = [lung_point(rng, chest, height=upper) for _ in range(rng.integers(40, 100))]
+    fill_lung(rng, hu, grid, chest, holes, (5, 12), (-1000, -980), edge=50)
+    fill_lung(rng, hu, grid, chest, [lung_point(rng, chest, (0.8, 0.97), upper) for _ in range(bullae)],
+              (12, 25), (-1000, -980), edge=50)
     return ("with bullae, " if bullae else "") + "more prominent in the upper lobes"
 
 
-def draw_atelectasis(rng, hu, ax, a):
-    """Collapsed lung (10-60 HU) in the lower lobes: a plate 6-12 mm thick, or a dependent wedge to the hilum."""
-    if rng.random() < 0.5:
-        p = lung_point(rng, a, (0, 0.7), (-90, a.carina[2] - 30))
-        s, m = disc(ax, p, unit((*rng.normal(size=2), 0.3 * rng.normal())), rng.uniform(25, 40), rng.uniform(3, 6))
-    else:
-        L = a.lungs[rng.integers(2)]
-        d = unit((np.sign(L.cx) * rng.uniform(0, 0.4), rng.uniform(0.5, 0.9), -rng.uniform(0.4, 0.8)))
-        s, x, y, z = box(ax, (L.cx - L.a, L.cy, L.base), (L.cx + L.a, L.cy + L.b, L.hilum[2]))
-        x, y, z = x - L.hilum[0], y - L.hilum[1], z - L.hilum[2]
-        dist, cos_half_angle = np.sqrt(x ** 2 + y ** 2 + z ** 2), np.cos(np.radians(rng.uniform(15, 25)))
-        m, p = (x * d[0] + y * d[1] + z * d[2] > cos_half_angle * dist) & (dist > 25), L.hilum + 60 * d
-    hu[s][m & a.lung[s]] = rng.uniform(10, 60)
-    return where_in_lungs(a, p)
+def draw_atelectasis(rng, hu, grid, chest):
+    """Collapsed lung (10-60 HU) in the lower lobes: 1-2 sharp plates 6-12 mm thick front to back
+    and 40-80 mm wide, bands in the axial slices."""
+    lower = (-90, chest.carina[2] - 30)
+    points = [lung_point(rng, chest, (0, 0.7), lower) for _ in range(rng.integers(1, 3))]
+    plates = ((20, 3, 8), (40, 6, 15))                                 # half-axes from, to (mm)
+    return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, plates, (10, 60), edge=10))
 
 
-def draw_lung_nodule(rng, hu, ax, a):
+def draw_lung_nodule(rng, hu, grid, chest):
     """2-6 solid nodules (20-60 HU), 15-30 mm across, slightly lobulated, in the lungs away from the
     hila (where vessels look much the same)."""
     sizes = np.sort(rng.uniform(15, 30, rng.integers(2, 7)))[::-1]
-    points = [lung_point(rng, a, (0.3, 0.85), lateral_mm=55) for _ in sizes]   # lateral to the hila
-    for size, p in zip(sizes, points):
-        blob(hu, ax, p, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(20, 60), a.lung)
-    return f"measuring {sizes[0]:.0f} mm {where_in_lungs(a, points[0])}, and {len(sizes) - 1} smaller"
+    points = [lung_point(rng, chest, (0.3, 0.85), lateral_mm=55) for _ in sizes]
+    for size, point in zip(sizes, points):
+        blob(hu, grid, point, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(20, 60), chest.lung)
+    return f"measuring {sizes[0]:.0f} mm {where_in_lungs(chest, points[0])}, and {len(sizes) - 1} smaller"
 
 
-def draw_lung_opacity(rng, hu, ax, a):
+def draw_lung_opacity(rng, hu, grid, chest):
     """Ground glass (-650 to -350 HU): 2-5 soft-edged patches 30-90 mm across; vessels show through."""
-    points = [lung_point(rng, a) for _ in range(rng.integers(2, 6))]
-    for p in points:
-        s, w = lung_patch(ax, a, p, rng.uniform(15, 45, 3))
-        hu[s] += w * np.maximum(rng.uniform(-650, -350) - hu[s], 0)
-    return where_in_lungs(a, *points)
+    points = [lung_point(rng, chest) for _ in range(rng.integers(2, 6))]
+    return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, (15, 45), (-650, -350)))
 
 
-def draw_pulmonary_fibrotic_sequela(rng, hu, ax, a):
-    """4-8 dense (-50 to +40 HU) bands 5-8 mm thick and 50-80 mm long reaching the pleura, mostly in the upper lobes."""
-    points = [lung_point(rng, a, (0.7, 0.95), (a.carina[2] - 40, 115)) for _ in range(rng.integers(4, 9))]
-    for p in points:
-        normal = unit((*rng.normal(size=2), 0.3 * rng.normal()))     # bands, mostly seen edge-on in axial slices
-        s, m = disc(ax, p, normal, rng.uniform(25, 40), rng.uniform(2.5, 4))
-        hu[s][m & a.lung[s]] = rng.uniform(-50, 40)
-    return where_in_lungs(a, points[0])
+def draw_pulmonary_fibrotic_sequela(rng, hu, grid, chest):
+    """4-8 dense (-50 to +40 HU) bands 5-8 mm thick and 50-80 mm long reaching the pleura, mostly in
+    the upper lobes and in the axial plane."""
+    upper = (chest.carina[2] - 40, 115)
+    points = [lung_point(rng, chest, (0.7, 0.95), upper) for _ in range(rng.integers(4, 9))]
+    for point in points:
+        half = unit((*rng.normal(size=2), 0.3 * rng.normal())) * rng.uniform(25, 40)
+        draw_tubes(hu, grid, [(point - half, point + half, rng.uniform(2.5, 4))], rng.uniform(-50, 40),
+                   where=chest.lung)
+    return where_in_lungs(chest, points[0])
 
 
-def draw_pleural_effusion(rng, hu, ax, a):
+def draw_pleural_effusion(rng, hu, grid, chest):
     """Fluid (0-20 HU) lying dependently in the pleural space (posterior: CT patients lie supine),
     deepest at the base, with a meniscus climbing along the chest wall."""
     sides, depth = [[0], [1], [0, 1]][rng.integers(3)], rng.uniform(0.12, 0.35)
-    for L in (a.lungs[i] for i in sides):
-        s, x, y, z = box(ax, (L.cx - L.a, L.cy - L.b, L.base), (L.cx + L.a, L.cy + L.b, L.top))
-        height = np.clip((z - L.base) / (L.top - L.base), 0, 1)
-        fluid = (y - L.cy) / L.b + 0.6 * ((x - L.cx) / L.a) ** 2 > 1 - 2 * depth * (1.2 - height)
-        hu[s][fluid & a.lung[s]] = rng.uniform(0, 20)
-    where = "in both hemithoraces, up to" if len(sides) == 2 else f"in the {['right', 'left'][sides[0]]} hemithorax,"
-    return f"{where} {2.4 * depth * a.lungs[sides[0]].b:.0f} mm thick"
+    for lung in (chest.lungs[i] for i in sides):
+        s, x, y, z = lung_box(grid, lung)
+        height = np.clip((z - lung.base) / (lung.top - lung.base), 0, 1)
+        across = (y - lung.centre[1]) / lung.radii[1] + 0.6 * ((x - lung.centre[0]) / lung.radii[0]) ** 2
+        hu[s][(across > 1 - 2 * depth * (1.2 - height)) & chest.lung[s]] = rng.uniform(0, 20)
+    side = f"in the {('right', 'left')[sides[0]]} hemithorax,"
+    where = "in both hemithoraces, up to" if len(sides) == 2 else side
+    return f"{where} {2.4 * depth * chest.lungs[sides[0]].radii[1]:.0f} mm thick"
 
 
-def draw_mosaic_attenuation_pattern(rng, hu, ax, a):
+def draw_mosaic_attenuation_pattern(rng, hu, grid, chest):
     """Geographic patches of darker lung (air trapping or hypoperfusion: 60-120 HU below the lung
     around them), sharply bounded: 4-8 of them, 25-60 mm across, a few percent of the lungs."""
-    points, darker = [lung_point(rng, a) for _ in range(rng.integers(4, 9))], np.zeros(hu.shape, np.float32)
-    for p in points:
-        s, w = lung_patch(ax, a, p, rng.uniform(12, 30, 3), edge=10)
-        darker[s] = np.maximum(darker[s], w)                          # overlapping patches: darker once
-    hu -= darker * ((hu > -950) & (hu < -600)) * rng.uniform(60, 120)  # parenchyma, not vessels or airways
-    return where_in_lungs(a, *points)
+    points, darker = [lung_point(rng, chest) for _ in range(rng.integers(4, 9))], np.zeros_like(hu)
+    for point in points:
+        s, weight = lung_patch(grid, chest, point, rng.uniform(12, 30, 3), edge=10)
+        darker[s] = np.maximum(darker[s], weight)                       # overlapping patches: darker once
+    hu -= darker * ((hu > -950) & (hu < -600)) * rng.uniform(60, 120)   # parenchyma, not vessels or airways
+    return where_in_lungs(chest, *points)
 
 
-def draw_peribronchial_thickening(rng, hu, ax, a):
+def draw_peribronchial_thickening(rng, hu, grid, chest):
     """Bronchial walls thickened to 3-5 mm (normal: 1 mm) of 20-50 HU around lumens of normal size."""
-    bronchi = [(p0, p1, r) for p0, p1, r, _ in a.bronchi]
-    draw_tubes(hu, ax, bronchi, -1000, rng.uniform(3, 5), rng.uniform(20, 50), a.lung)
+    bronchi = [tube[:3] for tube in chest.bronchi]
+    draw_tubes(hu, grid, bronchi, -1000, rng.uniform(3, 5), rng.uniform(20, 50), chest.lung)
     return "in both lungs"
 
 
-def draw_consolidation(rng, hu, ax, a):
-    """Dense airspace opacity (-50 to +50 HU), 50-110 mm, with air bronchograms branching through it."""
-    p, r = lung_point(rng, a, (0, 0.75)), rng.uniform(25, 55, 3)
-    s, w = lung_patch(ax, a, p, r, edge=6)
-    hu[s] += w * (rng.uniform(-50, 50) - hu[s])
-    inside = np.zeros(hu.shape, bool)
-    inside[s] = w == 1
-    hilum = a.lungs[int(p[0] >= 0)].hilum
-    start = p + unit(hilum - p) * r.min()                             # air bronchograms run from the hilar side
-    draw_tubes(hu, ax, [(start, start + unit(p - hilum + rng.normal(0, 15, 3)) * 2 * r.max(), rng.uniform(2, 3.5))
-                        for _ in range(rng.integers(2, 5))], -950, where=inside)
-    return where_in_lungs(a, p)
+def draw_consolidation(rng, hu, grid, chest):
+    """Dense airspace opacity (-50 to +50 HU), 50-110 mm, with air bronchograms branching through it
+    from the hilar side."""
+    point, radii = lung_point(rng, chest, (0, 0.75)), rng.uniform(25, 55, 3)
+    fill_lung(rng, hu, grid, chest, [point], (radii, radii), (-50, 50), edge=6)
+    hilum = chest.lungs[int(point[0] >= 0)].hilum
+    start = point + unit(hilum - point) * radii.min()
+    bronchograms = [(start, start + unit(point - hilum + rng.normal(0, 15, 3)) * 2 * radii.max(),
+                     rng.uniform(2, 3.5)) for _ in range(rng.integers(2, 5))]
+    draw_tubes(hu, grid, bronchograms, -950, where=chest.lung & (hu > -100))    # in the consolidated lung
+    return where_in_lungs(chest, point)
 
 
-def draw_bronchiectasis(rng, hu, ax, a):
+def draw_bronchiectasis(rng, hu, grid, chest):
     """Dilated bronchi: lumens of 6-10 mm radius (wider than the artery beside them), walls 3-4.5 mm
     of 20-50 HU, reaching towards the pleura, in 2-4 lobes, mostly the lower ones."""
-    lobes = sorted({b[3] for b in a.bronchi})
+    lobes = sorted({tube[3] for tube in chest.bronchi})
     weights = np.array([3.0 if "lower" in lobe else 1.0 for lobe in lobes])
     chosen = rng.choice(lobes, rng.integers(2, 5), replace=False, p=weights / weights.sum())
-    tubes = [(p0, p0 + 1.5 * (p1 - p0), rng.uniform(6, 10)) for p0, p1, r, lobe in a.bronchi
-             if lobe in chosen and r < 4]                             # segmental and subsegmental
-    draw_tubes(hu, ax, tubes, -1000, rng.uniform(3, 4.5), rng.uniform(20, 50), a.lung)
+    tubes = [(start, start + 1.5 * (end - start), rng.uniform(6, 10))
+             for start, end, radius, lobe in chest.bronchi if lobe in chosen and radius < 4]  # (sub)segmental
+    draw_tubes(hu, grid, tubes, -1000, rng.uniform(3, 4.5), rng.uniform(20, 50), chest.lung)
     return "in the " + " and ".join(chosen)
 
 
-def draw_interlobular_septal_thickening(rng, hu, ax, a):
-    """Thickened septa (3-5 mm lines, -250 to -50 HU) around 12-20 mm lobules in 2-4 subpleural regions
-    40-70 mm across, mostly basal: three tilted families of parallel planes 60 degrees apart."""
-    z, value = (-100, a.carina[2] - 20) if rng.random() < 0.7 else (-100, 115), rng.uniform(-250, -50)
-    points = [lung_point(rng, a, (0.75, 0.97), z) for _ in range(rng.integers(2, 5))]
-    cell, width, theta = rng.uniform(12, 20), rng.uniform(3, 5), rng.uniform(0, np.pi / 3) + np.arange(3) * np.pi / 3
-    planes, phase = np.stack([np.cos(theta), np.sin(theta), np.full(3, 0.35)]) / cell, rng.random(3)
-    for p in points:
-        s, w = lung_patch(ax, a, p, rng.uniform(20, 35))
-        t = np.stack(np.meshgrid(*(ax[k][s[k]] for k in range(3)), indexing="ij"), -1) @ planes + phase
-        septa = (np.abs(t - np.round(t)) * cell < width / 2).any(-1) & (w > 0.5) & (hu[s] > -950) & (hu[s] < -600)
-        hu[s][septa] = value                                          # in the parenchyma, between the vessels
-    return where_in_lungs(a, *points)
+def draw_interlobular_septal_thickening(rng, hu, grid, chest):
+    """Thickened septa (3-5 mm lines, -250 to -50 HU) around 12-20 mm lobules in 2-4 subpleural
+    regions 40-70 mm across, mostly basal: three tilted families of parallel planes 60 degrees apart."""
+    height = (-100, chest.carina[2] - 20) if rng.random() < 0.7 else (-100, 115)
+    points = [lung_point(rng, chest, (0.75, 0.97), height) for _ in range(rng.integers(2, 5))]
+    value, lobule, width = rng.uniform(-250, -50), rng.uniform(12, 20), rng.uniform(3, 5)
+    theta = rng.uniform(0, np.pi / 3) + np.arange(3) * np.pi / 3
+    planes, phase = np.stack([np.cos(theta), np.sin(theta), np.full(3, 0.35)]) / lobule, rng.random(3)
+    for point in points:
+        s, weight = lung_patch(grid, chest, point, rng.uniform(20, 35))
+        t = np.stack(np.meshgrid(*(g[k] for g, k in zip(grid, s)), indexing="ij"), -1) @ planes + phase
+        septa = (np.abs(t - np.round(t)) * lobule < width / 2).any(-1) & (weight > 0.5)
+        hu[s][septa & (hu[s] > -950) & (hu[s] < -600)] = value      # in the parenchyma, between the vessels
+    return where_in_lungs(chest, *points)
 
 
 DRAW = {  # painting order: the heart first (lung findings keep clear of it), the lungs, calcium, metal last
@@ -751,22 +767,21 @@ DRAW = {  # painting order: the heart first (lung findings keep clear of it), th
 }
 
 
-def metal_streaks(rng, hu, ax):
+def metal_streaks(rng, hu, grid):
     """Streaks that metal casts across its axial slices (beam hardening, photon starvation): rays of
     +-100..300 HU around the metal's centre, fading over ~15 cm, as on real CT."""
     rays, amplitude, phase = rng.integers(6, 12), rng.uniform(100, 300), rng.uniform(0, 2 * np.pi)
     for k in np.flatnonzero((hu > 2000).any((0, 1))):
         i, j = np.nonzero(hu[:, :, k] > 2000)
-        dx, dy = ax[0][:, None] - ax[0][i].mean(), ax[1][None, :] - ax[1][j].mean()
+        dx, dy = grid[0][:, None] - grid[0][i].mean(), grid[1][None, :] - grid[1][j].mean()
         streaks = np.cos(rays * np.arctan2(dy, dx) + phase) ** 9 * np.exp(-np.hypot(dx, dy) / 150)
         hu[:, :, k] += amplitude * streaks * (hu[:, :, k] > -950)        # the air around the body stays air
 
 
 def scanner_blur(hu):
-    """The scanner's point-spread function: a [1, 2, 1] / 4 kernel along each axis, in voxels (3.4-4.2
-    mm in-plane, 6-7.5 mm between slices). The shapes above are painted voxel by voxel at full
-    density; blurred, a one-voxel vessel fades towards the lung around it, as on real CT, while a
-    20 mm nodule keeps its density."""
+    """The scanner's point-spread function: a [1, 2, 1] / 4 kernel along each axis, in voxels. The
+    shapes are painted voxel by voxel at full density; blurred, a one-voxel vessel fades towards
+    the lung around it, as on real CT, while a 20 mm nodule keeps its density."""
     for axis in range(3):
         p = np.moveaxis(np.pad(hu, [(1, 1) if k == axis else (0, 0) for k in range(3)], mode="edge"), axis, 0)
         hu = np.moveaxis((p[:-2] + 2 * p[1:-1] + p[2:]) / 4, 0, axis)
@@ -782,10 +797,10 @@ def render_volume(rng, labels_row, scanner_rng=None):
     sxy, sz = round(scanner_rng.uniform(3.4, 4.2), 3), float(scanner_rng.choice(np.arange(6.0, 7.6, 0.25)))
     nxy, nz = round(scanner_rng.uniform(350, 400) / sxy), round(scanner_rng.uniform(280, 330) / sz)
     shape, spacing_mm = (nxy, nxy, int(np.clip(nz, 40, 52))), (sxy, sxy, sz)   # field of view 350-400 mm
-    ax = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing_mm)]  # mm from the chest centre
-    hu, a = build_anatomy(rng, ax)
-    details = {f: draw(rng, hu, ax, a) for f, draw in DRAW.items() if labels_row[FINDINGS.index(f)]}
-    metal_streaks(rng, hu, ax)                                           # the scanner's, not the patient's
+    grid = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing_mm)]  # mm from the chest centre
+    hu, chest = build_chest(rng, grid)
+    details = {f: draw(rng, hu, grid, chest) for f, draw in DRAW.items() if labels_row[FINDINGS.index(f)]}
+    metal_streaks(rng, hu, grid)                                         # the scanner's, not the patient's
     hu = scanner_blur(hu)
     hu += scanner_rng.standard_normal(shape, dtype=np.float32) * scanner_rng.uniform(10, 25)
     affine = np.diag([-sxy, -sxy, sz, 1.0])                              # LPS voxel order, RAS world
@@ -816,21 +831,24 @@ def sample_labels(rng, n):
     """(n, 18) 0/1 labels with CT-RATE's prevalence and co-occurrence."""
     loadings = np.array([[FACTORS[k].get(f, 0.0) for k in FACTORS] for f in FINDINGS])   # (18, factors)
     own = np.sqrt(1 - (loadings ** 2).sum(1))
-    score = rng.standard_normal((n, len(FACTORS))) @ loadings.T + rng.standard_normal((n, len(FINDINGS))) * own
+    factors, noise = rng.standard_normal((n, len(FACTORS))), rng.standard_normal((n, len(FINDINGS)))
+    score = factors @ loadings.T + noise * own
     return (score > [NormalDist().inv_cdf(1 - p) for p in PREVALENCE]).astype(np.int8)
 
 
 # -- Reports in CT-RATE's style (radiology English translated from Turkish) --
-# Real reports walk the scan in one order (airways, mediastinum, lungs, upper abdomen, bones), mostly in stock
-# sentences on normal anatomy and on findings outside the 18 (cysts, adrenals, the spine), and name a finding in
-# words of their own, never by its label ("atheroma plaques in the aorta", not "arterial wall calcification").
-# Of the absent findings only some are negated by name: in 800 real reports lymph nodes 96% of the time,
-# effusions ~70%, nodules 37%, consolidation 5%, the rest ~never. Hedges are mostly a differential in brackets
-# ("(atelectasis?)"), "may be compatible with" or "differential diagnosis". Sentences are grammars, so that few
-# repeat word for word, and the stock ones bring numbers, decimals and brackets too: counting them tells no label.
+# Real reports walk the scan in one order (airways, mediastinum, lungs, upper abdomen, bones), mostly
+# in stock sentences on normal anatomy and on findings outside the 18 (cysts, adrenals, the spine),
+# and name a finding in words of their own, never by its label ("atheroma plaques in the aorta", not
+# "arterial wall calcification"). Of the absent findings only some are negated by name: in 800 real
+# reports lymph nodes 96% of the time, effusions ~70%, nodules 37%, consolidation 5%, the rest ~never.
+# Hedges are mostly a differential in brackets ("(atelectasis?)"), "may be compatible with" or
+# "differential diagnosis". Sentences are grammars, so that few repeat word for word, and the stock
+# ones bring numbers, decimals and brackets too: counting them tells no label.
 def say(rng, grammar, sentence=True, **slots):
-    """One choice made for each {a|b|...} (innermost first; the top level is a choice too; "3*a" weighs a
-    3), a number for each <lo-hi> (with lo's decimals), each $slot filled; a sentence is tidied, capitalised."""
+    """One choice made for each {a|b|...} (innermost first; the top level is a choice too; "3*a"
+    weighs a 3), a number for each <lo-hi> (with lo's decimals), each $slot filled; a sentence is
+    tidied and capitalised."""
     def choose(m):
         options = [re.fullmatch(r"(?:(\d+)\*)?(.*)", o, re.S).groups() for o in m[1].split("|")]
         weights = np.array([int(w or 1) for w, _ in options], float)
@@ -838,7 +856,7 @@ def say(rng, grammar, sentence=True, **slots):
     grammar = "{" + grammar + "}"
     while "{" in grammar:
         grammar = re.sub(r"\{([^{}]*)\}", choose, grammar)
-    number = lambda m: f"{rng.uniform(float(m[1]), float(m[2])):.{len(m[1].partition('.')[2])}f}"  # noqa: E731
+    number = lambda m: f"{rng.uniform(float(m[1]), float(m[2])):.{len(m[1].partition('.')[2])}f}"  # noqa
     text = re.sub(r"\$(\w+)", lambda m: slots[m[1]], re.sub(r"<([\d.]+)-([\d.]+)>", number, grammar))
     if not sentence:
         return text
@@ -846,123 +864,120 @@ def say(rng, grammar, sentence=True, **slots):
     return text[:1].upper() + text[1:]
 
 
-LOBE = ("in {the right lung {upper lobe {apical|anterior|posterior}|middle lobe {medial|lateral}|lower lobe {superior|"
-        "posterobasal|laterobasal}} segment|the left lung {upper lobe {apicoposterior|anterior}|{superior|inferior} "
-        "lingular|lower lobe {superior|posterobasal|anteromediobasal}} segment|the {right|left} lung {upper|lower} lobe"
-        "|both lung {lower lobes|apices}|the {dependent|subpleural} parts of both lungs|both lungs}")
+LOBE = ("in {the right lung {upper lobe {apical|posterior}|middle lobe {medial|lateral}|lower lobe "
+        "{superior|posterobasal}} segment|the left lung {upper lobe apicoposterior|{superior|inferior} "
+        "lingular|lower lobe {superior|posterobasal}} segment|the {right|left} lung {upper|lower} lobe|both "
+        "lung {lower lobes|apices}|the {dependent|subpleural} parts of both lungs|both lungs}")
 # "Finding: its names; where, when the volume gives no detail; an afterword when present; how often an
 # absent one is negated (CT-RATE's rate); how". None uses the finding's CT-RATE name.
 TERMS = {f: (names, place, after, float(rate), negation) for f, names, place, after, rate, negation in (
     [part.strip() for part in spec.replace(": ", ";", 1).split(";")] for spec in (
-        "Medical material: {metallic {images|structures}|foreign material of medical origin|hyperdense material}; "
-        "{consistent with sternotomy wires|belonging to a {port|central venous} catheter extending to the superior "
-        "vena cava|belonging to a pacemaker and its lead|consistent with a stent in the {aorta|esophagus}};; 0;",
-        "Arterial wall calcification: {calcific |calcified |}atheroma{tous|} plaques|{calcific |}atherosclerotic "
-        "changes|wall calcifications; in the {thoracic aorta|aortic arch|wall of the {ascending|descending} aorta};;"
-        "0;",
-        "Cardiomegaly: cardiomegaly|increased heart size|an enlarged heart|an increase in the cardiothoracic {ratio|"
-        "index} in favor of the heart;;; 0.8; {mediastinal main vascular structures, heart contour, size are normal|"
-        "2*heart contour{ and|,} size {are|is} {normal|natural}|heart dimensions and compartments appear natural|CTR is"
-        " normal|the cardiothoracic ratio is <0.38-0.49>}.",
-        "Pericardial effusion: {minimal |mild |}pericardial effusion|{minimal |}effusion in the pericardial space; "
-        "{reaching <4-15> mm in its thickest part|in the form of thin smears|};; 0.75; {pericardial effusion-thickening"
-        "|pericardial thickening-effusion|pericardial effusion} {was not|is not} {observed|detected|seen}.",
-        "Coronary artery wall calcification: {calcific |calcified |}atheroma{tous|} plaques in the coronary {arteries|"
-        "vascular structures}|coronary artery calcifications|atherosclerotic changes in the coronary arteries; {|, "
-        "{most prominent |}in the {LAD|RCA|circumflex}};; 0;",
-        "Hiatal hernia: {a sliding type|a mild|a} hiatal hernia; {at the lower end of the esophagus|at the "
-        "esophagogastric junction|};; 0.7; {thoracic esophag{us|eal} calibration was normal and no significant {tumoral"
-        "|pathological} wall thickening was detected|no pathological wall thickness increase was observed in the "
-        "esophagus{ within the sections|}}.",
-        "Lymphadenopathy: {enlarged |}lymph nodes of pathological size|{pathologically |}enlarged lymph nodes|"
-        "lymphadenopathies|{a |}conglomerate of lymph nodes; in the {prevascular|{right |}{upper|lower} paratracheal|"
-        "subcarinal|aortopulmonary|{right|left|bilateral} hilar} {region|area}{, the largest <11-24> mm in short axis|"
-        "};; 0.96; {there {are|were} no {enlarged lymph nodes|lymph nodes of pathological size}|no pathological LAP "
-        "was detected} in {the mediastinum|the mediastinal and {bilateral |}hilar regions|prevascular, "
-        "pre-paratracheal, subcarinal or bilateral hilar-axillary regions}.",
-        "Emphysema: {minimal |mild |diffuse |}emphysematous changes|{centrilobular|paraseptal|panacinar} emphysema{ "
-        "areas|}; in {both lungs|the upper {lobes|zones} of both lungs};; 0;",
-        "Atelectasis: {linear |subsegmental |passive |plate-like |}atelectasis|atelectatic changes|{linear |}"
-        "atelectasis areas; " + LOBE + ";; 0;",
-        "Lung nodule: a {nonspecific |solid |non-calcified |}{pulmonary |parenchymal |}nodule|a nodular {lesion|"
-        "formation}|{a few |several |}millimetric {nonspecific |}nodules; {2*|of <2-9> mm|of <2.0-8.9> mm in diameter|"
-        "smaller than 5 mm} " + LOBE + "; { (intrapulmonary lymph node?)| (granuloma?)|, and several millimetric "
-        "nodules in both lungs|5*}; 0.37; {no {mass or nodule|mass nodule-infiltration|suspicious nodule, mass or "
-        "infiltration} {was|is} {detected|observed} in {both lungs|the lung parenchyma}|aeration of both lungs is "
-        "normal and no nodular or infiltrative lesion is seen}.",
-        "Lung opacity: ground{ |-}glass {opacities|densities|areas}|{patchy |}ground{ |-}glass density increases; "
-        + LOBE + "; { (infection?)| (early viral pneumonia?)|6*}; 0;",
-        "Pulmonary fibrotic sequela: {pleuroparenchymal |}sequelae {changes|density increases}|{linear |}fibrotic "
-        "bands|fibroatelectatic changes|{linear |}sequelae fibrotic densities; " + LOBE + ";; 0;",
-        "Pleural effusion: {minimal |mild |}pleural effusion|{an |}effusion in the pleural space; {in the {right|left} "
-        "hemithorax{, reaching <5-40> mm in its thickest part|}|in both hemithoraces};; 0.69; {{bilateral |}pleural "
-        "effusion-thickening was not {detected|observed}{ in both hemithorax|}|no pleural effusion was detected}.",
-        "Mosaic attenuation pattern: {a |}mosaic {attenuation|perfusion} pattern|areas of mosaic attenuation; in {both "
-        "lungs|both lung lower lobes}; { (small airway disease?)| (small airway disease? small vessel disease?)|4*};"
-        "0;",
-        "Peribronchial thickening: {minimal |}peribronchial thickening{s|}|{bronchial|peribronchial} wall thickening"
-        "{s|}|peribronchial {thickness increases|sheath thickening}; " + LOBE + ";; 0;",
-        "Consolidation: {patchy |focal |}consolidation{ areas|}|{an area|areas} of {pneumonic |}consolidation; " + LOBE
-        + "; { (pneumonia?)| (infection?)|6*}; 0.05; {no pneumonic infiltration or consolidation area was detected|"
-        "pneumonic infiltration or consolidation area is not observed} in {the lung parenchyma|both lungs}.",
-        "Bronchiectasis: {minimal |mild |}{cylindrical |tubular |traction |}bronchiectasis|bronchiectatic changes|"
-        "{mild |}dilatation of the segmental bronchi; {in the central parts of both lungs|" + LOBE + "};; 0;",
-        "Interlobular septal thickening: {smooth |}interlobular septal thickening{s|}|thickening of the interlobular "
-        "septa|{interlobular |}septal thickness increases; in {the {lower lobes|basal segments} of both lungs|both "
-        "lungs}; { (pulmonary edema?)| (interstitial edema?)|3*}; 0;"))}
+        "Medical material: {metallic {images|structures}|foreign material of medical origin}; {consistent "
+        "with sternotomy wires|belonging to a {port|central venous} catheter extending to the superior vena "
+        "cava|belonging to a pacemaker and its lead|consistent with a stent in the {aorta|esophagus}};; 0;",
+        "Arterial wall calcification: {calcific |}atheroma{tous|} plaques|{calcific |}atherosclerotic "
+        "changes|wall calcifications; in the {thoracic aorta|aortic arch|wall of the {ascending|descending} "
+        "aorta};; 0;",
+        "Cardiomegaly: cardiomegaly|increased heart size|an increase in the cardiothoracic {ratio|index} in "
+        "favor of the heart;;; 0.8; {2*heart contour{ and|,} size {are|is} {normal|natural}|heart dimensions "
+        "and compartments appear natural|the cardiothoracic ratio is <0.38-0.49>}.",
+        "Pericardial effusion: {minimal |mild |}pericardial effusion|{minimal |}effusion in the pericardial "
+        "space; {reaching <4-15> mm in its thickest part|in the form of thin smears|};; 0.75; {pericardial "
+        "effusion-thickening|pericardial effusion} {was not|is not} {observed|detected}.",
+        "Coronary artery wall calcification: {calcified |}atheroma{tous|} plaques in the coronary "
+        "{arteries|vascular structures}|coronary artery calcifications; {|, {most prominent |}in the "
+        "{LAD|RCA|circumflex}};; 0;",
+        "Hiatal hernia: {a sliding type|a mild|a} hiatal hernia; {at the esophagogastric junction|};; 0.7; "
+        "{thoracic esophagus calibration was normal and no significant {tumoral|pathological} wall "
+        "thickening was detected|no pathological wall thickness increase was observed in the esophagus}.",
+        "Lymphadenopathy: {enlarged |}lymph nodes of pathological size|{pathologically |}enlarged lymph "
+        "nodes|lymphadenopathies; in the {prevascular|{right |}{upper|lower} "
+        "paratracheal|subcarinal|{right|left|bilateral} hilar} {region|area}{, the largest <11-24> mm in "
+        "short axis|};; 0.96; {there {are|were} no {enlarged lymph nodes|lymph nodes of pathological "
+        "size}|no pathological LAP was detected} in {the mediastinum|the mediastinal and {bilateral |}hilar "
+        "regions}.",
+        "Emphysema: {mild |diffuse |}emphysematous changes|{centrilobular|paraseptal} emphysema{ areas|}; in "
+        "{both lungs|the upper {lobes|zones} of both lungs};; 0;",
+        "Atelectasis: {linear |subsegmental |plate-like |}atelectasis|atelectatic changes; " + LOBE + ";; 0;",
+        "Lung nodule: a {nonspecific |solid |}{pulmonary |parenchymal |}nodule|a nodular {lesion|formation}|"
+        "{a few |several |}millimetric {nonspecific |}nodules; {2*|of <2-9> mm|of <2.0-8.9> mm in diameter} "
+        + LOBE + "; { (intrapulmonary lymph node?)| (granuloma?)|5*}; 0.37; {no {mass or nodule|suspicious "
+                 "nodule, mass or infiltration} {was|is} {detected|observed} in {both lungs|the lung "
+                 "parenchyma}|aeration of both lungs is normal and no nodular or infiltrative lesion is "
+                 "seen}.",
+        "Lung opacity: ground{ |-}glass {opacities|densities|areas}|{patchy |}ground{ |-}glass density "
+        "increases; " + LOBE + "; { (infection?)| (early viral pneumonia?)|6*}; 0;",
+        "Pulmonary fibrotic sequela: {pleuroparenchymal |}sequelae {changes|density increases}|{linear |}"
+        "fibrotic bands|fibroatelectatic changes; " + LOBE + ";; 0;",
+        "Pleural effusion: {minimal |mild |}pleural effusion|{an |}effusion in the pleural space; {in the "
+        "{right|left} hemithorax{, reaching <5-40> mm in its thickest part|}|in both hemithoraces};; 0.69; "
+        "{{bilateral |}pleural effusion-thickening was not {detected|observed}|no pleural effusion was "
+        "detected}.",
+        "Mosaic attenuation pattern: {a |}mosaic {attenuation|perfusion} pattern|areas of mosaic "
+        "attenuation; in {both lungs|both lung lower lobes}; { (small airway disease?)|4*}; 0;",
+        "Peribronchial thickening: {minimal |}peribronchial thickening{s|}|{bronchial|peribronchial} wall "
+        "thickening{s|}; " + LOBE + ";; 0;",
+        "Consolidation: {patchy |focal |}consolidation{ areas|}|{an area|areas} of {pneumonic |}"
+        "consolidation; " + LOBE + "; { (pneumonia?)| (infection?)|6*}; 0.05; {no pneumonic infiltration or "
+        "consolidation area was detected|pneumonic infiltration or consolidation area is not observed} in "
+        "{the lung parenchyma|both lungs}.",
+        "Bronchiectasis: {mild |}{cylindrical |traction |}bronchiectasis|bronchiectatic changes|dilatation "
+        "of the segmental bronchi; {in the central parts of both lungs|" + LOBE + "};; 0;",
+        "Interlobular septal thickening: {smooth |}interlobular septal thickening{s|}|thickening of the "
+        "interlobular septa; in {the {lower lobes|basal segments} of both lungs|both lungs}; { (pulmonary "
+        "edema?)|3*}; 0;"))}
 PRESENT = "{$s $p|there $be $s $p|$s $be {observed|seen|noted} $p|$s $p $was {observed|detected}}$c."
-HEDGED = ("{an appearance|{minimal|nonspecific} changes|a nonspecific finding} $b.|{an appearance that may be "
-          "compatible with $s $p is observed|findings that may be compatible with $s $p are observed}.|$s $p cannot be "
+HEDGED = ("{an appearance|{minimal|nonspecific} changes} $b.|{an appearance that may be compatible with $s "
+          "$p is observed|findings that may be compatible with $s $p are observed}.|$s $p cannot be "
           "excluded.|{the |}differential diagnosis includes $s $p.")
-STOCK = [  # (how often, a sentence), in a real report's order; a slice: where the findings of FINDINGS[slice] go
-    (1, "{trachea{,| and} both main bronchi|trachea and main bronchi} {are|were} {open|in the midline and open}{2*| "
-        "and no {occlusive|obstructive} pathology {is|was} {detected|observed} in the lumen}."),
-    (.5, "{mediastinal structures {cannot be|were not} evaluated optimally because {contrast material is not given|the"
-         " examination {is|was} {non-contrast|unenhanced}}|the mediastinum could not be evaluated optimally in the "
-         "non-contrast examination}{| and no {mass lesion|pathological soft tissue} {is|was} observed}."),
-    (.7, "{thoracic aorta diameter is normal|calibration of thoracic main vascular structures is natural|the widths of "
-         "the mediastinal main vascular structures are normal|the {ascending aorta|main pulmonary artery} {is|was "
-         "measured as} {3*<24-39>|<28.0-39.9>} mm in diameter}."),
-    (.3, "{4*the thyroid gland {is|appears} {normal|natural} in size{| and density}|a {hypodense |}nodule of <5-22> mm "
-         "{is|was} observed in the {right|left} lobe of the thyroid gland{ (colloid nodule?)|2*}|the thyroid gland is "
-         "enlarged and contains multiple nodules}."),
+# (how often, a sentence), in a real report's order; a slice: where the findings of FINDINGS[slice] go.
+STOCK = [
+    (1, "{trachea and {both |}main bronchi} {are|were} {open|in the midline and open}{2*| and no {occlusive|"
+        "obstructive} pathology {is|was} detected in the lumen}."),
+    (.5, "{mediastinal structures {cannot be|were not} evaluated optimally because contrast material is not "
+         "given|the mediastinum could not be evaluated optimally in the non-contrast examination}."),
+    (.7, "{thoracic aorta diameter is normal|the widths of the mediastinal main vascular structures are "
+         "normal|the {ascending aorta|main pulmonary artery} {is|was measured as} {3*<24-39>|<28.0-39.9>} mm "
+         "in diameter}."),
+    (.3, "{4*the thyroid gland {is|appears} {normal|natural} in size|a {hypodense |}nodule of <5-22> mm "
+         "{is|was} observed in the {right|left} lobe of the thyroid gland{ (colloid nodule?)|2*}}."),
     (1, slice(0, 7)),
-    (.25, "{{reactive |}lymph nodes {smaller|less} than {1 cm|10 mm} in short axis {are|were} observed in the "
-          "{bilateral |}axillary {region|regions}|{bilateral |}gynecomastia {is|was} observed|a lipoma of <15-60> mm "
-          "{is|was} observed in the subcutaneous fatty tissue of the {right|left} chest wall}."),
+    (.25, "{{reactive |}lymph nodes smaller than {1 cm|10 mm} in short axis {are|were} observed in the "
+          "{bilateral |}axillary {region|regions}|a lipoma of <15-60> mm {is|was} observed in the "
+          "subcutaneous fatty tissue of the {right|left} chest wall}."),
     (.6, "{when examined in the lung parenchyma window|in the evaluation of both lung parenchyma};"),
     (1, slice(7, 18)),
-    (.3, "{2*{there is no pneumothorax|no pneumothorax was detected}|{apical pleural thickening|pleural thickening "
-         "with microretractions} {is|was} observed {bilaterally|on the {right|left}}}."),
-    (.5, "{upper abdominal organs included in the sections|upper abdominal sections entering the examination area} "
-         "{are|were} {normal|natural}{| as far as can be observed| within the limits of a non-contrast examination}."),
-    (.8, "{6*{no space-occupying lesion was detected in the liver{ that entered the cross-sectional area| within the "
-         "sections|}|{the |}contour, size and parenchymal density of the liver are {normal|natural}}|2*{a decrease in "
-         "density consistent with hepatosteatosis|a diffuse hypodense appearance secondary to hepatosteatosis} {is|was}"
-         " observed in the liver|a {subcapsular |}hypodense lesion {of|measuring} {2*<3-24>|<2.0-9.9>} mm {is|was} "
-         "observed in {segment <2-8>|the {right|left} lobe} of the liver{ (cyst?)|, consistent with a {simple |}cyst|}"
-         "|the liver is larger than normal}."),
-    (.4, "{3*the {gallbladder|spleen|pancreas} {is|appears} {normal|natural}|{a stone of <4-18> mm is|calculi of up "
-         "to <4-18> mm are} observed in the gallbladder|an accessory spleen of <6-14> mm is observed}."),
-    (.7, "{4*{bilateral|both} adrenal glands {were|are} {normal|natural}{ and no space-occupying lesion was detected|"
-         "}|a {nodular |}thickening of <8-24> mm {is|was} observed in the {right|left} adrenal gland{ (adenoma?)|, "
-         "compatible with an adenoma|2*}}."),
-    (.5, "{3*both kidneys are {normal|natural} in size and contour|a {cortical |parapelvic |}cyst {of|measuring} "
-         "<5-45> mm {is|was} observed in the {upper|lower} pole of the {right|left} kidney{ (Bosniak {1|2})|3*}|a "
-         "non-obstructive stone of <3-9> mm is observed in the {right|left} kidney}."),
-    (.8, "{bone structures in the study area are natural{| and no lytic-destructive lesion is observed}|no "
-         "lytic-destructive lesions were detected in the bone structures {within the sections|in the study area}}."),
-    (.7, "{4*{vertebral corpus heights|thoracic vertebral corpus heights, alignments and densities} are {preserved|"
-         "natural|normal}|there is a loss of height of {about |}<10-40>% in the {T<4-12>|L1} vertebral corpus{, "
-         "compatible with a compression fracture|2*}}."),
-    (.6, "{degenerative changes|{degenerative |}osteophytes} {are|were} observed {in the thoracic vertebrae|at the "
-         "vertebral corpus corners|in the bone structures}."),
-    (.4, "{the neural foramina are open|intervertebral disc distances are preserved|schmorl nodules are observed in "
-         "the vertebral endplates|{mild |}{dextro|levo}scoliosis of the thoracic spine is observed|a {sclerotic bone "
-         "island|vertebral hemangioma} of <4-15> mm is observed in the {T<5-12>|L1} vertebral corpus}."),
+    (.3, "{2*{there is no pneumothorax|no pneumothorax was detected}|apical pleural thickening {is|was} "
+         "observed {bilaterally|on the {right|left}}}."),
+    (.5, "upper abdominal organs included in the sections {are|were} {normal|natural}{| as far as can be "
+         "observed| within the limits of a non-contrast examination}."),
+    (.8, "{6*{no space-occupying lesion was detected in the liver{ within the sections|}|the contour, size "
+         "and parenchymal density of the liver are {normal|natural}}|2*a decrease in density consistent with "
+         "hepatosteatosis {is|was} observed in the liver|a hypodense lesion {of|measuring} "
+         "{2*<3-24>|<2.0-9.9>} mm {is|was} observed in {segment <2-8>|the {right|left} lobe} of the liver{ "
+         "(cyst?)|, consistent with a {simple |}cyst|}}."),
+    (.4, "{3*the {gallbladder|spleen|pancreas} {is|appears} {normal|natural}|{a stone of <4-18> mm "
+         "is|calculi of up to <4-18> mm are} observed in the gallbladder}."),
+    (.7, "{4*{bilateral|both} adrenal glands {were|are} {normal|natural}|a {nodular |}thickening of <8-24> "
+         "mm {is|was} observed in the {right|left} adrenal gland{ (adenoma?)|, compatible with an "
+         "adenoma|2*}}."),
+    (.5, "{3*both kidneys are {normal|natural} in size and contour|a {cortical |parapelvic |}cyst "
+         "{of|measuring} <5-45> mm {is|was} observed in the {upper|lower} pole of the {right|left} kidney{ "
+         "(Bosniak {1|2})|3*}}."),
+    (.8, "{bone structures in the study area are natural|no lytic-destructive lesions were detected in the "
+         "bone structures {within the sections|in the study area}}."),
+    (.7, "{4*{vertebral corpus heights|thoracic vertebral corpus heights, alignments and densities} are "
+         "{preserved|natural|normal}|there is a loss of height of {about |}<10-40>% in the {T<4-12>|L1} "
+         "vertebral corpus{, compatible with a compression fracture|2*}}."),
+    (.6, "{degenerative changes|{degenerative |}osteophytes} {are|were} observed {in the thoracic "
+         "vertebrae|in the bone structures}."),
+    (.4, "{schmorl nodules are observed in the vertebral endplates|{mild |}{dextro|levo}scoliosis of the "
+         "thoracic spine is observed|a {sclerotic bone island|vertebral hemangioma} of <4-15> mm is observed "
+         "in the {T<5-12>|L1} vertebral corpus}."),
 ]
 CLINICAL = "{cough|dyspnea|chest pain|fever|control|shortness of breath|not given}."
-TECHNIQUE = "{non-contrast thorax CT images were obtained in the axial plane|thorax CT without contrast|not given}."
+TECHNIQUE = ("{non-contrast thorax CT images were obtained in the axial plane|thorax CT without contrast"
+             "|not given}.")
 NORMAL = "{thoracic CT examination within normal limits|no significant pathology was detected}."
 
 
@@ -970,8 +985,8 @@ def write_report(rng, labels_row, hedged_mask, details=None):
     """A CT-RATE style report: stock sentences in a real report's order, the present findings (with
     the rendered volume's details, often; hedged where hedged_mask, so that a labeler reads -1), some
     absent ones negated at CT-RATE's rates, and an impression naming the present ones."""
-    findings, impressions, verbosity = [], [], rng.uniform(0.3, 2)  # some radiologists write more, whatever they see
-    for how_often, stock in STOCK:
+    findings, impressions, verbosity = [], [], rng.uniform(0.3, 2)  # some radiologists write more, whatever
+    for how_often, stock in STOCK:                                   # they see
         if isinstance(stock, str):
             findings += [say(rng, stock)] if how_often == 1 or rng.random() < how_often * verbosity else []
             continue
@@ -983,16 +998,17 @@ def write_report(rng, labels_row, hedged_mask, details=None):
             s, detail = say(rng, names, False), (details or {}).get(FINDINGS[i])
             p = detail if detail and not hedged_mask[i] and rng.random() < 0.4 else say(rng, place, False)
             plural = re.search(r"(?<!si)s$", s.split(" of ")[0])  # "areas of ..." are, "atelectasis" is
-            b = f"({s} {p}?)" if re.fullmatch(r"[\w\s-]*", p) else f"{p} ({s}?)"  # all that is doubted before "?"
-            findings.append(say(rng, HEDGED if hedged_mask[i] else PRESENT, s=s, p=p, b=b, c=say(rng, afterword, False),
-                                be="are" if plural else "is", was="were" if plural else "was"))
+            b = f"({s} {p}?)" if re.fullmatch(r"[\w\s-]*", p) else f"{p} ({s}?)"  # all doubted before "?"
+            findings.append(say(rng, HEDGED if hedged_mask[i] else PRESENT, s=s, p=p, b=b,
+                                c=say(rng, afterword, False), be="are" if plural else "is",
+                                was="were" if plural else "was"))
             impressions.append(say(rng, "$s?" if hedged_mask[i] else "$s{ $p|}.", s=say(rng, names, False),
                                    p=say(rng, place, False) if p == detail else p))
     return {"ClinicalInformation_EN": say(rng, CLINICAL), "Technique_EN": say(rng, TECHNIQUE),
             "Findings_EN": " ".join(findings), "Impressions_EN": " ".join(impressions) or say(rng, NORMAL)}
 
 
-# -- Writing the dataset in CT-RATE's layout --
+# -- Writing the dataset in CT-RATE's and RAD-ChestCT's layouts --
 REPORT_COLUMNS = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
 METADATA_COLUMNS = ["VolumeName", "Manufacturer", "PatientSex", "PatientAge", "Rows", "Columns", "XYSpacing",
                     "ZSpacing", "RescaleIntercept", "RescaleSlope", "RescaleType", "NumberofSlices"]
@@ -1013,31 +1029,40 @@ def store_volume(path, hu, affine, rng, store):
     img.set_qform(affine, code=1)
     img.header.set_slope_inter(1.0, 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    gz = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)  # gzip; RLE: 2x faster than level 1 on noisy CT
-    path.write_bytes(gz.compress(img.to_bytes()) + gz.flush())     # (7% larger), and no timestamp in the bytes
+    nib.save(img, path)
     return intercept
 
 
 def synthesize_scan(job):
     """Render, store and report every reconstruction of one scan: a (report, labels, metadata) row each."""
     root, split, patient, n_recons, labels_row, seed, store = job
-    key = [seed, ("train", "valid").index(split), patient]          # seeds from (seed, split, patient): order-free
+    key = [seed, ("train", "valid").index(split), patient]   # seeds from (seed, split, patient): order-free
     rng = np.random.default_rng(key + [0])
-    sex, age, maker = rng.choice(["M", "F"]), rng.integers(20, 90), rng.choice(["SIEMENS", "PHILIPS", "TOSHIBA"])
+    sex, age = rng.choice(["M", "F"]), rng.integers(20, 90)
+    maker = rng.choice(["SIEMENS", "PHILIPS", "TOSHIBA"])
     rows = []
     for recon in range(1, n_recons + 1):
         scanner = np.random.default_rng(key + [recon])
-        hu, (sxy, _, sz), affine, details = render_volume(np.random.default_rng(key + [99]), labels_row, scanner)
+        patient_rng = np.random.default_rng(key + [99])          # the same patient in every reconstruction
+        hu, (sxy, _, sz), affine, details = render_volume(patient_rng, labels_row, scanner)
         name = f"{split}_{patient}_a_{recon}.nii.gz"             # CT-RATE's VolumeName keeps the suffix
         intercept = store_volume(root / split / f"{split}_{patient}" / f"{split}_{patient}_a" / name,
                                  hu, affine, scanner, store)
         rows.append(dict(VolumeName=name, Manufacturer=maker, PatientSex=sex, PatientAge=f"{age:03d}Y",
                          Rows=hu.shape[1], Columns=hu.shape[0], XYSpacing=str([sxy, sxy]), ZSpacing=sz,
-                         RescaleIntercept=intercept, RescaleSlope=1.0, RescaleType="HU", NumberofSlices=hu.shape[2]))
-    report = write_report(rng, labels_row, labels_row.astype(bool) & (rng.random(len(FINDINGS)) < 0.1), details)
+                         RescaleIntercept=intercept, RescaleSlope=1.0, RescaleType="HU",
+                         NumberofSlices=hu.shape[2]))
+    hedged = labels_row.astype(bool) & (rng.random(len(FINDINGS)) < 0.1)
+    report = write_report(rng, labels_row, hedged, details)
     labels = dict(zip(FINDINGS, labels_row.tolist()))
     return [(dict(VolumeName=m["VolumeName"], **report), dict(VolumeName=m["VolumeName"], **labels), m)
             for m in rows]
+
+
+def in_workers(fn, jobs, workers, desc):
+    """fn(job) for every job, in order, in `workers` forked processes, under a progress bar."""
+    with multiprocessing.get_context("fork").Pool(workers, worker_signals) as pool:
+        return list(tqdm(pool.imap(fn, jobs, chunksize=4), total=len(jobs), desc=desc, unit="scan"))
 
 
 def synthesize_ctrate(out, n_train=1000, n_valid=300, seed=0, store="raw", workers=2):
@@ -1045,31 +1070,27 @@ def synthesize_ctrate(out, n_train=1000, n_valid=300, seed=0, store="raw", worke
     ~20% of scans have a second reconstruction) with their reports, labels and metadata."""
     root, unfinished = Path(out) / "dataset", Path(out) / ".synth-unfinished"
     if store not in ("raw", "hu") or min(n_train, n_valid) < 0 or workers < 1:
-        raise RadclipError(f"need --store raw|hu (got {store!r}), --n-train/--n-valid >= 0 and --workers >= 1")
+        raise RadclipError(f"need --store raw|hu (got {store!r}), --n-train/--n-valid >= 0, --workers >= 1")
     if unfinished.exists():  # an interrupted synth: what it wrote is ours, and incomplete
         print(f"synth: {root} is from an interrupted run; writing it again", file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
     elif root.exists() and any(root.iterdir()):
         raise RadclipError(f"{root} already exists; choose a new --out or delete it")
     atomic_write_bytes(check_writable(out) / unfinished.name, b"")
-    for split, n in (("train", n_train), ("valid", n_valid)):
-        rng, recons = np.random.default_rng([seed, ("train", "valid").index(split)]), []
+    for k, (split, n) in enumerate((("train", n_train), ("valid", n_valid))):
+        rng, recons = np.random.default_rng([seed, k]), []
         while sum(recons) < n:                                   # reconstructions per patient, n in all
             recons.append(min(1 + int(rng.random() < 0.2), n - sum(recons)))
-        labels, rows = sample_labels(rng, len(recons)), []
+        labels = sample_labels(rng, len(recons))
         jobs = [(root, split, i + 1, r, labels[i], seed, store) for i, r in enumerate(recons)]
-        with multiprocessing.get_context("fork").Pool(workers, worker_signals) as pool, \
-                tqdm(total=n, desc=f"synth {split}", unit="vol") as bar:
-            for scan_rows in pool.imap(synthesize_scan, jobs, chunksize=4):
-                rows += scan_rows
-                bar.update(len(scan_rows))
-        for i, (kind, columns) in enumerate((("reports", REPORT_COLUMNS), ("labels", ["VolumeName"] + FINDINGS),
-                                             ("metadata", METADATA_COLUMNS))):
+        rows = [row for scan in in_workers(synthesize_scan, jobs, workers, f"synth {split}") for row in scan]
+        tables = (("reports", REPORT_COLUMNS), ("labels", ["VolumeName"] + FINDINGS),
+                  ("metadata", METADATA_COLUMNS))
+        for i, (kind, columns) in enumerate(tables):
             write_csv(ctrate_csv(out, split, kind), [r[i] for r in rows], columns)
     unfinished.unlink()
 
 
-# -- Writing the dataset in RAD-ChestCT's layout --
 RADCHESTCT_LOCATIONS = ("right_lung", "left_lung", "heart", "mediastinum", "other")  # a few of its 52
 UNMAPPED_ABNORMALITIES = ("cyst", "fibrosis", "granuloma")  # of its 84, some that no finding maps to
 
@@ -1104,6 +1125,7 @@ def radchestct_row(rng, labels_row):
 
 
 def synthesize_radchestct_scan(job):
+    """Render one scan and store it as RAD-ChestCT does."""
     path, labels_row, seed, npz_spacing_mm = job
     torch.set_num_threads(1)  # parallelism is across volumes (and a forked OpenMP pool would hang)
     hu, spacing_mm, _, _ = render_volume(np.random.default_rng(seed), labels_row)
@@ -1120,22 +1142,23 @@ def synthesize_radchestct(out, n=(8, 4, 2), seed=0, npz_spacing_mm=3.0, workers=
         raise RadclipError("need --n-train/--n-valid/--n-test >= 0, --workers >= 1 and --npz-spacing-mm > 0")
     if any(out.glob("*_Abnormality_and_Location_Labels.csv")):
         raise RadclipError(f"{out} already holds RAD-ChestCT labels; choose a new --out or delete them")
-    abnormalities = sorted({a for sources in RADCHESTCT_MAPPING.values() for a in sources} | set(UNMAPPED_ABNORMALITIES))
+    mapped = {abnormality for sources in RADCHESTCT_MAPPING.values() for abnormality in sources}
+    abnormalities = sorted(mapped | set(UNMAPPED_ABNORMALITIES))
     columns = ["NoteAcc_DEID"] + [f"{a}*{loc}" for a in abnormalities for loc in RADCHESTCT_LOCATIONS]
     tables = {}
     for k, (prefix, n_scans) in enumerate(zip(RADCHESTCT_SPLITS, n)):
         rng = np.random.default_rng([seed, 2 + k])                 # 0 and 1 are CT-RATE's splits
         labels = sample_labels(rng, n_scans)
         ids = [f"{prefix}{i:05d}" for i in rng.choice(100000, n_scans, replace=False)]
-        jobs = [(out / f"{i}.npz", y, [seed, 2 + k, j], npz_spacing_mm) for j, (i, y) in enumerate(zip(ids, labels))]
-        with multiprocessing.get_context("fork").Pool(workers, worker_signals) as pool:
-            list(tqdm(pool.imap_unordered(synthesize_radchestct_scan, jobs), total=n_scans,
-                      desc=f"synth {prefix}", unit="vol"))
+        jobs = [(out / f"{i}.npz", y, [seed, 2 + k, j], npz_spacing_mm)
+                for j, (i, y) in enumerate(zip(ids, labels))]
+        in_workers(synthesize_radchestct_scan, jobs, workers, f"synth {prefix}")
         tables[prefix] = [dict(dict.fromkeys(columns, 0), NoteAcc_DEID=i, **radchestct_row(rng, y))
                           for i, y in zip(ids, labels)]
     for prefix, rows in tables.items():  # last: an interrupted run leaves no labels, so a rerun starts over
         write_csv(out / f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv", rows, columns)
-    print(f"synth: RAD-ChestCT at {npz_spacing_mm:g} mm in {out}; prep it with --npz-spacing-mm {npz_spacing_mm:g}")
+    print(f"synth: RAD-ChestCT at {npz_spacing_mm:g} mm in {out}; prep it with --npz-spacing-mm "
+          f"{npz_spacing_mm:g}")
 
 
 def add_synth_parser(subparsers):
