@@ -1965,7 +1965,7 @@ class LLMLabeler:
             if re.search(refused, message, re.I) and re.search(r"param|argument|field|input", message, re.I):
                 hint = "the server does not take a parameter radclip sends; try --response-format none"
             elif first and n >= 3:
-                hint = f"the first {n} reports were all refused: check --model, --max-tokens and --base-url"
+                hint = "the first 3 reports were all refused: check --model, --max-tokens and --base-url"
             else:
                 raise LabelFailed(f"HTTP {status}: {message}")
         self.stop.set()  # no retry mends this: no worker sends another request
