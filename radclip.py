@@ -1660,23 +1660,21 @@ def load_prompts(path=PROMPTS_PATH):
     if missing:
         raise RadclipError(f"{path}: missing section(s) {missing}; each starts with a line '### <name>'")
 
-    def table(section, n=3, every=True):
-        """{name: [the other fields of each of its lines]}, a line being n non-empty fields split by '|'.
-        The names are findings (each at least once if every), except in the zero-shot templates."""
+    def table(section, n=3):
+        # {first field: [the other fields of each line]}; the first field names a finding (each one at
+        # least once, but in the candidates), except in the zero-shot templates
         rows = {}
         for line in filter(str.strip, sections.get(section, [])):
             row = [c.strip() for c in line.split("|")]
             if len(row) != n or not all(row):
-                raise RadclipError(f"{path}: a '### {section}' line needs {n} non-empty fields split by '|': "
-                                   f"{row}")
+                raise RadclipError(f"{path}: '### {section}' lines are {n} non-empty fields split by '|', "
+                                   f"not {row}")
             rows.setdefault(row[0], []).append(tuple(row[1:]))
-        if section == "zero-shot":
-            return rows
-        lacking, unknown = [f for f in FINDINGS if every and f not in rows], sorted(set(rows) - set(FINDINGS))
-        if lacking or unknown:
+        lacking = [f for f in FINDINGS if f not in rows and section != "candidates"]
+        if section != "zero-shot" and (lacking or set(rows) - set(FINDINGS)):
             raise RadclipError(f"{path}: '### {section}' must name exactly the 18 findings "
-                               f"(missing: {lacking}, unknown: {unknown})")
-        return {f: rows.get(f, []) for f in FINDINGS}
+                               f"(missing: {lacking}, unknown: {sorted(set(rows) - set(FINDINGS))})")
+        return rows if section == "zero-shot" else {f: rows.get(f, []) for f in FINDINGS}
 
     definitions = {f: lines[-1][0] for f, lines in table("findings", 2).items()}
     finding_lines = "\n".join(f"- {f}: {definitions[f]}" for f in FINDINGS)
@@ -1688,7 +1686,7 @@ def load_prompts(path=PROMPTS_PATH):
         raise RadclipError(f"{path}: '### user' needs {{report}}; each zero-shot template, {{finding}} and "
                            "a name other than 'report' (the report-language pairs' name)")
     return {"system": system, "user": user, "definitions": definitions, "zero_shot": zero_shot,
-            "report_language": table("report-language"), "candidates": table("candidates", every=False)}
+            "report_language": table("report-language"), "candidates": table("candidates")}
 
 
 def zero_shot_prompts(prompts, prompt="report"):
@@ -1832,12 +1830,6 @@ RESPONSE_FORMATS = {  # what is asked of the server; where it refuses one, the n
                                                            "schema": LABEL_SCHEMA}},  # OpenAI's nested form
     "json_object": {"type": "json_object", "schema": LABEL_SCHEMA},  # llama.cpp's servers enforce this schema
     "none": None}
-HINTS = {401: "set OPENAI_API_KEY to a valid key for this server",
-         402: "add credit to the account or use another key",  # and a 429 insufficient_quota
-         403: "check that the key may use model {model!r}",
-         404: "check --base-url (it ends in /v1) and --model {model!r}",
-         "parameter": "the server does not take a parameter radclip sends; try --response-format none",
-         "every report": "the first {n} reports were all refused: check --model, --max-tokens and --base-url"}
 
 
 class LabelFailed(Exception):
@@ -1866,7 +1858,7 @@ class LLMLabeler:
     backoff_s = 0.5  # the first retry waits about this long, doubling up to 8 s; tests shrink it
 
     def __init__(self, base_url, model, prompts, timeout=60.0, max_retries=5,
-                 response_format="json_schema", workers=8, seed=0, max_tokens=300):
+                 response_format="json_schema", workers=8, max_tokens=300):
         ok = False
         with contextlib.suppress(ValueError):  # a port outside 0-65535 or a broken IPv6 literal raises it
             url = urllib.parse.urlsplit(base_url or "")
@@ -1875,15 +1867,15 @@ class LLMLabeler:
             raise RadclipError(f"--base-url {base_url!r} is not a URL like http://localhost:8000/v1")
         self.url, self.model, self.prompts = base_url.rstrip("/") + "/chat/completions", model, prompts
         self.timeout, self.max_retries, self.max_tokens = timeout, max_retries, max_tokens
-        self.response_format, self.params = response_format, {"temperature": 0, "seed": seed}
+        self.response_format, self.params = response_format, {"temperature": 0, "seed": 0}
         self.key = os.environ.get("OPENAI_API_KEY", "")  # from the environment only; written nowhere
         self.session = requests.Session()
-        for scheme in ("http://", "https://"):  # one kept-alive connection per worker
-            self.session.mount(scheme, HTTPAdapter(pool_maxsize=workers))
+        self.session.mount("http://", HTTPAdapter(pool_maxsize=workers))  # a kept-alive connection per worker
+        self.session.mount("https://", HTTPAdapter(pool_maxsize=workers))
         self.session.headers.update({"Authorization": f"Bearer {self.key}"} if self.key else {})
         self.counts, self.retries, self.fallbacks = Counter(), Counter(), []
         self.lock, self.stop = threading.Lock(), threading.Event()
-        self.unreachable, self.refused = 0, []  # connection failures in a row; the HTTP errors so far
+        self.unreachable, self.refused = 0, Counter()  # connection failures in a row; HTTP errors by status
         self.reached = time.monotonic()  # the start, then the last reply of any kind
 
     def messages(self, text):
@@ -1926,8 +1918,8 @@ class LLMLabeler:
     def request(self, text, max_tokens):
         """One POST: (labels, None, None), or (None, cause, seconds the server asks us to wait)."""
         fmt = self.response_format
-        payload = {"model": self.model, "messages": self.messages(text), **self.params}
-        payload["max_tokens"] = max_tokens
+        payload = {"model": self.model, "messages": self.messages(text), **self.params,
+                   "max_tokens": max_tokens}
         if RESPONSE_FORMATS[fmt]:
             payload["response_format"] = RESPONSE_FORMATS[fmt]
         self.count(self.counts, "requests")
@@ -1939,11 +1931,11 @@ class LLMLabeler:
             with self.lock:  # a restarting server fails every request in flight at once: wait 10 s too
                 self.unreachable += 1
                 gone = self.unreachable >= 8 and time.monotonic() - self.reached > 10
-            if gone:
-                self.stop.set()  # no worker sends another request
-                raise RadclipError(f"{self.url}: no connection in {self.unreachable} tries in a row, for 10 s"
-                                   f" ({type(e).__name__}); is the server running? Answers so far are cached")
-            return None, "connection error", None
+            if not gone:
+                return None, "connection error", None
+            self.stop.set()  # no worker sends another request
+            raise RadclipError(f"{self.url}: no connection in {self.unreachable} tries in a row, for 10 s "
+                               f"({type(e).__name__}); is the server running? Answers so far are cached")
         with self.lock:
             self.unreachable, self.reached = 0, time.monotonic()
         if r.status_code != 200:
@@ -1962,14 +1954,14 @@ class LLMLabeler:
 
     def http_error(self, r, fmt):
         """A non-200 reply: fall back from a refused response_format, retry, fail the report, or stop."""
-        error = {"message": r.text}
+        status, error = r.status_code, {}
         with contextlib.suppress(ValueError, LookupError, TypeError, AttributeError):
-            error = {"message": r.json()["error"].get("message"), "code": r.json()["error"].get("code")}
-        message, status = " ".join(str(error["message"]).split()), r.status_code  # one line, and the key
+            error = dict(r.json()["error"])
+        message = " ".join(str(error.get("message", r.text)).split())  # one line,
         message = (message.replace(self.key, "***") if self.key else message)[:200]  # masked before the cut
         with self.lock:
-            self.refused.append(status)
-            first, n = self.counts["answered"] == 0, self.refused.count(status)
+            self.refused[status] += 1
+            first, n = self.counts["answered"] == 0, self.refused[status]
         # A server may answer a format it cannot do with a bare 500, every time.
         if fmt != "none" and (status == 500 and first and n >= 3
                               or re.search(r"response_format|json_schema|json_object", message, re.I)):
@@ -1986,18 +1978,21 @@ class LLMLabeler:
             with contextlib.suppress(TypeError, ValueError):
                 return None, f"HTTP {status}", float(ms) / 1000 if ms else float(s)
             return None, f"HTTP {status}", None
-        hint = HINTS.get(402 if status == 429 else status, "check --model {model!r} and --response-format")
+        hint = {401: "set OPENAI_API_KEY to a valid key for this server",
+                402: "add credit to the account or use another key",  # and a 429 insufficient_quota
+                403: f"check that the key may use model {self.model!r}",
+                404: f"check --base-url (it ends in /v1) and --model {self.model!r}",
+                }.get(402 if status == 429 else status, f"check --model {self.model!r} and --response-format")
         if status in (400, 413, 422):  # this report alone (too long, say), unless the request itself is wrong
             refused = r"unknown|unrecognized|unsupported|not supported|extra (?:fields|inputs)"
             if re.search(refused, message, re.I) and re.search(r"param|argument|field|input", message, re.I):
-                hint = HINTS["parameter"]
+                hint = "the server does not take a parameter radclip sends; try --response-format none"
             elif first and n >= 3:
-                hint = HINTS["every report"]
+                hint = "the first 3 reports were all refused: check --model, --max-tokens and --base-url"
             else:
                 raise LabelFailed(f"HTTP {status}: {message}")
         self.stop.set()  # no retry mends this: no worker sends another request
-        raise RadclipError(f"{self.url} answered HTTP {status} ({message}); "
-                           + hint.format(model=self.model, n=n))
+        raise RadclipError(f"{self.url} answered HTTP {status} ({message}); {hint}")
 
 
 # -- The cached, parallel runner --
@@ -2023,8 +2018,7 @@ def label_reports(ids, texts, labeler, cache_path, workers=8):
     start, cache, failed = time.time(), load_label_cache(cache_path), {}
     keys = [labeler.cache_key(t) if t else None for t in texts]
     todo = {k: (i, t) for i, t, k in zip(ids, texts, keys) if k and k not in cache}
-    summary = {"reports": len(texts), "empty": keys.count(None), "cached": sum(k in cache for k in keys),
-               "sent": len(todo)}
+    summary = {"empty": keys.count(None), "cached": sum(k in cache for k in keys), "sent": len(todo)}
     labeler.stop.clear()
     pool = ThreadPoolExecutor(max_workers=workers)
     futures = {pool.submit(labeler.label, text): (key, i) for key, (i, text) in todo.items()}
@@ -2060,55 +2054,47 @@ def tokens_line(counts, args):
     return line + f", ${usd:.4f} at ${price_in}/${price_out} per 1M tokens in/out"
 
 
-def print_dry_run(labeler, texts, cache_path, args):
-    """Requests and tokens a run would need. Tokens are estimated as characters / 4, the usual rule
-    of thumb for English with GPT-style tokenizers; the answer is about one JSON object of zeros."""
-    cache = load_label_cache(cache_path)
-    todo = {k: t for t in texts if t for k in [labeler.cache_key(t)] if k not in cache}
-    prompt = sum(len(m["content"]) for t in todo.values() for m in labeler.messages(t))
-    estimate = {"prompt_tokens": prompt // 4,
-                "completion_tokens": len(todo) * len(json.dumps(dict.fromkeys(FINDINGS, 0))) // 4}
-    print(f"label --dry-run: {len(todo)} requests for {len(texts)} reports (the others are cached, empty "
-          f"or duplicates); estimated as characters / 4, {tokens_line(estimate, args)}")
-
-
 def cmd_label(args):
     """label: silver labels for --reports from an LLM server or the rules; with --eval, their quality."""
     if args.eval:
         return cmd_label_eval(args)
     if not (args.reports and args.out):
         raise RadclipError("label needs --reports CSV and --out CSV (or --eval --pred P.csv --gold G.csv)")
-    reports = read_reports(args.reports, args.id_col, args.text_cols)
-    ids, texts, out = list(reports), list(reports.values()), Path(args.out)
+    reports, out = read_reports(args.reports, args.id_col, args.text_cols), Path(args.out)
+    ids, texts, columns = list(reports), list(reports.values()), [args.id_col, *FINDINGS]
     check_writable(out.parent)
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
     if args.backend == "llm" and not base_url:
         print("label: no endpoint (--base-url, OPENAI_BASE_URL): the rules label", file=sys.stderr)
+    if (args.backend == "rules" or not base_url) and args.dry_run:
+        return print("label: the rules backend sends no request and costs nothing")
     if args.backend == "rules" or not base_url:
-        if args.dry_run:
-            print("label: the rules backend sends no request and costs nothing")
-        else:
-            labels = [rules_label(t) for t in tqdm(texts, "rules", unit="report")]
-            write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels)], [args.id_col, *FINDINGS])
-            print(f"label: {len(ids)} reports labelled by rules -> {out}")
-        return 0
+        labels = [rules_label(t) for t in tqdm(texts, "rules", unit="report")]
+        write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels)], columns)
+        return print(f"label: {len(ids)} reports labelled by rules -> {out}")
     model = args.model or os.environ.get("OPENAI_MODEL")
     if not model:
         raise RadclipError("no model: pass --model or set OPENAI_MODEL")
     labeler = LLMLabeler(base_url, model, load_prompts(), args.timeout, args.max_retries,
-                         args.response_format, args.workers, max_tokens=args.max_tokens)
+                         args.response_format, args.workers, args.max_tokens)
     cache_path = Path(args.cache) if args.cache else out.with_suffix(".cache.jsonl")
     check_writable(cache_path.parent)  # before the first paid request
-    if args.dry_run:
-        return print_dry_run(labeler, texts, cache_path, args)
+    if args.dry_run:  # tokens as characters / 4, the rule of thumb for English with GPT-style tokenizers
+        cache = load_label_cache(cache_path)
+        todo = {k: t for t in texts if t for k in [labeler.cache_key(t)] if k not in cache}
+        prompt = sum(len(m["content"]) for t in todo.values() for m in labeler.messages(t))
+        answer = len(json.dumps(dict.fromkeys(FINDINGS, 0)))  # about one JSON object of zeros
+        estimate = {"prompt_tokens": prompt // 4, "completion_tokens": len(todo) * answer // 4}
+        return print(f"label --dry-run: {len(todo)} requests for {len(texts)} reports (the others are cached,"
+                     f" empty or duplicates); estimated as characters / 4, {tokens_line(estimate, args)}")
     labels, summary = label_reports(ids, texts, labeler, cache_path, args.workers)
-    write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels) if y], [args.id_col, *FINDINGS])
+    write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels) if y], columns)
     failed, failed_path, seconds = summary["failed"], out.with_suffix(".failed.csv"), summary["seconds"]
     retries = ", ".join(f"{cause} {n}" for cause, n in sorted(labeler.retries.items())) or "none"
     print(f"label: {len(ids)} reports ({summary['cached']} cached, {summary['sent']} sent, "
           f"{summary['empty']} empty so all 0, {len(failed)} failed) -> {out}\n"
-          f"label: {labeler.counts['requests']} requests, "
-          f"retries: {retries}; {summary['sent'] / seconds:.1f} reports/s over {seconds:.1f} s\n"
+          f"label: {labeler.counts['requests']} requests, retries: {retries}; "
+          f"{summary['sent'] / seconds:.1f} reports/s over {seconds:.1f} s\n"
           f"label: {tokens_line(labeler.counts, args)}")
     for fallback in labeler.fallbacks:
         print(f"label: response_format fell back {fallback}")
@@ -2119,35 +2105,6 @@ def cmd_label(args):
         print(f"label: {len(failed)} reports failed, listed in {failed_path} (the same command again retries "
               f"just those): {', '.join(list(failed)[:10])}", file=sys.stderr)
     return 1 if failed else 0
-
-
-def add_label_parser(subparsers):
-    p = subparsers.add_parser("label", help="silver labels from reports (LLM or rules), or --eval them")
-    p.add_argument("--reports", help="CSV (default layout: CT-RATE's VolumeName, Findings_EN, Impressions_EN)")
-    p.add_argument("--out", help="labels CSV: the id + 18 findings as 1/0/-1 (with --eval: the table as JSON)")
-    p.add_argument("--backend", choices=["llm", "rules"], default="llm",
-                   help="llm: an OpenAI-compatible server; rules: offline, also when no server is set")
-    p.add_argument("--base-url", help="URL ending in /v1 (default $OPENAI_BASE_URL); key: $OPENAI_API_KEY")
-    p.add_argument("--model", help="model name (default $OPENAI_MODEL)")
-    p.add_argument("--workers", type=number(int, 1, 256), default=8, help="requests in flight (default 8)")
-    p.add_argument("--timeout", type=number(float, 0.01, 3600), default=60.0, help="seconds per request (default 60)")
-    p.add_argument("--max-retries", type=number(int, 0, 100), default=5,
-                   help="retries after a report's first try (default 5)")
-    p.add_argument("--max-tokens", type=number(int, 16, 2**20), default=300,
-                   help="the answer's token limit (default 300); a reply cut by it is asked again with twice it")
-    p.add_argument("--cache", help="JSONL cache of answers (default: --out with .cache.jsonl)")
-    p.add_argument("--response-format", choices=RESPONSE_FORMATS, default="json_schema",
-                   help="asked of the server; if refused, radclip falls back to json_object, then none")
-    p.add_argument("--id-col", default="VolumeName", help="id column of all the CSVs (default VolumeName)")
-    p.add_argument("--text-cols", nargs="+", default=list(REPORT_TEXT),
-                   help="columns joined into the report, 'Not given.' left out (default: these two)")
-    p.add_argument("--price-in", type=number(float, 0), help="USD per 1M prompt tokens, for the cost")
-    p.add_argument("--price-out", type=number(float, 0), help="USD per 1M completion tokens, for the cost")
-    p.add_argument("--dry-run", action="store_true", help="estimate requests, tokens and cost; send none")
-    p.add_argument("--eval", action="store_true", help="score --pred against --gold instead of labelling")
-    p.add_argument("--pred", help="with --eval: predicted labels CSV")
-    p.add_argument("--gold", help="with --eval: reference labels CSV (other columns are ignored)")
-    p.set_defaults(func=cmd_label)
 
 
 # -- Label quality: the paper's label-extraction experiment --
@@ -2165,8 +2122,8 @@ def label_quality(pred, gold):
                    "f1": 2 * tp / (2 * tp + fp + fn), "precision": tp / (tp + fp), "recall": tp / (tp + fn)}
     table = {f: {**{name: float(v[k]) for name, v in metrics.items()}, "support": int(tp[k] + fn[k])}
              for k, f in enumerate(FINDINGS)}
-    macro = {name: float(np.nanmean(v)) for name, v in metrics.items()}
-    return {"reports": len(ids), "findings": table, "macro": macro}
+    return {"reports": len(ids), "findings": table,
+            "macro": {name: float(np.nanmean(v)) for name, v in metrics.items()}}
 
 
 def print_label_quality(quality):
@@ -2176,8 +2133,7 @@ def print_label_quality(quality):
     for name, m in [*quality["findings"].items(), macro]:
         print(f"{name:36} {m['auc']:6.3f} {m['f1']:6.3f} {m['precision']:6.3f} {m['recall']:6.3f} "
               f"{m.get('support', ''):>8}")
-    undefined = [f for f, m in quality["findings"].items() if math.isnan(m["auc"])]
-    if undefined:
+    if undefined := [f for f, m in quality["findings"].items() if math.isnan(m["auc"])]:
         print(f"AUC undefined (no reference positive or negative), not in the macro: {', '.join(undefined)}")
 
 
@@ -2201,7 +2157,7 @@ class RulesServer(BaseHTTPRequestHandler):
 
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(time.sleep(self.server.latency_s))
+        time.sleep(self.server.latency_s)
         answer = json.dumps(rules_label(request["messages"][-1]["content"]))
         body = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
         self.send_response(200)
@@ -2219,23 +2175,19 @@ def bench_labeler(n_reports=1000, latency_s=0.2, workers=16):
     texts = [f"Report {i}: no pleural effusion was detected. A {i % 9 + 2} mm nodule is seen."
              for i in range(n_reports)]
     server, runs = ThreadingHTTPServer(("127.0.0.1", 0), RulesServer), []
-    server.requests, server.latency_s = [], latency_s
+    server.latency_s, url = latency_s, f"http://127.0.0.1:{server.server_port}/v1"
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for _ in range(2):  # a fresh labeler each time, as a rerun of the command would have
-                labeler = LLMLabeler(f"http://127.0.0.1:{server.server_port}/v1", "rules", load_prompts(),
-                                     workers=workers)
-                runs.append((len(server.requests), label_reports(range(n_reports), texts, labeler,
-                                                                 Path(tmp) / "cache.jsonl", workers)[1]))
-    finally:
-        server.shutdown()
-        server.server_close()
-    (_, first), (sent, again) = runs
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(2):  # a fresh labeler each time, as a rerun of the command would have
+            labeler = LLMLabeler(url, "rules", load_prompts(), workers=workers)
+            summary = label_reports(range(n_reports), texts, labeler, Path(tmp) / "c.jsonl", workers)[1]
+            runs.append((labeler.counts["requests"], summary["seconds"]))
+    server.shutdown()
+    server.server_close()
+    (sent, first_s), (sent_again, again_s) = runs
     return {"reports": n_reports, "workers": workers, "latency_s": latency_s, "requests": sent,
-            "reports_per_s": n_reports / first["seconds"], "cached_rerun_s": again["seconds"],
-            "cached_rerun_requests": len(server.requests) - sent}
-
+            "reports_per_s": n_reports / first_s, "cached_rerun_s": again_s,
+            "cached_rerun_requests": sent_again}
 
 # ---------------------------------------------------------------------------------------
 # ---- 5. Models ----

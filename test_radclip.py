@@ -584,53 +584,42 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E40
 KEY = "sk-test-SECRET-0123456789"
 
 
-def chat_reply(content, finish_reason="stop"):
-    """A chat-completions response body, as OpenAI sends it."""
-    return {"object": "chat.completion", "usage": {"prompt_tokens": 400, "completion_tokens": 150},
-            "choices": [{"index": 0, "finish_reason": finish_reason,
-                         "message": {"role": "assistant", "content": content}}]}
+def chat(content, finish_reason="stop"):
+    """A 200 chat-completions reply, (status, body, headers), as OpenAI sends it."""
+    return 200, {"usage": {"prompt_tokens": 400, "completion_tokens": 150}, "choices": [
+        {"index": 0, "finish_reason": finish_reason, "message": {"role": "assistant", "content": content}}]}, {}
 
 
 def rules_reply(request):
-    """The fake server's default answer, (status, body, headers): the rule labels of the report."""
-    return 200, chat_reply(json.dumps(rc.rules_label(request["messages"][-1]["content"]))), {}
+    """The fake server's default reply: the rule labels of the report."""
+    return chat(json.dumps(rc.rules_label(request["messages"][-1]["content"])))
 
 
 def ok(labels=None):
     """A valid answer: all findings 0 except `labels`."""
-    return 200, chat_reply(json.dumps({**dict.fromkeys(rc.FINDINGS, 0), **(labels or {})})), {}
+    return chat(json.dumps({**dict.fromkeys(rc.FINDINGS, 0), **(labels or {})}))
 
 
 def in_order(*answers):
-    """A reply function that gives `answers` one per request, then repeats the last."""
-    answers, lock = list(answers), threading.Lock()
-
-    def reply(request):
-        with lock:
-            return answers.pop(0) if len(answers) > 1 else answers[0]
-    return reply
+    """A reply function (for one report at a time) that gives `answers` in turn, then repeats the last."""
+    answers = list(answers)
+    return lambda request: answers.pop(0) if len(answers) > 1 else answers[0]
 
 
 class ChatHandler(BaseHTTPRequestHandler):
-    """A fake OpenAI-compatible server: server.reply(request) -> (status, body, headers) after
-    server.latency_s; it keeps each request's headers and body, and the most requests in flight."""
+    """A fake OpenAI-compatible server: server.reply(request) -> (status, body, headers); it keeps
+    each request's headers and body in server.requests."""
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
     disable_nagle_algorithm = True  # else the body waits for the delayed ACK of the headers
 
     def do_POST(self):
-        server, request = self.server, json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with server.lock:
-            server.requests.append({"headers": dict(self.headers), "body": request})
-            server.in_flight += 1
-            server.most_in_flight = max(server.most_in_flight, server.in_flight)
-        time.sleep(server.latency_s)
-        status, body, headers = server.reply(request) if self.path == "/v1/chat/completions" else (404, "", {})
-        with server.lock:
-            server.in_flight -= 1
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append({"headers": dict(self.headers), "body": request})
+        status, body, headers = self.server.reply(request) if self.path == "/v1/chat/completions" else (404, "", {})
         data = (body if isinstance(body, str) else json.dumps(body)).encode()
         try:
             self.send_response(status)
-            for name, value in {"Content-Type": "application/json", "Content-Length": len(data), **headers}.items():
+            for name, value in {"Content-Length": len(data), **headers}.items():
                 self.send_header(name, str(value))
             self.end_headers()
             self.wfile.write(data)
@@ -643,16 +632,14 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def llm(monkeypatch):
-    """start(reply, latency_s) -> a fake chat server (.url, .requests), stopped after the test; no OPENAI_* env."""
+    """start(reply) -> a fake chat server (.url, .requests), stopped after the test; no OPENAI_* env."""
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL"):
         monkeypatch.delenv(name, raising=False)
     servers = []
 
-    def start(reply=rules_reply, latency_s=0.0):
+    def start(reply=rules_reply):
         server = ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
-        server.reply, server.latency_s, server.requests, server.lock = reply, latency_s, [], threading.Lock()
-        server.in_flight = server.most_in_flight = 0
-        server.url = f"http://127.0.0.1:{server.server_port}/v1"
+        server.reply, server.requests, server.url = reply, [], f"http://127.0.0.1:{server.server_port}/v1"
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         servers.append(server)
         return server
@@ -660,17 +647,6 @@ def llm(monkeypatch):
     for server in servers:
         server.shutdown()
         server.server_close()
-
-
-class RecordedWaits(threading.Event):
-    """A labeler's stop event that records each wait between retries and skips it."""
-    def __init__(self):
-        super().__init__()
-        self.waits = []
-
-    def wait(self, timeout=None):
-        self.waits.append(timeout)
-        return self.is_set()
 
 
 def labeler(server, **kwargs):
@@ -779,24 +755,22 @@ def test_rules_find_nothing_in_a_normal_sentence():
     assert rc.rules_label("Trachea and both main bronchi are open.") == dict.fromkeys(rc.FINDINGS, 0)
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda j: j,
-    lambda j: f"```json\n{j}\n```",
-    lambda j: f"Here are the labels: {j} Hope this helps {{sic}}.",
-    lambda j: j.replace('"Lung nodule"', '"lung NODULE"'),
-])
-def test_replies_in_prose_fences_or_other_case_parse(wrap):
-    labels = {**dict.fromkeys(rc.FINDINGS, 0), "Lung nodule": 1, "Emphysema": -1}
-    assert rc.parse_labels(wrap(json.dumps(labels))) == labels
+GOOD = {**dict.fromkeys(rc.FINDINGS, 0), "Lung nodule": 1, "Emphysema": -1}
 
 
-@pytest.mark.parametrize("reply", [
-    "", "I cannot label this report.", '{"Lung nodule": 1}',
-    *(json.dumps({**dict.fromkeys(rc.FINDINGS, 0), **bad})
+@pytest.mark.parametrize("reply, labels", [
+    *((wrap(json.dumps(GOOD)), GOOD) for wrap in (
+        lambda j: j, lambda j: f"```json\n{j}\n```", lambda j: f"Here are the labels: {j} Hope this helps {{sic}}.",
+        lambda j: j.replace('"Lung nodule"', '"lung NODULE"'))),
+    *((reply, None) for reply in ("", "I cannot label this report.", '{"Lung nodule": 1}')),
+    *((json.dumps({**GOOD, **bad}), None)
       for bad in ({"Lung nodule": 2}, {"Lung nodule": "yes"}, {"Lung nodule": True}, {"Pneumothorax": 0}))])
-def test_invalid_replies_are_rejected(reply):
-    with pytest.raises(ValueError):
-        rc.parse_labels(reply)
+def test_replies_parse_in_prose_fences_or_other_case_and_anything_else_is_rejected(reply, labels):
+    if labels:
+        assert rc.parse_labels(reply) == labels
+    else:
+        with pytest.raises(ValueError):
+            rc.parse_labels(reply)
 
 
 def test_label_writes_ct_rate_csv_in_input_order(llm, tmp_path):
@@ -826,7 +800,7 @@ def test_the_response_format_asked_of_the_server(llm, tmp_path, response_format,
     assert rc.LABEL_SCHEMA["required"] == rc.FINDINGS
 
 
-TRUNCATED = (200, chat_reply('{"Medical material": 0, "Arterial', "length"), {})
+TRUNCATED = chat('{"Medical material": 0, "Arterial', "length")
 
 
 @pytest.mark.parametrize("answers, retries, waits", [
@@ -835,16 +809,16 @@ TRUNCATED = (200, chat_reply('{"Medical material": 0, "Arterial', "length"), {})
      {"HTTP 429": 1, "HTTP 503": 1}, [0.4, "backoff"]),  # milliseconds first; never an hour
     ([(503, "overloaded", {}), (500, {"error": {"message": "oops"}}, {}), (408, "", {}), (409, "", {})],
      {"HTTP 503": 1, "HTTP 500": 1, "HTTP 408": 1, "HTTP 409": 1}, ["backoff"] * 4),
-    ([(200, chat_reply("Sure! The report shows a nodule."), {}), TRUNCATED, (200, "<html>proxy error</html>", {})],
+    ([chat("Sure! The report shows a nodule."), TRUNCATED, (200, "<html>proxy error</html>", {})],
      {"invalid reply": 2, "truncated reply": 1}, ["backoff"] * 2),  # a truncated reply is asked again at once
 ])
 def test_replies_a_retry_can_mend_are_retried_as_the_server_asks(llm, tmp_path, answers, retries, waits):
     server = llm(in_order(*answers, ok({"Emphysema": 1})))
-    lab = labeler(server, max_tokens=100)
-    lab.stop = RecordedWaits()
+    lab, recorded = labeler(server, max_tokens=100), []
+    lab.stop.wait = recorded.append  # record each wait between retries, and skip it
     labels, summary = rc.label_reports(["a"], ["Emphysema."], lab, tmp_path / "c.jsonl")
     assert labels[0]["Emphysema"] == 1 and not summary["failed"] and lab.retries == retries
-    assert [w if w >= 0.1 else "backoff" for w in lab.stop.waits] == waits
+    assert [w if w >= 0.1 else "backoff" for w in recorded] == waits
     if TRUNCATED in answers:  # at temperature 0 the same limit would cut the same answer
         assert [r["body"]["max_tokens"] for r in server.requests] == [100, 100, 200, 200]
 
@@ -853,12 +827,11 @@ def test_timeouts_are_retried(llm, tmp_path):
     calls = []
 
     def slow_first(request):
-        calls.append(1)
+        calls.append(request)
         time.sleep(1.0 if len(calls) == 1 else 0)
         return ok()
     lab = labeler(llm(slow_first), timeout=0.3)
-    labels, summary = rc.label_reports(["a"], ["No effusion."], lab, tmp_path / "c.jsonl")
-    assert labels[0] is not None and lab.retries == {"timeout": 1}
+    assert rc.label_reports(["a"], ["No effusion."], lab, tmp_path / "c.jsonl")[0][0] and lab.retries == {"timeout": 1}
 
 
 def picky(request):
@@ -880,34 +853,26 @@ def test_a_refused_response_format_falls_back_once_per_step(llm, tmp_path, reply
     assert len(server.requests) == 5 + (2 if reply is picky else 6)
 
 
-def test_a_report_the_server_refuses_fails_alone_and_the_run_goes_on(llm, tmp_path, capsys):
-    def too_long(request):
-        if "LONG" in request["messages"][-1]["content"]:
+def test_failed_reports_are_listed_the_run_goes_on_and_a_rerun_completes_just_those(llm, tmp_path, capsys):
+    def faulty(request):
+        text = request["messages"][-1]["content"]
+        if "LONG" in text:  # refused for this report alone: not retried
             return 400, {"error": {"message": "This model's maximum context length is 8192 tokens",
                                    "code": "context_length_exceeded"}}, {}
-        return rules_reply(request)
-    reports = write_reports(tmp_path / "r.csv", ["A nodule.", "LONG report.", "Emphysema.", "No effusion."])
-    server = llm(too_long)
-    code, out, err = cli(label_args(reports, tmp_path / "l.csv", server.url, "--workers", "1"), capsys)
-    assert code == 1 and len(server.requests) == 4  # the refused report is not retried
-    assert [(r["VolumeName"], r["reason"][:8]) for r in rc.read_csv(tmp_path / "l.failed.csv")] == [
-        ("valid_1_a_1.nii.gz", "HTTP 400")]
-    assert len(rc.read_csv(tmp_path / "l.csv")) == 3
-
-
-def test_failed_reports_are_listed_and_a_rerun_completes_just_those(llm, tmp_path, capsys):
-    def choke_on_x(request):
-        return (200, chat_reply("no idea"), {}) if "XYZ" in request["messages"][-1]["content"] else rules_reply(request)
-    reports = write_reports(tmp_path / "r.csv", ["A nodule.", "XYZ cardiomegaly.", "Emphysema."])
-    out = tmp_path / "labels.csv"
-    code, _, err = cli(label_args(reports, out, llm(choke_on_x).url, "--max-retries", "1"), capsys)
-    assert code == 1 and "valid_1_a_1.nii.gz" in err
-    assert [r["VolumeName"] for r in rc.read_csv(tmp_path / "labels.failed.csv")] == ["valid_1_a_1.nii.gz"]
+        return chat("no idea") if "XYZ" in text else rules_reply(request)
+    reports = write_reports(tmp_path / "r.csv", ["A nodule.", "LONG report.", "XYZ cardiomegaly.", "Emphysema."])
+    out, server = tmp_path / "labels.csv", llm(faulty)
+    code, _, err = cli(label_args(reports, out, server.url, "--max-retries", "1", "--workers", "1"), capsys)
+    assert code == 1 and "valid_1_a_1.nii.gz, valid_2_a_1.nii.gz" in err and len(server.requests) == 1 + 1 + 2 + 1
+    assert [(r["VolumeName"], r["reason"]) for r in rc.read_csv(tmp_path / "labels.failed.csv")] == [
+        ("valid_1_a_1.nii.gz", "HTTP 400: This model's maximum context length is 8192 tokens"),
+        ("valid_2_a_1.nii.gz", "invalid reply on all 2 attempts")]
     assert len(rc.read_csv(out)) == 2
     good = llm()
-    assert cli(label_args(reports, out, good.url, "--max-retries", "1"), capsys)[0] == 0
-    assert sent_reports(good) == ["Report:\nXYZ cardiomegaly."] and not (tmp_path / "labels.failed.csv").exists()
-    assert [r["Cardiomegaly"] for r in rc.read_csv(out)] == ["0", "1", "0"]
+    assert cli(label_args(reports, out, good.url), capsys)[0] == 0
+    assert sorted(sent_reports(good)) == ["Report:\nLONG report.", "Report:\nXYZ cardiomegaly."]
+    assert [r["Cardiomegaly"] for r in rc.read_csv(out)] == ["0", "0", "1", "0"]
+    assert not (tmp_path / "labels.failed.csv").exists()
 
 
 def test_an_interrupted_run_resumes_with_no_repeated_request(llm, tmp_path):
@@ -927,55 +892,39 @@ def test_an_interrupted_run_resumes_with_no_repeated_request(llm, tmp_path):
     assert sorted(answered + sent_reports(second)) == sorted(f"Report:\n{t}" for t in texts)
 
 
-def test_a_cached_rerun_sends_nothing_whatever_the_token_limit(llm, tmp_path):
-    server = llm()
-    texts, ids = [f"Report {i}: emphysema." for i in range(30)] + ["Report 0: emphysema."], [str(i) for i in range(31)]
-    first = rc.label_reports(ids, texts, labeler(server), tmp_path / "c.jsonl")
-    assert len(server.requests) == 30  # the duplicate shares its twin's request
-    again = rc.label_reports(ids, texts, labeler(server, max_tokens=600), tmp_path / "c.jsonl")
-    assert len(server.requests) == 30 and again[0] == first[0] and again[1]["cached"] == 31
-
-
-def test_a_cache_line_torn_by_a_kill_is_asked_again(llm, tmp_path):
+def test_a_rerun_asks_only_for_a_line_torn_by_a_kill_whatever_the_token_limit(llm, tmp_path):
     server, cache = llm(), tmp_path / "c.jsonl"
-    rc.label_reports(["a", "b"], ["Emphysema.", "Cardiomegaly."], labeler(server), cache)
+    texts = ["Emphysema.", "Cardiomegaly.", "Emphysema."]
+    first = rc.label_reports(list("abc"), texts, labeler(server), cache)
+    assert len(server.requests) == 2  # the duplicate shares its twin's request
     lines = cache.read_text().splitlines()
     cache.write_text(lines[0] + "\n" + lines[1][:25])  # a kill -9 in the middle of the second line
-    labels, summary = rc.label_reports(["a", "b"], ["Emphysema.", "Cardiomegaly."], labeler(server), cache)
-    assert all(labels) and len(server.requests) == 3 and summary["cached"] == 1
+    again = rc.label_reports(list("abc"), texts, labeler(server, max_tokens=600), cache)
+    assert again[0] == first[0] and len(server.requests) == 3 and again[1]["sent"] == 1
     assert all(json.loads(line) for line in cache.read_text().splitlines()[2:])
 
 
 def test_workers_run_in_parallel(llm, tmp_path):
-    server = llm(latency_s=0.5)
-    rc.label_reports([str(i) for i in range(8)], [f"Report {i}." for i in range(8)], labeler(server, workers=8),
-                     tmp_path / "c.jsonl", workers=8)
-    assert server.most_in_flight >= 4  # one after another would be 1
+    together = threading.Barrier(4, timeout=10)  # passes only with 4 requests in flight at once
+
+    def reply(request):
+        together.wait()
+        return ok()
+    labels, _ = rc.label_reports(list("abcdefgh"), [f"Report {i}." for i in range(8)],
+                                 labeler(llm(reply), workers=4), tmp_path / "c.jsonl", workers=4)
+    assert all(labels)
 
 
-def test_without_an_endpoint_the_rules_label(llm, tmp_path, capsys):
+def test_without_an_endpoint_the_rules_label_and_a_dry_run_sends_nothing(llm, tmp_path, capsys):
     reports = write_reports(tmp_path / "r.csv", ["A 4 mm nodule.", "No effusion."])
     assert rc.main(["label", "--reports", str(reports), "--out", str(tmp_path / "l.csv")]) == 0
     assert "rules" in capsys.readouterr().err
     assert [r["Lung nodule"] for r in rc.read_csv(tmp_path / "l.csv")] == ["1", "0"]
-
-
-def test_dry_run_estimates_and_sends_nothing(llm, tmp_path, capsys):
-    server = llm()
-    reports = write_reports(tmp_path / "r.csv", ["A nodule.", "A nodule.", ""])
-    code, out, _ = cli(label_args(reports, tmp_path / "l.csv", server.url, "--dry-run", "--price-in", "0.27",
+    server, reports = llm(), write_reports(tmp_path / "r.csv", ["A nodule.", "A nodule.", ""])
+    code, out, _ = cli(label_args(reports, tmp_path / "d.csv", server.url, "--dry-run", "--price-in", "0.27",
                                   "--price-out", "1.1"), capsys)
     assert code == 0 and "1 requests for 3 reports" in out and "per 1M tokens" in out and not server.requests
-    assert not (tmp_path / "l.csv").exists()
-
-
-def test_bad_input_files_are_one_line_errors(tmp_path, capsys):
-    reports = write_reports(tmp_path / "r.csv", ["A.", "B."])
-    reports.write_text(reports.read_text().replace("valid_1_a_1", "valid_0_a_1"))
-    args = ["label", "--reports", str(reports), "--out", str(tmp_path / "l.csv"), "--backend", "rules"]
-    assert rc.main(args) == 1 and "repeat, e.g. ['valid_0_a_1.nii.gz']" in capsys.readouterr().err
-    assert rc.main([*args, "--text-cols", "report_text"]) == 1
-    assert "missing column(s) ['report_text']" in capsys.readouterr().err
+    assert not (tmp_path / "d.csv").exists()
 
 
 def test_label_quality_matches_sklearn_and_leaves_undefined_auc_nan(tmp_path, capsys):
@@ -983,7 +932,8 @@ def test_label_quality_matches_sklearn_and_leaves_undefined_auc_nan(tmp_path, ca
     gold, pred = rng.integers(-1, 2, (60, 18)), rng.integers(-1, 2, (60, 18))
     gold[:, 3] = 0  # Pericardial effusion without positives: no AUC
     ids = [f"r{i}" for i in range(60)]
-    quality = rc.label_quality(dict(zip(ids[::-1], pred[::-1])), dict(zip(ids, gold)))
+    quality = rc.label_quality(dict(zip(ids[::-1], pred[::-1])), {**dict(zip(ids, gold)), "extra": gold[0]})
+    assert quality["reports"] == 60 and "1 of 61 IDs in gold" in capsys.readouterr().err
     for k, f in enumerate(rc.FINDINGS):  # uncertain counts as present; AUC ranks it between absent and present
         assert quality["findings"][f]["f1"] == pytest.approx(f1_score(gold[:, k] != 0, pred[:, k] != 0, zero_division=0))
         if k != 3:
@@ -1000,12 +950,6 @@ def test_label_quality_matches_sklearn_and_leaves_undefined_auc_nan(tmp_path, ca
     out = capsys.readouterr().out
     assert "Pericardial effusion" in out and "nan" in out and "undefined" in out
     assert json.loads((tmp_path / "q.json").read_text())["reports"] == 60
-
-
-def test_label_quality_names_ids_missing_from_the_predictions(capsys):
-    yes, no = np.ones(18, int), np.zeros(18, int)
-    quality = rc.label_quality({"a": yes, "b": no}, {"a": yes, "b": no, "c": yes})
-    assert quality["reports"] == 2 and quality["macro"]["f1"] == 1.0 and "1 of 3 IDs in gold" in capsys.readouterr().err
 
 
 def test_bench_labeler_counts_no_requests_on_the_cached_rerun():
@@ -1556,16 +1500,20 @@ def test_cuda_on_a_machine_without_it_is_one_line(tmp_path, capsys):
 
 
 # CSV files
-def test_excel_utf8_csv_with_a_bom_reads_and_other_encodings_are_one_line(tmp_path, capsys):
+def test_excel_utf8_csv_with_a_bom_reads_and_bad_reports_csvs_are_one_line(tmp_path, capsys):
     reports = write_reports(tmp_path / "r.csv", ["A 4 mm nodule.", "No effusion."])
-    reports.write_bytes(b"\xef\xbb\xbf" + reports.read_bytes())  # Excel's "CSV UTF-8"
+    good = reports.read_bytes()
     args = ["label", "--reports", reports, "--out", tmp_path / "l.csv", "--backend", "rules"]
+    reports.write_bytes(b"\xef\xbb\xbf" + good)  # Excel's "CSV UTF-8"
     assert cli(args, capsys)[0] == 0
     assert [r["Lung nodule"] for r in rc.read_csv(tmp_path / "l.csv")] == ["1", "0"]
-    reports.write_bytes(reports.read_bytes()[3:].replace(b"No effusion", "Nódule".encode("cp1252")))
-    code, _, err = cli(args, capsys)
-    assert code == 1
-    one_line_error(err, "r.csv", "not UTF-8", "byte ")
+    for bad, more, needles in [(good.replace(b"No effusion", "Nódule".encode("cp1252")), [], ("not UTF-8", "byte ")),
+                               (good.replace(b"valid_1_a_1", b"valid_0_a_1"), [], ("repeat, e.g. ['valid_0_a_1",)),
+                               (good, ["--text-cols", "report_text"], ("missing column(s) ['report_text']",))]:
+        reports.write_bytes(bad)
+        code, _, err = cli(args + more, capsys)
+        assert code == 1
+        one_line_error(err, "r.csv", *needles)
 
 
 def labels_csv(path, value, reference_id="valid_0_a_1.nii.gz"):
