@@ -2897,10 +2897,10 @@ def encode_prompts(model, tokenizer, triples, cfg, stage="clip"):
 
 
 def zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale, pair_finding=None):
-    """(N, F) log-odds that each finding is present, log softmax(pos) / softmax(neg) = exp(logit_scale)
-    * (cos(image, pos) - cos(image, neg)), averaged over a finding's pairs (pair_finding (P,); default
-    one pair each) as RadFinder averages its templates. CT-CLIP ranks by the softmax, exactly 1.0 at
-    scale 100 once the cosine gap passes ~0.37, so its AUC depends on the scale; the log-odds' does not."""
+    """(N, F) log-odds of each finding, log softmax(pos) / softmax(neg) = exp(logit_scale) * (cos(image, pos)
+    - cos(image, neg)), averaged over a finding's pairs (pair_finding (P,)) as RadFinder averages templates.
+    CT-CLIP ranks by the softmax, 1.0 at scale 100 once the gap passes ~0.37: its AUC depends on the scale,
+    the log-odds' does not."""
     img, pos, neg = (F.normalize(torch.as_tensor(e, dtype=torch.float64), dim=1)
                      for e in (image_emb, pos_emb, neg_emb))
     log_odds = math.exp(float(logit_scale)) * (img @ pos.T - img @ neg.T)
@@ -2910,10 +2910,9 @@ def zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale, pair_finding=None
 
 
 def diagnosis_metrics(labels, scores, names=FINDINGS):
-    """Per finding of (N, F) labels and scores: ROC AUC (finding_auc), and F1, weighted F1, accuracy
-    and precision at the highest threshold of maximal Youden's J, chosen like CT-CLIP on the set
-    scored (so those four are optimistic); then macro means over the findings with an AUC. CT-CLIP
-    reports only weighted F1, which rewards calling a rare finding absent; we add the positive F1."""
+    """Per finding of (N, F) labels and scores: AUC, and F1, weighted F1, accuracy and precision at the
+    highest threshold of maximal Youden's J, chosen like CT-CLIP on the set scored (optimistic); macro means
+    over the findings with an AUC. CT-CLIP reports only weighted F1: it rewards calling a rare one absent."""
     labels, scores = _binary(labels), np.asarray(scores, dtype=np.float64)
     if labels.shape != scores.shape or labels.shape[1] != len(names):
         raise RadclipError(f"labels {labels.shape} and scores {scores.shape} must be (N, {len(names)})")
@@ -2932,10 +2931,9 @@ def diagnosis_metrics(labels, scores, names=FINDINGS):
 
 
 def _top_k(query_emb, gallery_emb, k, chunk, own_slot=None):
-    """(N, k) gallery indices of each query's k most cosine-similar, ties to the lower index; own_slot
-    (N,): each query's own place in the gallery (-1: none), left out. Unit vectors on a grid of 2^-24
-    make every product an integer and every sum at most 2^48 < 2^53: the similarities are exact
-    whatever order BLAS sums in for a chunk's shape, so equal embeddings tie exactly."""
+    """(N, k) gallery indices of each query's k most cosine-similar, ties to the lower index, leaving out
+    own_slot (N,), each query's place in the gallery (-1: none). On a grid of 2^-24 unit vectors' products are
+    integers and sums < 2^53, exact in any BLAS order for any chunk: equal embeddings tie exactly."""
     query, gallery = (torch.round(F.normalize(torch.as_tensor(e, dtype=torch.float64), dim=1) * 2.0**24)
                       for e in (query_emb, gallery_emb))
     out = []
@@ -2955,7 +2953,7 @@ def map_per_query(image_emb, labels, ks=(1, 5, 10, 50), chunk=CHUNK, ctclip_quir
     y = torch.as_tensor(_binary(labels))
     gallery = torch.nonzero(y.any(1)).squeeze(1)
     if max(ks) > len(gallery) - (not ctclip_quirks):
-        raise RadclipError(f"mAP@{max(ks)} : only {len(gallery)} volumes with a finding; pass smaller ks")
+        raise RadclipError(f"mAP@{max(ks)}: only {len(gallery)} volumes with a finding; pass smaller ks")
     own_slot = torch.full((len(y),), -1)  # CT-CLIP leaves the query in its own gallery; we do not
     own_slot[gallery] = torch.arange(len(gallery))
     gallery_emb = torch.as_tensor(image_emb)[gallery]
@@ -2989,9 +2987,8 @@ def recall_at_k(text_emb, image_emb, ks=(5, 10, 50, 100), chunk=CHUNK):
 
 
 def resampled_auc(labels, scores, counts):
-    """(B, F) ROC AUC of every finding on every resample, NaN where undefined; counts (B, N): how often
-    it drew each volume. The weighted Mann-Whitney statistic (ties count 1/2) equals roc_auc_score
-    on the resample itself."""
+    """(B, F) AUC of each finding on each resample (counts (B, N): how often it drew each volume), NaN where
+    undefined: the weighted Mann-Whitney statistic (ties count 1/2), roc_auc_score on the resample itself."""
     labels, out = _binary(labels), np.full((len(counts), np.shape(labels)[1]), np.nan)
     for f in range(labels.shape[1]):
         order = np.argsort(scores[:, f], kind="stable")
@@ -3142,9 +3139,8 @@ def run_eval(ckpt_path, data_dir, split="valid", prompt="report", ctclip_quirks=
 # -- The prompt check: zero-shot's geometry, measured on reports alone --
 def check_prompts(model, tokenizer, cfg, stage, texts, labels, prompt_sets, n_boot=1000, seed=0):
     """Zero-shot works only if a finding's prompts sit where its reports sit, and reports need no volumes:
-    {prompt set: {'auc': {each finding and 'macro_auc': (AUC, lo, hi)}, 'unknown_words': {finding: share}}}
-    of zero_shot_scores (scale 1) on the embeddings of texts against their (N, 18) labels; prompt_sets
-    maps a name to zero_shot_prompts' triples."""
+    {prompt set: {'auc': {each finding, 'macro_auc': (AUC, lo, hi)}, 'unknown_words': {finding: share}}} of
+    zero_shot_scores (scale 1) on texts against their (N, 18) labels; prompt_sets: {name: triples}."""
     emb, out = encode_texts(model, tokenizer, texts, cfg, stage), {}
     for name, triples in prompt_sets.items():
         pos, neg, pair_finding, unknown = encode_prompts(model, tokenizer, triples, cfg, stage)
