@@ -3020,8 +3020,7 @@ def bootstrap_ci(labels, scores, per_query, n_boot=1000, seed=0, findings=()):
 
 def evaluate(image_emb, text_emb, scores, labels, map_ks=(1, 5, 10, 50),
              recall_ks=(5, 10, 50, 100), ctclip_quirks=False, n_boot=1000, seed=0, chunk=CHUNK):
-    """The paper's evaluation as one dict for format_results; row i of image_emb, text_emb, scores
-    (zero_shot_scores) and labels is one volume, its report and labels."""
+    """The paper's evaluation for format_results; row i of each input is one volume, its report and labels."""
     maps = map_per_query(image_emb, labels, map_ks, chunk, ctclip_quirks)
     hits = recall_per_query(text_emb, image_emb, recall_ks, chunk)
     per_query = {f"mAP@{map_ks[-1]}": maps[:, -1], f"Recall@{recall_ks[-1]}": hits[:, -1]}
