@@ -2852,8 +2852,7 @@ def _binary(labels):
 
 
 def encode_texts(model, tokenizer, texts, cfg, stage="clip"):
-    """(N, E) embeddings of texts, 64 at a time: CLIP's space for a CLIP checkpoint, the pooled
-    text features for a supervised one (its projection is untrained)."""
+    """(N, E): texts in CLIP's space for stage "clip", else a supervised tower's pooled text features."""
     features = model.encode_text if stage == "clip" else model.text
     with torch.no_grad():
         model.eval()
@@ -2862,9 +2861,8 @@ def encode_texts(model, tokenizer, texts, cfg, stage="clip"):
 
 
 def encode_prompts(model, tokenizer, triples, cfg, stage="clip"):
-    """(pos_emb (P, E), neg_emb (P, E), pair_finding (P,), unknown) for zero_shot_prompts' triples;
-    unknown: per finding, the share of its prompts' words the tokenizer lacks (they read as <unk>;
-    a from-scratch tower knows only the words of its training reports)."""
+    """(pos_emb (P, E), neg_emb (P, E), pair_finding (P,), unknown: {finding: the share of its prompts'
+    words the tokenizer lacks, read as <unk>}) for zero_shot_prompts' triples."""
     pos_emb, neg_emb = (encode_texts(model, tokenizer, [t[k] for t in triples], cfg, stage) for k in (1, 2))
     unknown = {}  # finding -> the share of unknown words in each of its pairs
     for f, pos, neg in triples:
@@ -2874,11 +2872,10 @@ def encode_prompts(model, tokenizer, triples, cfg, stage="clip"):
 
 
 def zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale, pair_finding=None):
-    """(N, F) log-odds that each finding is present, log softmax(pos) / softmax(neg) = exp(logit_scale)
-    * (cos(image, positive) - cos(image, negative)), the mean over a finding's pairs (pair_finding
-    (P,) names each pair's finding; default one each), as RadFinder averages its templates. CT-CLIP
-    ranks by the softmax, exactly 1.0 at scale 100 once the cosine gap passes ~0.37, so its AUC
-    depends on the scale; the log-odds rank alike at every scale."""
+    """(N, F) log-odds of each finding, log softmax(pos) / softmax(neg) = exp(logit_scale) * (cos(image, pos)
+    - cos(image, neg)), averaged over a finding's pairs (pair_finding (P,)) as RadFinder averages templates.
+    CT-CLIP ranks by the softmax, 1.0 at scale 100 once the gap passes ~0.37: its AUC depends on the scale,
+    the log-odds' does not."""
     img, pos, neg = (F.normalize(torch.as_tensor(e, dtype=torch.float64), dim=1)
                      for e in (image_emb, pos_emb, neg_emb))
     log_odds = math.exp(float(logit_scale)) * (img @ pos.T - img @ neg.T)
@@ -2888,10 +2885,9 @@ def zero_shot_scores(image_emb, pos_emb, neg_emb, logit_scale, pair_finding=None
 
 
 def diagnosis_metrics(labels, scores, names=FINDINGS):
-    """Per finding of (N, F) labels and scores: ROC AUC (finding_auc), and F1, weighted F1, accuracy
-    and precision at the highest threshold of maximal Youden's J, chosen like CT-CLIP on the set
-    scored (so those four are optimistic); then macro means over the findings with an AUC. CT-CLIP
-    reports only weighted F1, which rewards calling a rare finding absent; we add the positive F1."""
+    """Per finding of (N, F) labels and scores: AUC, and F1, weighted F1, accuracy and precision at the
+    highest threshold of maximal Youden's J, chosen like CT-CLIP on the set scored (optimistic); macro means
+    over the findings with an AUC. CT-CLIP reports only weighted F1: it rewards calling a rare one absent."""
     labels, scores = _binary(labels), np.asarray(scores, dtype=np.float64)
     if labels.shape != scores.shape or labels.shape[1] != len(names):
         raise RadclipError(f"labels {labels.shape} and scores {scores.shape} must be (N, {len(names)})")
@@ -2902,8 +2898,7 @@ def diagnosis_metrics(labels, scores, names=FINDINGS):
             fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
             pred = s >= thresholds[np.argmax(tpr - fpr)]
             row.update(auc=auc, f1=f1_score(y, pred), f1_weighted=f1_score(y, pred, average="weighted"),
-                       accuracy=accuracy_score(y, pred),
-                       precision=precision_score(y, pred, zero_division=np.nan))
+                       accuracy=np.mean(pred == y), precision=precision_score(y, pred, zero_division=np.nan))
     defined = [row for row in per_finding.values() if not math.isnan(row["auc"])]
     return dict(per_finding=per_finding, n_defined=len(defined),
                 macro={m: np.mean([row[m] for row in defined] or math.nan) for m in DIAGNOSIS_METRICS},
@@ -2911,10 +2906,9 @@ def diagnosis_metrics(labels, scores, names=FINDINGS):
 
 
 def _top_k(query_emb, gallery_emb, k, chunk, own_slot=None):
-    """(N, k) gallery indices of each query's k most cosine-similar, ties to the lower index; own_slot
-    (N,): each query's own place in the gallery (-1: none), left out. Unit vectors on a grid of 2^-24
-    make every product an integer and every sum at most 2^48 < 2^53: the similarities are exact
-    whatever order BLAS sums in for a chunk's shape, so equal embeddings tie exactly."""
+    """(N, k) gallery indices of each query's k most cosine-similar, ties to the lower index, leaving out
+    own_slot (N,), each query's place in the gallery (-1: none). On a grid of 2^-24 unit vectors' products are
+    integers and sums < 2^53, exact in any BLAS order for any chunk: equal embeddings tie exactly."""
     query, gallery = (torch.round(F.normalize(torch.as_tensor(e, dtype=torch.float64), dim=1) * 2.0**24)
                       for e in (query_emb, gallery_emb))
     out = []
@@ -2928,17 +2922,13 @@ def _top_k(query_emb, gallery_emb, k, chunk, own_slot=None):
 
 
 def map_per_query(image_emb, labels, ks=(1, 5, 10, 50), chunk=CHUNK, ctclip_quirks=False):
-    """(N, len(ks)) label-overlap scores, CT-CLIP's volume_to_volume: every volume queries the gallery
-    of volumes with a finding by cosine; score = mean Jaccard overlap of the 0/1 label vectors over
-    the top K (not average precision, despite the name; a normal query scores 0). Ties go to the
-    lower index, like CT-CLIP's stable sort. ctclip_quirks: CT-CLIP's two mistakes, kept."""
+    """(N, len(ks)) CT-CLIP's volume_to_volume "MAP": each volume queries the volumes with a finding by
+    cosine and scores the mean Jaccard overlap of the 0/1 label vectors over its top K (not average
+    precision, despite the name; a normal query scores 0). ctclip_quirks: CT-CLIP's two mistakes, kept."""
     y = torch.as_tensor(_binary(labels))
     gallery = torch.nonzero(y.any(1)).squeeze(1)
-    if len(image_emb) != len(y):
-        raise RadclipError(f"{len(image_emb)} embeddings but {len(y)} label rows")
     if max(ks) > len(gallery) - (not ctclip_quirks):
-        raise RadclipError(f"mAP@{max(ks)} needs more volumes with a finding than the {len(gallery)} here; "
-                           "pass smaller ks")
+        raise RadclipError(f"mAP@{max(ks)}: only {len(gallery)} volumes with a finding; pass smaller ks")
     own_slot = torch.full((len(y),), -1)  # CT-CLIP leaves the query in its own gallery; we do not
     own_slot[gallery] = torch.arange(len(gallery))
     gallery_emb = torch.as_tensor(image_emb)[gallery]
@@ -2972,9 +2962,8 @@ def recall_at_k(text_emb, image_emb, ks=(5, 10, 50, 100), chunk=CHUNK):
 
 
 def resampled_auc(labels, scores, counts):
-    """(B, F) ROC AUC of every finding on every resample, NaN where undefined; counts (B, N): how often
-    it drew each volume. The weighted Mann-Whitney statistic (ties count 1/2) equals roc_auc_score
-    on the resample itself."""
+    """(B, F) AUC of each finding on each resample (counts (B, N): how often it drew each volume), NaN where
+    undefined: the weighted Mann-Whitney statistic (ties count 1/2), roc_auc_score on the resample itself."""
     labels, out = _binary(labels), np.full((len(counts), np.shape(labels)[1]), np.nan)
     for f in range(labels.shape[1]):
         order = np.argsort(scores[:, f], kind="stable")
@@ -2988,11 +2977,10 @@ def resampled_auc(labels, scores, counts):
 
 
 def bootstrap_ci(labels, scores, per_query, n_boot=1000, seed=0, findings=()):
-    """95% percentile intervals {"macro_auc", each name of per_query = {name: (N,) scores} and of
-    findings (the columns' names): (point, lo, hi)}, the same resamples of the N volumes for all.
-    AUCs are recomputed on each (a finding's interval over those where it is defined); retrieval
-    keeps the full set's rankings and resamples the per-query scores. CT-CLIP's bootstrap_values.py
-    draws indices, then scores the full set in every round anyway."""
+    """95% percentile intervals {name: (point, lo, hi)} of "macro_auc", of each finding (findings: the
+    columns' names; over the resamples where its AUC is defined) and of each (N,) score in per_query, on
+    the same resamples of the N volumes: AUCs recomputed, per-query retrieval scores (the full set's
+    rankings) resampled. CT-CLIP's bootstrap_values.py draws indices, then scores the full set anyway."""
     scores, n, rng = np.asarray(scores, dtype=np.float64), len(labels), np.random.default_rng(seed)
     counts = np.stack([np.bincount(draw, minlength=n) for draw in rng.integers(0, n, (n_boot, n))])
     auc = resampled_auc(labels, scores, np.r_[np.ones((1, n)), counts])  # row 0: the full set
@@ -3007,8 +2995,7 @@ def bootstrap_ci(labels, scores, per_query, n_boot=1000, seed=0, findings=()):
 
 def evaluate(image_emb, text_emb, scores, labels, map_ks=(1, 5, 10, 50),
              recall_ks=(5, 10, 50, 100), ctclip_quirks=False, n_boot=1000, seed=0, chunk=CHUNK):
-    """The paper's evaluation as one dict for format_results; row i of image_emb, text_emb, scores
-    (zero_shot_scores) and labels is one volume, its report and labels."""
+    """The paper's evaluation for format_results; row i of each input is one volume, its report and labels."""
     maps = map_per_query(image_emb, labels, map_ks, chunk, ctclip_quirks)
     hits = recall_per_query(text_emb, image_emb, recall_ks, chunk)
     per_query = {f"mAP@{map_ks[-1]}": maps[:, -1], f"Recall@{recall_ks[-1]}": hits[:, -1]}
@@ -3021,9 +3008,8 @@ def evaluate(image_emb, text_emb, scores, labels, map_ks=(1, 5, 10, 50),
 
 
 def evaluate_external(scores, labels, n_boot=1000, seed=0, all_findings=False):
-    """Zero-shot diagnosis under the RAD-ChestCT 16-class protocol (external_16), and with
-    all_findings the 18 as RADCHESTCT_MAPPING defines them. No reports, so no Recall@K; peers
-    report no mAP@K on it, and neither do we."""
+    """Zero-shot diagnosis under the RAD-ChestCT 16-class protocol (external_16), with all_findings also
+    the 18 as RADCHESTCT_MAPPING defines them; no reports, so no Recall@K, and like peers no mAP@K."""
     y16, s16 = external_16(_binary(labels), scores)
     return dict(n=len(labels), protocol=EXTERNAL_PROTOCOL, n_boot=n_boot, seed=seed,
                 retrieval="skipped (no reports; the external protocol is zero-shot diagnosis)",
@@ -3125,30 +3111,16 @@ def run_eval(ckpt_path, data_dir, split="valid", prompt="report", ctclip_quirks=
 
 
 # -- The prompt check: zero-shot's geometry, measured on reports alone --
-# Zero-shot works only if a finding's prompts sit where the reports that have it sit, and reports
-# need no volumes: the AUC of zero_shot_scores on report embeddings (scale 1) against the reports'
-# labels says how well the prompts separate the findings.
 def check_prompts(model, tokenizer, cfg, stage, texts, labels, prompt_sets, n_boot=1000, seed=0):
-    """{prompt set: {'auc': {each finding and 'macro_auc': (AUC, lo, hi)}, 'unknown_words': {finding:
-    share}}} on texts and their (N, 18) labels; prompt_sets maps a name to zero_shot_prompts' triples."""
+    """Zero-shot works only if a finding's prompts sit where its reports sit, and reports need no volumes:
+    {prompt set: {'auc': {each finding, 'macro_auc': (AUC, lo, hi)}, 'unknown_words': {finding: share}}} of
+    zero_shot_scores (scale 1) on texts against their (N, 18) labels; prompt_sets: {name: triples}."""
     emb, out = encode_texts(model, tokenizer, texts, cfg, stage), {}
     for name, triples in prompt_sets.items():
         pos, neg, pair_finding, unknown = encode_prompts(model, tokenizer, triples, cfg, stage)
         scores = zero_shot_scores(emb, pos, neg, 0.0, pair_finding)
         out[name] = dict(auc=bootstrap_ci(labels, scores, {}, n_boot, seed, FINDINGS), unknown_words=unknown)
     return out
-
-
-def choose_prompts(model, tokenizer, cfg, stage, texts, labels, candidates, k=3):
-    """{finding: the k candidate pairs whose prompt-check AUC on these reports is highest}."""
-    triples = [(FINDINGS.index(f), pos, neg) for f, pairs in candidates.items() for pos, neg in pairs]
-    pos, neg, pair_finding, _ = encode_prompts(model, tokenizer, triples, cfg, stage)
-    scores = zero_shot_scores(encode_texts(model, tokenizer, texts, cfg, stage), pos, neg, 0.0)  # (N, P)
-    auc = finding_auc(_binary(labels)[:, pair_finding], scores)  # each pair against its finding
-    best = {}
-    for i in np.argsort(-np.nan_to_num(auc, nan=-1.0), kind="stable"):
-        best.setdefault(FINDINGS[pair_finding[i]], []).append(triples[i][1:])
-    return {f: best[f][:k] for f in FINDINGS if f in best}
 
 
 def prompt_check_table(results):
@@ -3163,9 +3135,9 @@ def prompt_check_table(results):
 def prompt_study(reports_csv, out, cfg, labels_csv=None, id_col="VolumeName", text_cols=REPORT_TEXT,
                  seed=0, k=3, n_boot=1000, device="auto"):
     """On labelled reports without volumes: seeded folds A (half), B and C (a quarter each); a text
-    tower trained on A; the best k candidate pairs per finding chosen on B; on C, the text head and
-    the rules labeler beside the prompt check of every template, prompts.txt's report-language pairs
-    and the chosen ones. Returns the results; out gets the folds, the tower and prompt_study.json."""
+    tower trained on A; per finding the k candidate pairs of best prompt-check AUC on B; on C, the text
+    head and the rules labeler beside the prompt check of every template, prompts.txt's report-language
+    pairs and the chosen ones. Returns the results; out gets the folds, the tower and prompt_study.json."""
     labels = read_labels(labels_csv or reports_csv, id_col)
     rows = [r for r in read_csv(reports_csv, (id_col, *text_cols), id_col) if r[id_col] in labels]
     rows = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
@@ -3177,14 +3149,18 @@ def prompt_study(reports_csv, out, cfg, labels_csv=None, id_col="VolumeName", te
                                              for r, t, v in zip(fold, texts, y)], columns)
     train(cfg, "supervised", out / "text_A.pt", None, "text", device=device, reports=dict(
         train=out / "fold_A.csv", valid=out / "fold_B.csv", id_col=id_col, text_cols=("report",)))
-    model, cfg, tokenizer = model_from_checkpoint(out / "text_A.pt")
-    prompts = load_prompts()
-    chosen = choose_prompts(model, tokenizer, cfg, "supervised", *folds["B"], prompts["candidates"], k)
+    (model, cfg, tokenizer), prompts = model_from_checkpoint(out / "text_A.pt"), load_prompts()
+    candidates = zero_shot_prompts({"report_language": prompts["candidates"]})  # chosen on B, each alone
+    pos, neg, pair_finding, _ = encode_prompts(model, tokenizer, candidates, cfg, "supervised")
+    report_emb = encode_texts(model, tokenizer, folds["B"][0], cfg, "supervised")
+    auc = finding_auc(_binary(folds["B"][1])[:, pair_finding], zero_shot_scores(report_emb, pos, neg, 0.0))
+    best = np.argsort(-np.nan_to_num(auc, nan=-1.0), kind="stable")  # an undefined AUC last
+    chosen = {FINDINGS[f]: [candidates[i][1:] for i in best if pair_finding[i] == f][:k]
+              for f in sorted(set(pair_finding))}
     sets = {name: zero_shot_prompts(prompts, name) for name in ["report", *prompts["zero_shot"]]}
-    sets.update({f"chosen top-{k}": zero_shot_prompts({"report_language": chosen})} if chosen else {})
+    sets[f"chosen top-{k}"] = zero_shot_prompts({"report_language": chosen})
     texts, y = folds["C"]
-    with torch.no_grad():
-        head = model.text_cls(encode_texts(model, tokenizer, texts, cfg, "supervised")).numpy()
+    head = model.text_cls(encode_texts(model, tokenizer, texts, cfg, "supervised")).detach()
     rules = np.array([list(rules_label(t).values()) for t in texts], dtype=np.float64)
     rules[rules == -1] = 0.5  # uncertain ranks between absent and present
     results = {"n": {name: len(f[0]) for name, f in folds.items()}, "seed": seed, "chosen": chosen,
@@ -3199,18 +3175,15 @@ def prompt_study(reports_csv, out, cfg, labels_csv=None, id_col="VolumeName", te
 # ---------------------------------------------------------------------------------------
 # ---- 8. The demo and benchmarks ----
 # The demo: synthetic CT-RATE -> silver labels -> supervised towers -> CLIP from them and from scratch
-# (the paper's ablation) -> both evaluated; a rerun reuses each finished stage. Speed claims come from
-# bench (medians, every variant side by side), never from tests.
+# (the paper's ablation) -> both evaluated; a rerun reuses each finished stage. bench measures speed.
 # ---------------------------------------------------------------------------------------
 HISTOGRAM_FINDINGS = ["Medical material", "Arterial wall calcification", "Coronary artery wall calcification",
                       "Cardiomegaly", "Pericardial effusion", "Pleural effusion", "Emphysema"]
 
 
 def histogram_shortcuts(train_ds, valid_ds, bins=40):
-    """{finding: valid AUC, NaN where a split lacks a class} of seeded gradient boosting on each train
-    volume's `bins`-bin histogram (the model input's density over [-1, 1]: no place, no shape). The
-    HISTOGRAM_FINDINGS change how much of each density a chest holds on real CT too (metal, calcium,
-    fluid; emphysema is lung below -950 HU); a high AUC for any other is a shortcut in the data."""
+    """{finding: valid AUC, NaN where a split lacks a class} of gradient boosting on volumes' histograms (no
+    place, no shape): only HISTOGRAM_FINDINGS (metal, calcium, fluid, lung < -950 HU) move real CT's too."""
     from sklearn.ensemble import HistGradientBoostingClassifier  # here: an import only this needs
     from threadpoolctl import threadpool_limits
     x_train, x_valid = (np.stack([np.histogram(ds[i][0], bins, (-1, 1), density=True)[0]
@@ -3244,9 +3217,8 @@ def demo(out="demo", seed=0, device="auto"):
     if not silver.is_file():
         backend = "llm" if os.environ.get("OPENAI_BASE_URL") else "rules"
         print(f"demo: labelling train reports, {backend} backend (an LLM: set OPENAI_BASE_URL, OPENAI_MODEL)")
-        code = timed("label", main, ["label", "--reports", str(ctrate_csv(data, "train", "reports")),
-                                     "--out", str(silver), "--backend", backend])
-        if code:
+        if code := timed("label", main, ["label", "--reports", str(ctrate_csv(data, "train", "reports")),
+                                         "--out", str(silver), "--backend", backend]):
             raise KeyboardInterrupt if code == 130 else RadclipError("labelling failed: fix the above, rerun")
     quality = label_quality(read_labels(silver), read_labels(ctrate_csv(data, "train", "labels")))
     init = {modality: out / f"supervised_{modality}.pt" for modality in ("image", "text")}
@@ -3288,11 +3260,10 @@ def bench(cfg, device, data_dir=None, steps=5, batch=8, amps=None, cache_root=No
             for cl in (False, True)]
     if data_dir:
         ds = CTRateDataset(data_dir, "train", cfg, augment=cfg.augment, cache_root=cache_root)
-        t0, loader = time.perf_counter(), torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True,
-                                                                      num_workers=cfg.workers)
+        loader = torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers)
+        t0, volumes = time.perf_counter(), sum(len(v) for v, _, _ in loader)  # left to right: t0 first
         rows.append({"what": f"data loading ({cfg.workers} workers)", "amp": "", "channels_last": "",
-                     "volumes_per_s": sum(len(v) for v, _, _ in loader) / (time.perf_counter() - t0),
-                     "peak_gib": math.nan})
+                     "volumes_per_s": volumes / (time.perf_counter() - t0), "peak_gib": math.nan})
     return rows
 
 
