@@ -1415,8 +1415,7 @@ class CTRateDataset(torch.utils.data.Dataset):
                 flag = f" --cache-dir {cache_root}" if cache_root else ""
                 raise RadclipError(f"{self.cache}: no preprocessed volumes; run `python radclip.py prep "
                                    f"--data {data_dir}{flag} --split {split}` first, with the same flags")
-            index = read_csv(self.cache / "index.csv", ("VolumeName",))
-            sources["volumes"] = [r["VolumeName"] for r in index]
+            sources["volumes"] = [r["VolumeName"] for r in read_csv(self.cache / "index.csv")]
             labels_csv = labels_csv or (ctrate_csv(data_dir, split, "labels") if self.has_reports
                                         else self.cache / "labels.csv")
             reports_csv = ctrate_csv(data_dir, split, "reports") if self.has_reports else None
@@ -1444,9 +1443,8 @@ class CTRateDataset(torch.utils.data.Dataset):
 
 
 def shuffle_sentences(text, gen):
-    """The report's sentences in a random order. Each states its own findings, so the labels stay
-    true, while a text tower can no longer learn where a mention sits (in the Impression, first,
-    everything named is present) instead of what is said about it ("... is not present")."""
+    """The report's sentences in a random order: each states its own findings, so the labels stay true,
+    and the text tower learns what is said of a finding, not where it sits (the Impression names it)."""
     sentences = re.split(r"(?<=[a-z)][.?])\s+(?=[A-Z])", text)  # not after "1." or before "5 mm"
     return " ".join(sentences[j] for j in torch.randperm(len(sentences), generator=gen))
 
@@ -1553,9 +1551,8 @@ def load_radchestct(path, spacing_mm=0.8):
 
 
 def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_root=None):
-    """Preprocess a RAD-ChestCT split (trn, val, tst, or all: the 3,630 scans peers score) as
-    prep_split does, with its labels as the 18 findings in labels.csv beside the index (VolumeName
-    = NoteAcc_DEID), and print the positives per class beside the published ones."""
+    """Preprocess a RAD-ChestCT split (trn, val, tst, or all: the 3,630 scans peers score) as prep_split
+    does, its labels as the 18 findings in labels.csv; print the positives beside the published ones."""
     data_dir, prefixes = Path(data_dir), list(RADCHESTCT_SPLITS) if split == "all" else [split]
     out_dir = check_writable(cache_dir(data_dir, cfg, cache_root) / split)
     marker = out_dir / "npz_spacing_mm.txt"  # written before any volume: the spacing the cache holds
@@ -1573,8 +1570,7 @@ def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_r
     done, n_skipped, failures = prep_volumes(sources, out_dir, cfg, workers)
     write_csv(out_dir / "labels.csv", [{"VolumeName": n, **dict(zip(FINDINGS, labels[n]))} for n in done],
               ["VolumeName", *FINDINGS])
-    print(f"prep {split}: {len(unmapped)} abnormalities that no finding maps to are not used"
-          + (f" ({', '.join(unmapped[:6])}{', ...' if len(unmapped) > 6 else ''})" if unmapped else ""))
+    print(f"prep {split}: {len(unmapped)} abnormalities that no finding maps to are not used: {unmapped[:6]}")
     y = np.array([labels[n] for n in done]).reshape(-1, len(FINDINGS))
     print(f"{'positives in the ' + str(len(done)) + ' scans':<44}{'here':>6}{'published, all 3,630':>22}")
     for name, n in zip(EXTERNAL_CLASSES, external_16(y, y)[0].sum(0)):
