@@ -1193,8 +1193,7 @@ def volume_name(path):
 
 
 def volume_meta(meta, name):
-    """(spacing_mm of the stored axes, slope, intercept) from a metadata row, or a RadclipError naming
-    the volume and the values: no row, an empty, zero, NaN or absurd spacing, a slope that is no number."""
+    """(spacing_mm of the stored axes, slope, intercept) from a metadata row, or a RadclipError naming it."""
     with contextlib.suppress(ValueError, TypeError):  # TypeError: no row
         xy = [float(v) for v in str(meta["XYSpacing"]).strip("[]() ").replace(",", " ").split()]  # not sliced
         spacing = [xy[0], xy[-1], float(meta["ZSpacing"])] if len(xy) in (1, 2) else [0]
@@ -1348,15 +1347,13 @@ def read_reports(path, id_col="VolumeName", text_cols=REPORT_TEXT):
 def read_labels(path, id_col="VolumeName", reference=False):
     """{id: (18,) int8 array} from a CT-RATE-style labels CSV: -1 (uncertain), 0 or 1, written as
     integers or as floats ("1.0", as pandas writes them); only 0 and 1 in a reference file."""
-    allowed = (0, 1) if reference else (-1, 0, 1)
+    allowed = {"0": 0, "1": 1, "0.0": 0, "1.0": 1} | ({} if reference else {"-1": -1, "-1.0": -1})
     labels = {}
     for line, r in enumerate(read_csv(path, (id_col, *FINDINGS), id_col), start=2):
-        number = [re.fullmatch(r"\s*-?\d+(\.\d*)?\s*", r[f] or "") for f in FINDINGS]  # not "inf", "yes", ""
-        y = [float(r[f]) if ok else math.nan for f, ok in zip(FINDINGS, number)]
-        if bad := [f for f, v in zip(FINDINGS, y) if v not in allowed]:
+        if bad := [f for f in FINDINGS if (r[f] or "").strip() not in allowed]:
             raise RadclipError(f"{path}: line {line}, column {bad[0]!r}: {r[bad[0]]!r} is not one of "
-                               f"{', '.join(map(str, allowed))}")
-        labels[r[id_col]] = np.array(y, np.int8)
+                               f"{'0, 1' if reference else '-1, 0, 1'}")
+        labels[r[id_col]] = np.array([allowed[r[f].strip()] for f in FINDINGS], np.int8)
     return labels
 
 
@@ -1463,9 +1460,8 @@ def augment_volume(vol, gen, max_shift=0.08):
 
 # -- RAD-ChestCT, the external test set --
 # The paper's fourth number, zero-shot AUC 77.3%, is on Duke's RAD-ChestCT (Draelos et al., Zenodo
-# record 6406114): scans as <NoteAcc_DEID>.npz and labels as 84 abnormalities x 52 locations.
-# prep reads it into the same cache, through the same preprocess(), with the labels collapsed
-# over locations and mapped to the 18 findings; eval scores the 16-class protocol.
+# record 6406114): scans as <NoteAcc_DEID>.npz and labels as 84 abnormalities x 52 locations, which
+# prep collapses over locations and maps to the 18 findings; eval scores the 16-class protocol.
 RADCHESTCT_SPLITS = {"trn": "imgtrain", "val": "imgvalid", "tst": "imgtest"}  # ID prefix: labels file
 # RadFinder's "standard" mapping (lmb-freiburg/radfinder), also BrgSA's. CT-CLIP, whose protocol the
 # published numbers follow, never released its own (users asked in its issues #24 and #29).
