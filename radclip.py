@@ -1552,10 +1552,9 @@ def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_r
     data_dir, prefixes = Path(data_dir), list(RADCHESTCT_SPLITS) if split == "all" else [split]
     out_dir = check_writable(cache_dir(data_dir, cfg, cache_root) / split)
     marker = out_dir / "npz_spacing_mm.txt"  # written before any volume: the spacing the cache holds
-    done_at = marker.read_text().strip() if marker.is_file() else f"{npz_spacing_mm:g}"
-    if done_at != f"{npz_spacing_mm:g}":
+    if marker.is_file() and (done_at := marker.read_text().strip()) != f"{npz_spacing_mm:g}":
         raise RadclipError(f"{out_dir}: prepped at --npz-spacing-mm {done_at}; pass that or delete it")
-    atomic_write_bytes(marker, done_at.encode())
+    atomic_write_bytes(marker, f"{npz_spacing_mm:g}".encode())
     files = [f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv" for prefix in prefixes]
     read = [read_radchestct_labels(next(data_dir.rglob(name), data_dir / name)) for name in files]
     labels = {i: y for file_labels, _ in read for i, y in file_labels.items()}

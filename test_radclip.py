@@ -538,11 +538,6 @@ def test_external_16_class_protocol_against_a_hand_computed_example():
     assert np.array_equal(np.delete(s16, 1, 1), scores[:, others]) and not np.delete(y16, 1, 1).any()
 
 
-def synth_radchestct(root, n=(2, 1, 1)):
-    rc.synthesize_radchestct(root, n, seed=1, npz_spacing_mm=4.0, workers=1)
-    return ["prep", "--data", str(root), "--split", "all", "--npz-spacing-mm", "4", "--workers", "1"]
-
-
 def test_a_marker_lands_alike_from_ctrate_in_any_voxel_order_and_from_radchestct(tmp_path, monkeypatch):
     hu = chest()  # (x, y, z) in LPS voxel order, as render_volume returns: x to the patient's left
     hu[8:14, 8:13, 13:17] = 1000  # patient's right, anterior, superior
@@ -569,27 +564,24 @@ def test_a_marker_lands_alike_from_ctrate_in_any_voxel_order_and_from_radchestct
 LABELS = "imgtest_Abnormality_and_Location_Labels.csv"
 
 
-@pytest.mark.parametrize("npz, labels, message", [  # labels: (header, row) -> what is written, or bytes
-    ({"arr_0": np.zeros((4, 4, 4), np.float32)}, None, "no array 'ct' (found ['arr_0'])"),  # GreenRFM's export
-    ({"ct": np.zeros((4, 4), np.int16)}, None, "expected one (z, y, x) volume"),
-    (b"not a zip", None, "tst00001.npz: ValueError"),
-    (None, lambda h, r: (h.replace("NoteAcc_DEID", "ID"), r), "no column for ['NoteAcc_DEID']"),
-    (None, lambda h, r: (h.replace("hernia*", "herniax*"), r), "no column for ['hernia']"),
-    (None, lambda h, r: (h, r.replace(",1", ",yes")), "line 2: expected NoteAcc_DEID and 54 labels, each 0 or 1"),
-    (None, lambda h, r: (h, r + ",0"), "line 2: expected NoteAcc_DEID and 54 labels"),
-    (None, lambda h, r: (h, r + "\n" + r), "NoteAcc_DEID tst00001 has two rows"),
-    (None, b"NoteAcc_DEID,x\n\xe9,1\n", "not a readable UTF-8 CSV")])
+@pytest.mark.parametrize("npz, labels, message", [  # labels: the file's text -> what is written instead
+    ({"arr_0": np.zeros((4, 4, 4), np.float32)}, str, "no array 'ct' (found ['arr_0'])"),  # GreenRFM's export
+    ({"ct": np.zeros((4, 4), np.int16)}, str, "expected one (z, y, x) volume"),
+    (b"not a zip", str, "tst00001.npz: ValueError"),
+    (None, lambda text: text.replace("NoteAcc_DEID", "ID"), "no column for ['NoteAcc_DEID']"),
+    (None, lambda text: text.replace("hernia*", "herniax*"), "no column for ['hernia']"),
+    (None, lambda text: text.replace(",1", ",yes"), "line 2: expected NoteAcc_DEID and 54 labels, each 0 or 1"),
+    (None, lambda text: text.rstrip() + ",0\n", "line 2: expected NoteAcc_DEID and 54 labels"),
+    (None, lambda text: text + text.splitlines()[1], "NoteAcc_DEID tst00001 has two rows"),
+    (None, lambda text: b"NoteAcc_DEID,x\n\xe9,1\n", "not a readable UTF-8 CSV")])
 def test_bad_radchestct_inputs_are_one_line_errors(tmp_path, capsys, npz, labels, message):
-    path = tmp_path / "tst00001.npz"
+    npz_path, labels_path = tmp_path / "tst00001.npz", tmp_path / LABELS
+    np.savez_compressed(npz_path, **(npz if isinstance(npz, dict) else {"ct": np.zeros((8, 8, 8))}))
     if isinstance(npz, bytes):
-        path.write_bytes(npz)
-    else:
-        np.savez_compressed(path, **(npz or {"ct": np.full((8, 8, 8), -1000, np.int16)}))
-    write_radchestct_labels(tmp_path / LABELS, {"tst00001": ["nodule*lung"]})
-    if isinstance(labels, bytes):
-        (tmp_path / LABELS).write_bytes(labels)
-    elif labels:
-        (tmp_path / LABELS).write_text("\n".join(labels(*(tmp_path / LABELS).read_text().splitlines())) + "\n")
+        npz_path.write_bytes(npz)
+    write_radchestct_labels(labels_path, {"tst00001": ["nodule*lung"]})
+    text = labels(labels_path.read_text())
+    labels_path.write_bytes(text if isinstance(text, bytes) else text.encode())
     code, _, err = cli(["prep", "--data", tmp_path, "--split", "tst", "--workers", "1"], capsys)
     lines = [line for line in err.splitlines() if line.startswith("radclip")]  # the rest is the progress bar
     assert code == 1 and "Traceback" not in err and len(lines) == 1 and message in lines[0], lines
@@ -598,7 +590,9 @@ def test_bad_radchestct_inputs_are_one_line_errors(tmp_path, capsys, npz, labels
 def test_radchestct_prep_and_eval_of_a_ctrate_checkpoint_on_16_classes_without_reports(tmp_path, capsys):
     cfg = tiny_training_data(tmp_path)
     rc.train(cfg, "clip", tmp_path / "clip.pt", tmp_path)
-    prep = synth_radchestct(tmp_path / "rad", (3, 2, 2)) + ["--spacing-mm", "8", "8", "16", "--input-shape", "8", "16", "16"]
+    rc.synthesize_radchestct(tmp_path / "rad", (3, 2, 2), seed=1, npz_spacing_mm=4.0, workers=1)
+    prep = ["prep", "--data", tmp_path / "rad", "--split", "all", "--npz-spacing-mm", "4", "--workers", "1",
+            "--spacing-mm", "8", "8", "16", "--input-shape", "8", "16", "16"]
     missing = sorted((tmp_path / "rad").glob("val*.npz"))[0]
     missing.unlink()
     code, out, err = cli(prep, capsys)
@@ -607,7 +601,7 @@ def test_radchestct_prep_and_eval_of_a_ctrate_checkpoint_on_16_classes_without_r
     assert re.search(r"\n  Interlobular septal thickening +\d +252\n", out)  # here beside the published count
     labels = rc.read_labels(rc.cache_dir(tmp_path / "rad", cfg) / "all" / "labels.csv")
     assert len(labels) == 6 and missing.stem not in labels
-    code, _, err = cli(prep[:7] + ["--npz-spacing-mm", "0.8"] + prep[9:], capsys)  # the cache knows its spacing
+    code, _, err = cli(prep + ["--npz-spacing-mm", "0.8"], capsys)  # the cache knows its spacing
     assert code == 1
     one_line_error(err, "prepped at --npz-spacing-mm 4")
     code, out, _ = cli(["eval", "--ckpt", tmp_path / "clip.pt", "--data", tmp_path / "rad", "--split", "all",
