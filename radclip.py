@@ -1241,8 +1241,8 @@ def load_hu(path, meta, hu_mode="auto"):
 
 
 def centre_slices(size, target, shift=0):
-    """(source, destination) slices that put an axis of length size into one of length target about
-    the centre, moved by shift voxels: a crop where it is longer, a pad where it is shorter."""
+    """(source, destination) slices that centre an axis of length size in one of length target, moved by
+    shift voxels: a crop where it is longer, a pad where it is shorter."""
     offset = int((target - size) / 2) + shift  # toward zero: a crop and a pad drop the same odd voxel
     source = slice(max(0, -offset), min(size, target - offset))
     return source, slice(source.start + offset, source.stop + offset)
@@ -1358,8 +1358,7 @@ def read_labels(path, id_col="VolumeName", reference=False):
 
 
 def match_ids(name, **sources):
-    """IDs present in every source, in the first source's order. Mismatches are reported with
-    a count and examples, never dropped silently: a wrong labels file must be noticed."""
+    """IDs in every source, in the first one's order; those left out are counted on stderr, never silently."""
     common = set.intersection(*(set(ids) for ids in sources.values()))
     for src, ids in sources.items():
         if lost := sorted(set(ids) - common):
