@@ -1635,7 +1635,7 @@ BAD_METADATA = [("XYSpacing", ""), ("XYSpacing", "[0, 0]"), ("XYSpacing", "[-0.7
 BAD_VOLUMES = {  # name: what its one line says beside the name
     "train_3_a_1.nii.gz": "ImageFileError: ", "train_4_a_1.nii.gz": "EOFError: ",  # any exception stays in the worker
     "train_5_a_1.nii.gz": "expected one 3-D volume", "train_6_a_1.nii.gz": "3-D",
-    "train_7_a_1.nii.gz": "not in the metadata CSV", "train_8_a_1.nii.gz": "holds NaN",
+    "train_7_a_1.nii.gz": "not in the metadata CSV", "train_8_a_1.nii.gz": "holds NaN or infinite",
     **{f"train_1{i}_a_1.nii.gz": f"{field}={value!r}" for i, (field, value) in enumerate(BAD_METADATA)}}
 
 
@@ -1656,7 +1656,7 @@ def test_each_unusable_volume_is_named_and_skipped_and_prep_resumes(tmp_path, ca
     path["train_4_a_1.nii.gz"].write_bytes(data[:len(data) // 2])  # truncated
     nib.save(nib.Nifti1Image(good[..., 0], np.eye(4)), str(path["train_5_a_1.nii.gz"]))
     nib.save(nib.Nifti1Image(np.stack([good, good], -1), np.eye(4)), str(path["train_6_a_1.nii.gz"]))
-    write_nifti(path["train_8_a_1.nii.gz"], np.where(np.arange(20) == 3, np.nan, good), (2.0, 2.0, 4.0), "RAS")
+    write_nifti(path["train_8_a_1.nii.gz"], np.where(np.arange(20) == 3, np.inf, good), (2.0, 2.0, 4.0), "RAS")
     code, out, err = cli(["prep", "--data", tmp_path, "--split", "train", "--workers", "2"], capsys)
     assert code == 1 and "Traceback" not in err and f"0 already done, {len(BAD_VOLUMES)} failed" in out
     skipped = dict(re.findall(r"radclip: skipped (\S+?): (.*)", err))
