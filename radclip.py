@@ -1216,23 +1216,16 @@ def volume_name(path):
 
 
 def volume_meta(meta, name):
-    """(spacing_mm of the stored axes, slope, intercept) from a metadata row, or a RadclipError naming
-    the volume: no row, an empty, zero, negative, NaN or absurd spacing, a slope that is no number."""
-    if meta is None:
-        raise RadclipError(f"{name}: not in the metadata CSV")
-    try:
+    """(spacing_mm of the stored axes, slope, intercept) from a metadata row, or a RadclipError naming it."""
+    with contextlib.suppress(ValueError, TypeError):  # TypeError: no row
         xy = [float(v) for v in str(meta["XYSpacing"]).strip("[]() ").replace(",", " ").split()]  # not sliced
-        spacing = [xy[0], xy[-1], float(meta["ZSpacing"])] if len(xy) in (1, 2) else []
+        spacing = [xy[0], xy[-1], float(meta["ZSpacing"])] if len(xy) in (1, 2) else [0]
         slope, intercept = float(meta["RescaleSlope"]), float(meta["RescaleIntercept"])
-        usable = spacing and all(0.05 <= s <= 30 for s in spacing) and slope != 0 and \
-            math.isfinite(slope + intercept)
-    except (ValueError, TypeError):
-        usable = False
-    if not usable:
-        found = ", ".join(f"{k}={meta[k]!r}" for k in METADATA_USED[1:])
-        raise RadclipError(f"{name}: metadata {found}: expected 1 or 2 and 1 spacings in [0.05, 30] mm, "
-                           "a nonzero slope and a finite intercept")
-    return np.array(spacing), slope, intercept
+        if all(0.05 <= s <= 30 for s in spacing) and slope != 0 and math.isfinite(slope + intercept):
+            return np.array(spacing), slope, intercept
+    found = ", ".join(f"{k}={meta[k]!r}" for k in METADATA_USED[1:]) if meta else "not in the metadata CSV"
+    raise RadclipError(f"{name}: {found}: expected 1 or 2 and 1 spacings in [0.05, 30] mm, a nonzero slope "
+                       "and a finite intercept")
 
 
 def to_hu(stored, slope, intercept, mode, name="", out=None):
@@ -1264,8 +1257,6 @@ def load_hu(path, meta, hu_mode="auto"):
     if len(img.shape) != 3 or min(img.shape) < 8:
         raise RadclipError(f"{name}: has shape {img.shape}; expected one 3-D volume, 8 voxels a side or more")
     stored = np.asanyarray(img.dataobj)  # int16 as stored: CT-RATE's header scaling is identity
-    if stored.dtype.kind == "f" and not np.isfinite(stored).all():
-        raise RadclipError(f"{name}: holds NaN or infinite voxels")
     ornt = nib.orientations.io_orientation(img.affine)  # stored axis -> (RAS axis, flip)
     hu = nib.orientations.apply_orientation(to_hu(stored, slope, intercept, hu_mode, name, stored), ornt)
     hu = hu.transpose(2, 1, 0)[::-1, ::-1, ::-1]  # RAS (x, y, z) -> (D, H, W): a view, not a copy
@@ -1273,18 +1264,17 @@ def load_hu(path, meta, hu_mode="auto"):
 
 
 def centre_slices(size, target, shift=0):
-    """(source, destination) slices that put an axis of length size into one of length target about
-    the centre, moved by shift voxels: a crop where it is longer, a pad where it is shorter."""
+    """(source, destination) slices that centre an axis of length size in one of length target, moved by
+    shift voxels: a crop where it is longer, a pad where it is shorter."""
     offset = int((target - size) / 2) + shift  # toward zero: a crop and a pad drop the same odd voxel
     source = slice(max(0, -offset), min(size, target - offset))
     return source, slice(source.start + offset, source.stop + offset)
 
 
 def preprocess(hu, spacing_zyx, cfg):
-    """(D, H, W) HU at any spacing (any dtype; a strided view will do) -> float16 at cfg.spacing_mm,
-    windowed to [-1, 1], cropped or padded (with air) about the centre to cfg.input_shape. These are
-    F.interpolate(mode="trilinear", align_corners=False)'s samples of the whole volume, computed one
-    axis at a time from only the voxels the crop keeps: no full-volume float copy is made."""
+    """(D, H, W) HU at any spacing and dtype (a strided view will do) -> float16 at cfg.spacing_mm, windowed
+    to [-1, 1], cropped or air-padded about the centre to cfg.input_shape: F.interpolate(trilinear,
+    align_corners=False)'s samples, computed one axis at a time from only the voxels the crop keeps."""
     taps, dst = [], []
     for n, s, t, m in zip(hu.shape, spacing_zyx, cfg.spacing_mm[::-1], cfg.input_shape):
         size = max(1, round(n * s / t))  # the resampled length of this axis
@@ -1319,12 +1309,11 @@ def worker_signals():
 
 def _prep_one(job):
     path, meta, out, cfg, hu_mode = job  # meta: CT-RATE's metadata row; for a .npz, its spacing in mm
-    torch.set_num_threads(1)  # parallelism is across volumes
     try:
         hu, spacing = load_radchestct(path, meta) if path.suffix == ".npz" else load_hu(path, meta, hu_mode)
+        if hu.dtype.kind == "f" and not np.isfinite(hu).all():  # the window would hide an infinity
+            raise RadclipError("holds NaN or infinite voxels")
         x = preprocess(hu, spacing, cfg)
-        if not np.isfinite(x).all():  # NaN voxels, or an infinity that the resampling spreads
-            raise RadclipError("the preprocessed volume holds NaN")
         buf = io.BytesIO()
         np.save(buf, x)
         atomic_write_bytes(out, buf.getvalue())
@@ -1334,9 +1323,8 @@ def _prep_one(job):
 
 
 def prep_volumes(sources, out_dir, cfg, workers, hu_mode=None):
-    """{VolumeName: (path, meta)} preprocessed into out_dir by a pool of processes, those done listed in
-    index.csv; returns (done, n_skipped, failures). A rerun skips every .npy: each is written
-    atomically, so it is whole or absent."""
+    """{VolumeName: (path, meta)} into out_dir by a pool of processes, those done listed in index.csv.
+    A rerun skips every .npy: each is written atomically, so it is whole or absent."""
     outs = {n: out_dir / (n.removesuffix(".nii.gz") + ".npy") for n in sources}
     todo = [(*sources[n], outs[n], cfg, hu_mode) for n in sources if not outs[n].exists()]
     with multiprocessing.get_context("fork").Pool(max(1, workers), worker_signals) as pool:
@@ -1382,21 +1370,18 @@ def read_reports(path, id_col="VolumeName", text_cols=REPORT_TEXT):
 def read_labels(path, id_col="VolumeName", reference=False):
     """{id: (18,) int8 array} from a CT-RATE-style labels CSV: -1 (uncertain), 0 or 1, written as
     integers or as floats ("1.0", as pandas writes them); only 0 and 1 in a reference file."""
-    allowed = (0, 1) if reference else (-1, 0, 1)
+    allowed = {"0": 0, "1": 1, "0.0": 0, "1.0": 1} | ({} if reference else {"-1": -1, "-1.0": -1})
     labels = {}
     for line, r in enumerate(read_csv(path, (id_col, *FINDINGS), id_col), start=2):
-        number = [re.fullmatch(r"\s*-?\d+(\.\d*)?\s*", r[f] or "") for f in FINDINGS]  # not "inf", "yes", ""
-        y = [float(r[f]) if ok else math.nan for f, ok in zip(FINDINGS, number)]
-        if bad := [f for f, v in zip(FINDINGS, y) if v not in allowed]:
+        if bad := [f for f in FINDINGS if (r[f] or "").strip() not in allowed]:
             raise RadclipError(f"{path}: line {line}, column {bad[0]!r}: {r[bad[0]]!r} is not one of "
-                               f"{', '.join(map(str, allowed))}")
-        labels[r[id_col]] = np.array(y, np.int8)
+                               f"{'0, 1' if reference else '-1, 0, 1'}")
+        labels[r[id_col]] = np.array([allowed[r[f].strip()] for f in FINDINGS], np.int8)
     return labels
 
 
 def match_ids(name, **sources):
-    """IDs present in every source, in the first source's order. Mismatches are reported with
-    a count and examples, never dropped silently: a wrong labels file must be noticed."""
+    """IDs in every source, in the first one's order; those left out are counted on stderr, never silently."""
     common = set.intersection(*(set(ids) for ids in sources.values()))
     for src, ids in sources.items():
         if lost := sorted(set(ids) - common):
@@ -1449,8 +1434,7 @@ class CTRateDataset(torch.utils.data.Dataset):
                 flag = f" --cache-dir {cache_root}" if cache_root else ""
                 raise RadclipError(f"{self.cache}: no preprocessed volumes; run `python radclip.py prep "
                                    f"--data {data_dir}{flag} --split {split}` first, with the same flags")
-            index = read_csv(self.cache / "index.csv", ("VolumeName",))
-            sources["volumes"] = [r["VolumeName"] for r in index]
+            sources["volumes"] = [r["VolumeName"] for r in read_csv(self.cache / "index.csv")]
             labels_csv = labels_csv or (ctrate_csv(data_dir, split, "labels") if self.has_reports
                                         else self.cache / "labels.csv")
             reports_csv = ctrate_csv(data_dir, split, "reports") if self.has_reports else None
@@ -1478,9 +1462,8 @@ class CTRateDataset(torch.utils.data.Dataset):
 
 
 def shuffle_sentences(text, gen):
-    """The report's sentences in a random order. Each states its own findings, so the labels stay
-    true, while a text tower can no longer learn where a mention sits (in the Impression, first,
-    everything named is present) instead of what is said about it ("... is not present")."""
+    """The report's sentences in a random order: each states its own findings, so the labels stay true,
+    and the text tower learns what is said of a finding, not where it sits (the Impression names it)."""
     sentences = re.split(r"(?<=[a-z)][.?])\s+(?=[A-Z])", text)  # not after "1." or before "5 mm"
     return " ".join(sentences[j] for j in torch.randperm(len(sentences), generator=gen))
 
@@ -1499,9 +1482,8 @@ def augment_volume(vol, gen, max_shift=0.08):
 
 # -- RAD-ChestCT, the external test set --
 # The paper's fourth number, zero-shot AUC 77.3%, is on Duke's RAD-ChestCT (Draelos et al., Zenodo
-# record 6406114): scans as <NoteAcc_DEID>.npz and labels as 84 abnormalities x 52 locations.
-# prep reads it into the same cache, through the same preprocess(), with the labels collapsed
-# over locations and mapped to the 18 findings; eval scores the 16-class protocol.
+# record 6406114): scans as <NoteAcc_DEID>.npz and labels as 84 abnormalities x 52 locations, which
+# prep collapses over locations and maps to the 18 findings; eval scores the 16-class protocol.
 RADCHESTCT_SPLITS = {"trn": "imgtrain", "val": "imgvalid", "tst": "imgtest"}  # ID prefix: labels file
 # RadFinder's "standard" mapping (lmb-freiburg/radfinder), also BrgSA's. CT-CLIP, whose protocol the
 # published numbers follow, never released its own (users asked in its issues #24 and #29).
@@ -1545,43 +1527,31 @@ def external_16(labels, scores):
 def read_radchestct_labels(path):
     """({NoteAcc_DEID: (18,) int8}, unmapped abnormalities) from one labels CSV of `abnormality*location`
     columns: a finding is present where any location of any of its abnormalities is 1 (names match
-    exactly: `nodule` is not `nodulegr1cm`). Row by row: a dict per row of 4,368 columns (read_csv)
-    would take gigabytes."""
-    ids, present = [], []
+    exactly: `nodule` is not `nodulegr1cm`). Read row by row: as dicts, 4,368 columns take gigabytes."""
+    mapped = {a for sources in RADCHESTCT_MAPPING.values() for a in sources}
+    labels = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the name
             rows = csv.reader(f)
             header = next(rows, [])
-            if "NoteAcc_DEID" not in header:
-                raise RadclipError(f"{path}: no NoteAcc_DEID column; is this a RAD-ChestCT labels file?")
-            columns = [c for c in header if c != "NoteAcc_DEID"]
+            abnormalities = [column.partition("*")[0] for column in header]
+            if missing := [a for a in ("NoteAcc_DEID", *sorted(mapped)) if a not in abnormalities]:
+                raise RadclipError(f"{path}: no column for {missing[:3]}; is this a RAD-ChestCT labels file?")
+            id_at = abnormalities.index("NoteAcc_DEID")
+            del abnormalities[id_at]
+            columns_of = np.array([np.isin(abnormalities, RADCHESTCT_MAPPING[f]) for f in FINDINGS])
             for line, row in enumerate(rows, 2):
-                if len(row) != len(header):
-                    raise RadclipError(f"{path}: line {line} has {len(row)} fields, the header {len(header)}")
-                ids.append(row.pop(header.index("NoteAcc_DEID")))
-                cells = np.array(row)
-                if not (ok := np.isin(cells, ("0", "1", "0.0", "1.0"))).all():
-                    raise RadclipError(f"{path}: line {line}, column {columns[ok.argmin()]!r}: "
-                                       "a label is not 0 or 1")
-                present.append(np.isin(cells, ("1", "1.0")))
+                cells = np.array(row[:id_at] + row[id_at + 1:])
+                if len(row) != len(header) or not np.isin(cells, ("0", "1", "0.0", "1.0")).all():
+                    raise RadclipError(f"{path}: line {line}: expected NoteAcc_DEID and {len(abnormalities)} "
+                                       "labels, each 0 or 1")
+                if row[id_at] in labels:
+                    raise RadclipError(f"{path}: NoteAcc_DEID {row[id_at]} has two rows")
+                labels[row[id_at]] = (columns_of & np.isin(cells, ("1", "1.0"))).any(1).astype(np.int8)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise RadclipError(f"{path}: not a readable UTF-8 CSV ({getattr(e, 'strerror', None) or e}); --data "
                            "must hold RAD-ChestCT's labels CSVs and .npz files") from None
-    if len(set(ids)) < len(ids):
-        raise RadclipError(f"{path}: NoteAcc_DEID {Counter(ids).most_common(1)[0][0]} has two rows")
-    groups = {}  # abnormality: its columns, one per location
-    for j, column in enumerate(columns):
-        abnormality, star, location = column.partition("*")
-        if not (abnormality and star and location) or "*" in location:
-            raise RadclipError(f"{path}: column {column!r} is not of the form abnormality*location")
-        groups.setdefault(abnormality, []).append(j)
-    mapped = {a for sources in RADCHESTCT_MAPPING.values() for a in sources}
-    if mapped - set(groups):
-        raise RadclipError(f"{path}: no column for the mapped abnormalities {sorted(mapped - set(groups))}")
-    present = np.array(present).reshape(len(ids), len(columns))
-    labels = np.stack([present[:, [j for a in RADCHESTCT_MAPPING[f] for j in groups[a]]].any(1)
-                       for f in FINDINGS], 1).astype(np.int8)
-    return dict(zip(ids, labels)), sorted(set(groups) - mapped)
+    return labels, sorted(set(abnormalities) - mapped)
 
 
 def load_radchestct(path, spacing_mm=0.8):
@@ -1589,33 +1559,24 @@ def load_radchestct(path, spacing_mm=0.8):
     superior->inferior, anterior->posterior, patient right->left: load_hu's (D, H, W) already, so
     nothing is flipped. The file stores no spacing: 0.8 mm isotropic in the release."""
     path = Path(path)
-    try:
-        with np.load(path) as npz:  # allow_pickle=False: a file cannot run code
-            if "ct" not in npz.files:  # GreenRFM's loader expects its own re-export: arr_0 = HU / 1000
-                hint = "; GreenRFM's arr_0 re-export is not RAD-ChestCT's format: use the Zenodo files" \
-                    if "arr_0" in npz.files else ""
-                raise RadclipError(f"{path.name}: no array 'ct' (found {npz.files}){hint}")
-            hu = npz["ct"]
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise RadclipError(f"{path.name}: not a readable .npz ({e})") from None
+    with np.load(path) as npz:  # allow_pickle=False: a file cannot run code
+        if "ct" not in npz.files:  # GreenRFM's loader reads its own re-export instead (arr_0 = HU / 1000)
+            raise RadclipError(f"{path.name}: no array 'ct' (found {npz.files}); use the Zenodo release")
+        hu = npz["ct"]
     if hu.ndim != 3:
         raise RadclipError(f"{path.name}: 'ct' has shape {hu.shape}; expected one (z, y, x) volume")
     return hu, (float(spacing_mm),) * 3
 
 
 def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_root=None):
-    """Preprocess a RAD-ChestCT split (trn, val, tst, or all: the 3,630 scans peers score) as
-    prep_split does, with its labels as the 18 findings in labels.csv beside the index (VolumeName
-    = NoteAcc_DEID), and print the positives per class beside the published ones."""
+    """Preprocess a RAD-ChestCT split (trn, val, tst, or all: the 3,630 scans peers score) as prep_split
+    does, its labels as the 18 findings in labels.csv; print the positives beside the published ones."""
     data_dir, prefixes = Path(data_dir), list(RADCHESTCT_SPLITS) if split == "all" else [split]
-    if not npz_spacing_mm > 0:
-        raise RadclipError(f"--npz-spacing-mm must be positive (got {npz_spacing_mm})")
     out_dir = check_writable(cache_dir(data_dir, cfg, cache_root) / split)
     marker = out_dir / "npz_spacing_mm.txt"  # written before any volume: the spacing the cache holds
-    done_at = marker.read_text().strip() if marker.is_file() else f"{npz_spacing_mm:g}"
-    if done_at != f"{npz_spacing_mm:g}":
+    if marker.is_file() and (done_at := marker.read_text().strip()) != f"{npz_spacing_mm:g}":
         raise RadclipError(f"{out_dir}: prepped at --npz-spacing-mm {done_at}; pass that or delete it")
-    atomic_write_bytes(marker, done_at.encode())
+    atomic_write_bytes(marker, f"{npz_spacing_mm:g}".encode())
     files = [f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv" for prefix in prefixes]
     read = [read_radchestct_labels(next(data_dir.rglob(name), data_dir / name)) for name in files]
     labels = {i: y for file_labels, _ in read for i, y in file_labels.items()}
@@ -1626,8 +1587,7 @@ def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_r
     done, n_skipped, failures = prep_volumes(sources, out_dir, cfg, workers)
     write_csv(out_dir / "labels.csv", [{"VolumeName": n, **dict(zip(FINDINGS, labels[n]))} for n in done],
               ["VolumeName", *FINDINGS])
-    print(f"prep {split}: {len(unmapped)} abnormalities that no finding maps to are not used"
-          + (f" ({', '.join(unmapped[:6])}{', ...' if len(unmapped) > 6 else ''})" if unmapped else ""))
+    print(f"prep {split}: {len(unmapped)} abnormalities that no finding maps to are not used: {unmapped[:6]}")
     y = np.array([labels[n] for n in done]).reshape(-1, len(FINDINGS))
     print(f"{'positives in the ' + str(len(done)) + ' scans':<44}{'here':>6}{'published, all 3,630':>22}")
     for name, n in zip(EXTERNAL_CLASSES, external_16(y, y)[0].sum(0)):
