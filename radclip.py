@@ -2877,7 +2877,13 @@ def _top_k(query_emb, gallery_emb, k, chunk, own_slot=None):
         if own_slot is not None:
             rows = torch.nonzero(own_slot[a:a + chunk] >= 0).squeeze(1)
             sim[rows, own_slot[a + rows]] = -math.inf
-        out.append(sim.sort(dim=1, descending=True, stable=True).indices[:, :k])
+        values, top = sim.topk(k, dim=1)  # in no set order among ties: re-ranked stably below
+        top = top.sort(dim=1).values
+        top = top.gather(1, sim.gather(1, top).sort(dim=1, descending=True, stable=True).indices)
+        cut = values[:, -1:]  # where the k-th value recurs outside the top k, sort the whole row
+        straddles = (sim == cut).sum(1) > (values == cut).sum(1)
+        top[straddles] = sim[straddles].sort(dim=1, descending=True, stable=True).indices[:, :k]
+        out.append(top)
     return torch.cat(out)
 
 
