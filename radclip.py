@@ -46,7 +46,6 @@ import json
 import math
 import multiprocessing
 import os
-import pickle
 import random
 import re
 import shutil
@@ -56,8 +55,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-import zipfile
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -76,7 +73,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from requests.adapters import HTTPAdapter
-from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import f1_score, precision_score, roc_auc_score, roc_curve
 from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------
