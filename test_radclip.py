@@ -1435,6 +1435,18 @@ def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys, args, flag):
     assert not list(tmp_path.iterdir())  # no work, no file
 
 
+def test_stop_after_ends_a_run_early_on_its_schedule_and_the_same_command_goes_on(towers, tmp_path, capsys):
+    root, _ = towers
+    args = ["train", "--stage", "supervised", "--data", root, "--out", tmp_path / "s.pt", "--spacing-mm", "8", "8",
+            "16", "--input-shape", "8", "16", "16", "--width", "4", "--batch-size", "4", "--workers", "0",
+            "--channels-last", "off", "--epochs", "3"]
+    assert cli([*args, "--stop-after", "2"], capsys)[0] == 0
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 2
+    code, out, err = cli(args, capsys)
+    assert code == 0 and "resuming at step 2 of" in out + err
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] > 2
+
+
 def test_cuda_on_a_machine_without_it_is_one_line(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
