@@ -2369,13 +2369,11 @@ def get_lr(step, max_steps, base_lr, cfg):
 
 def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_image=None,
           init_text=None, restart=False, device="auto", stop_after=None, cache_root=None, reports=None):
-    """Train one stage and save to `out`; returns the final validation metrics. If `out` holds this
-    same run, it resumes there (or returns at once if it is finished); a checkpoint of another run is
-    an error unless restart. Ctrl-C or SIGTERM finishes the step, saves, and raises KeyboardInterrupt.
-    stop_after (train --stop-after N) ends the run after step N without changing its schedule. The
-    supervised text stage reads no volumes: it trains from data_dir's report and label CSVs, or from
-    reports = dict(train=CSV, valid=CSV, valid_labels=None, id_col=..., text_cols=...) alone (the
-    labels: labels_csv, or each CSV's own 18 columns)."""
+    """Train one stage into `out` -> the final validation metrics. `out` holding this run resumes it
+    (another run is an error unless restart); Ctrl-C or SIGTERM saves the step and raises
+    KeyboardInterrupt; stop_after N ends after step N, keeping the schedule. The supervised text
+    stage reads no volumes: data_dir's report and label CSVs, or reports = dict(train=CSV, valid=CSV,
+    valid_labels=None, id_col=..., text_cols=...) alone (labels: labels_csv, or each CSV's 18 columns)."""
     rank, world, device = setup_distributed(device)
     out = Path(out)
     if out.is_dir():
@@ -2535,9 +2533,8 @@ def train_loop(run, stop_after=None):
 
 
 def validate(model, ds, cfg, stage, modality, device, amp_dtype, channels_last):
-    """Supervised: the AUC of each finding of the trained head on the valid split, and their macro
-    mean. CLIP: the InfoNCE loss of the whole split as one batch, and Recall@5 (of min(5, N)) of
-    reports retrieving their volume."""
+    """Supervised: the head's AUC per finding and their macro mean. CLIP: the InfoNCE loss of the whole
+    split as one batch, and Recall@5 (of min(5, N)) of reports retrieving their volume."""
     if stage == "supervised":
         scores = embed(model, ds, lambda m, v, t: m.classify(modality, v, t), cfg, device, amp_dtype,
                        channels_last)
@@ -2724,7 +2721,7 @@ def load_checkpoint(path, need=None, state_dict_ok=False):
         raise RadclipError(f"{path}: its config is not this radclip's ({e})") from None
     kind = "clip" if ckpt["stage"] == "clip" else f"supervised {ckpt['modality']}"
     if need and kind not in ("clip", f"supervised {need}"):
-        wanted = "a CLIP checkpoint" if need == "clip" else f"a {need} tower (supervised {need} or CLIP)"
+        wanted = "a CLIP checkpoint" if need == "clip" else f"the {need} tower (supervised {need} or CLIP)"
         raise RadclipError(f"{path}: is a {kind} checkpoint; this needs {wanted}")
     return ckpt
 
@@ -2753,10 +2750,9 @@ def model_from_checkpoint(path, need=None):
 
 
 def tower_weights(path, modality, cfg):
-    """The weights of one tower and its head, named as in RadCLIP, checked before a run reads its data:
-    from a supervised or CLIP checkpoint whose tower has this run's shape, or, for the image tower,
-    the authors' initialisation: torchvision's Kinetics-400 r3d_18 (a torch.save'd state_dict), all
-    but its 3-channel stem and 400-way fc, which the 1-channel strided stem and the 18-way head replace."""
+    """One tower and its head, named as in RadCLIP, from a supervised or CLIP checkpoint of this shape;
+    or the authors' image initialisation: torchvision's Kinetics-400 r3d_18 (a torch.save'd state_dict)
+    less its 3-channel stem and 400-way fc, which the 1-channel strided stem and the 18-way head replace."""
     ckpt = load_checkpoint(path, modality, state_dict_ok=modality == "image")
     if "model" in ckpt:
         shape = ("width", "stem_kernel", "stem_stride") if modality == "image" else \
