@@ -1710,20 +1710,22 @@ def towers(tmp_path_factory):
     return root, cfg
 
 
+CLIP = ["train", "--stage", "clip"]
+
+
 @pytest.mark.parametrize("flags, why", [
     (["eval", "--ckpt", "bytes.pt"], "bytes.pt: not a radclip checkpoint ("),
-    (["train", "--stage", "clip", "--init-image", "pickled.pt"], "a weights-only load refuses"),
-    (["train", "--stage", "clip", "--init-text", "tensor.pt"], "holds a Tensor, not a radclip checkpoint"),
+    ([*CLIP, "--init-image", "pickled.pt"], "a weights-only load refuses"),
+    ([*CLIP, "--init-text", "tensor.pt"], "holds a Tensor, not a radclip checkpoint"),
     (["eval", "--ckpt", "state_dict.pt"], "holds a plain state_dict, not a radclip checkpoint"),
-    (["train", "--stage", "clip", "--init-image", "state_dict.pt"], "a plain state_dict, but not torchvision"),
+    ([*CLIP, "--init-image", "state_dict.pt"], "a plain state_dict, but not torchvision's r3d_18"),
     (["eval", "--ckpt", "image.pt"], "is a supervised image checkpoint; this needs a CLIP checkpoint"),
-    (["train", "--stage", "clip", "--init-image", "text.pt"], "a supervised text checkpoint; this needs the image"),
-    (["train", "--stage", "clip", "--init-text", "image.pt"], "a supervised image checkpoint; this needs the text"),
-    (["train", "--stage", "clip", "--init-image", "image.pt", "--width", "8"], "--width 8 here, 4 there"),
-    (["train", "--stage", "supervised", "--init-image", "image.pt", "--init-text", "text.pt"], "--init-image"),
+    ([*CLIP, "--init-image", "text.pt"], "is a supervised text checkpoint; this needs the image tower"),
+    ([*CLIP, "--init-text", "image.pt"], "is a supervised image checkpoint; this needs the text tower"),
+    ([*CLIP, "--init-image", "image.pt", "--width", "8"], "--width 8 here, 4 there"),
+    (["train", "--stage", "supervised", "--init-image", "image.pt", "--init-text", "text.pt"], "one tower"),
 ])
-def test_a_file_that_is_no_radclip_checkpoint_or_the_wrong_one_is_one_line(towers, tmp_path, capsys, flags,
-                                                                           why):
+def test_a_foreign_file_or_the_wrong_checkpoint_is_one_line(towers, tmp_path, capsys, flags, why):
     root, _ = towers
     (tmp_path / "bytes.pt").write_bytes(bytes(range(256)) * 8)
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
