@@ -2291,14 +2291,6 @@ def stage_loss(model, batch, cfg, stage, modality, pos_weight=None):
     return loss
 
 
-def trainable(name, stage, modality, cfg):
-    """Which parameters a stage trains: a supervised stage one tower and its head; CLIP both
-    towers, projections and temperature (and the heads only for --aux-cls)."""
-    if stage == "supervised":
-        return name.startswith(TOWER_PREFIXES[modality])
-    return not name.startswith(("visual_cls.", "text_cls.")) or cfg.aux_cls > 0
-
-
 def get_lr(step, max_steps, base_lr, cfg):
     """The learning rate of step (from 0): linear warmup, then cosine decay to cfg.min_lr."""
     if step < cfg.warmup_steps:
@@ -2309,13 +2301,11 @@ def get_lr(step, max_steps, base_lr, cfg):
 
 def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_image=None,
           init_text=None, restart=False, device="auto", stop_after=None, cache_root=None, reports=None):
-    """Train one stage and save to `out`; returns the final validation metrics. If `out` holds this
-    same run, it resumes there (or returns at once if it is finished); a checkpoint of another run is
-    an error unless restart. Ctrl-C or SIGTERM finishes the step, saves, and raises KeyboardInterrupt.
-    stop_after (train --stop-after N) ends the run after step N without changing its schedule; the
-    same command without it resumes there. The supervised text stage reads no volumes: it trains from
-    data_dir's report and label CSVs, or from reports = dict(train=CSV, valid=CSV, valid_labels=None,
-    id_col=..., text_cols=...) alone (the labels: labels_csv, or each CSV's own 18 columns)."""
+    """Train one stage into `out` -> the final validation metrics. `out` holding this run resumes it
+    (another run is an error unless restart); Ctrl-C or SIGTERM saves the step and raises
+    KeyboardInterrupt; stop_after N ends after step N, keeping the schedule. The supervised text
+    stage reads no volumes: data_dir's report and label CSVs, or reports = dict(train=CSV, valid=CSV,
+    valid_labels=None, id_col=..., text_cols=...) alone (labels: labels_csv, or each CSV's 18 columns)."""
     rank, world, device = setup_distributed(device)
     out = Path(out)
     if out.is_dir():
@@ -2335,7 +2325,7 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
     ckpt = load_checkpoint(out) if out.is_file() and not restart else None
     if ckpt:  # the config (but workers, which change no number), stage, tower, labels, initialisation
         ours = {**dataclasses.asdict(cfg), **identity}
-        theirs = {**dataclasses.asdict(checkpoint_config(ckpt)), **ckpt.get("run", {"stage": ckpt["stage"]})}
+        theirs = {**dataclasses.asdict(checkpoint_config(ckpt)), **ckpt.get("run", {})}
         if differ := differences(ours, theirs, [k for k in ours if k != "workers"]):
             raise RadclipError(f"{out}: holds another run ({differ}); rerun with its flags to resume it, "
                                "pass --restart to train afresh over it, or choose another --out")
@@ -2372,8 +2362,10 @@ def build_run(run, ckpt, data_dir, labels_csv, reports, cache_root):
     model = RadCLIP(cfg, len(run.tokenizer.vocab))
     for modality, weights in inits.items():
         load_weights(model, weights, run.identity[f"init_{modality}"], strict=False)
-    for name, p in model.named_parameters():  # logit_scale stays fixed without --learn-temperature
-        p.requires_grad_(p.requires_grad and trainable(name, run.stage, run.modality, cfg))
+    for name, p in model.named_parameters():  # supervised: a tower and its head; CLIP: all but the heads
+        wanted = name.startswith(TOWER_PREFIXES[run.modality]) if run.stage == "supervised" else \
+            cfg.aux_cls > 0 or not name.startswith(("visual_cls.", "text_cls."))  # (heads too for --aux-cls)
+        p.requires_grad_(p.requires_grad and wanted)  # logit_scale stays fixed without --learn-temperature
     run.model = model.to(device, memory_format=torch.channels_last_3d if run.channels_last else
                          torch.preserve_format)
     run.params = [p for p in model.parameters() if p.requires_grad]
@@ -2386,8 +2378,7 @@ def build_run(run, ckpt, data_dir, labels_csv, reports, cache_root):
     run.max_steps = max(1, math.ceil(epochs * len(run.train_ds) / run.batch))
     if ckpt and ckpt["max_steps"] != run.max_steps:  # more volumes, or another world size: another schedule
         raise RadclipError(f"{run.out}: its run has {ckpt['max_steps']} steps, this one {run.max_steps} "
-                           f"({len(run.train_ds)} volumes, global batch {run.batch}); pass --restart to "
-                           "train afresh, or choose another --out")
+                           f"({len(run.train_ds)} volumes, global batch {run.batch}); pass --restart")
     run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
     run.pos_weight, run.start = None, ckpt["step"] if ckpt else 0
     if cfg.pos_weight:  # neg/pos per finding, over the labels that are 0 or 1
@@ -2422,13 +2413,14 @@ def train_step(run, batches, step):
 
 def train_loop(run, stop_after=None):
     """Steps from run.start to the end (or stop_after), logged, validated and saved as cfg says."""
-    cfg, model, out, metrics = run.cfg, run.model, run.out, {}
+    cfg, model, out, metrics, interrupted = run.cfg, run.model, run.out, {}, False
     name = run.stage if run.stage == "clip" else f"{run.stage}/{run.modality}"
     what = "reports" if run.text_only else "volumes"
     print0(f"radclip train {name}: {sum(p.numel() for p in run.params):,} trainable parameters, "
-           f"{len(run.train_ds)} train / {len(run.valid_ds)} valid {what}, global batch {run.batch}, "
-           f"{run.max_steps} steps, {run.device}, amp={run.amp_dtype or 'fp32'} (from --amp {cfg.amp}), "
-           f"channels_last={run.channels_last} (from {cfg.channels_last}), world {run.world}")
+           f"{len(run.train_ds)} train / {len(run.valid_ds)} valid {what},"
+           f" global batch {run.batch}, {run.max_steps} steps, {run.device}, amp={run.amp_dtype or 'fp32'} "
+           f"(from --amp {cfg.amp}), channels_last={run.channels_last} (from {cfg.channels_last}), "
+           f"world {run.world}")
     if run.rank == 0 and not run.start:  # a fresh run starts a fresh log; a resumed one appends
         out.with_suffix(".log.jsonl").unlink(missing_ok=True)
     sampler = StepSampler(len(run.train_ds), cfg.batch_size, cfg.seed, run.start * cfg.accum_steps, run.rank,
@@ -2463,20 +2455,18 @@ def train_loop(run, stop_after=None):
             if run.rank == 0 and (done % cfg.save_every == 0 or last or interrupted):
                 save_run(run, done, metrics)
             if interrupted:
-                stop.append("saved")  # a rank that only heard of it from another raises below too
                 print0(f"{out}: saved at step {done} of {run.max_steps}; the same command resumes there")
             if last or interrupted:
                 break
     bar.close()
-    if stop:
+    if interrupted:  # on every rank, also one that only heard of the signal from another
         raise KeyboardInterrupt
     return metrics
 
 
 def validate(model, ds, cfg, stage, modality, device, amp_dtype, channels_last):
-    """Supervised: the AUC of each finding of the trained head on the valid split, and their macro
-    mean. CLIP: the InfoNCE loss of the whole split as one batch, and Recall@5 (of min(5, N)) of
-    reports retrieving their volume."""
+    """Supervised: the head's AUC per finding and their macro mean. CLIP: the InfoNCE loss of the whole
+    split as one batch, and Recall@5 (of min(5, N)) of reports retrieving their volume."""
     if stage == "supervised":
         scores = embed(model, ds, lambda m, v, t: m.classify(modality, v, t), cfg, device, amp_dtype,
                        channels_last)
@@ -2498,13 +2488,11 @@ def check_device(name):
     """--device as a torch.device that this machine has: auto (CUDA if present), cpu, cuda, cuda:N."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(name)):
-        raise RadclipError(f"--device {name!r} is not auto, cpu, cuda or cuda:N")
-    device, gpus = torch.device(name), torch.cuda.device_count()
-    if device.type == "cuda" and (device.index or 0) >= gpus:
-        raise RadclipError(f"--device {name}: this machine (or torch build) has {gpus} CUDA GPU(s); "
-                           "use --device cpu" + (" or a cuda:N it has" if gpus else ""))
-    return device
+    gpus, match = torch.cuda.device_count(), re.fullmatch(r"cpu|cuda(?::(\d+))?", str(name))
+    if not match or name != "cpu" and int(match[1] or 0) >= gpus:
+        raise RadclipError(f"--device {name}: not auto, cpu, or a cuda:N of this machine's (or torch build's)"
+                           f" {gpus} CUDA GPU(s); use --device cpu")
+    return torch.device(name)
 
 
 def setup_distributed(device_name):
@@ -2541,10 +2529,9 @@ def time_train_step(cfg, device, amp_dtype, channels_last, steps=5, batch=None):
     batch, fmt = batch or cfg.batch_size, torch.channels_last_3d if channels_last else torch.contiguous_format
     model = ResNet3d18(cfg.width, cfg.stem_kernel, cfg.stem_stride).to(device, memory_format=fmt)
     x = torch.randn(batch, 1, *cfg.input_shape, device=device).to(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    if device.type == "cuda":
+    opt, cuda, times = torch.optim.SGD(model.parameters(), lr=1e-3), device.type == "cuda", []
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
     for _ in range(steps + 2):  # two warm-up steps (cudnn.benchmark, allocator)
         t0 = time.perf_counter()
         with autocast(device, amp_dtype):
@@ -2552,10 +2539,10 @@ def time_train_step(cfg, device, amp_dtype, channels_last, steps=5, batch=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
     return {"volumes_per_s": batch / float(np.median(times[2:])), "peak_gib": peak}
 
 
@@ -2571,10 +2558,9 @@ def gather_features(x):
 
 
 def all_reduce_grads(params, averaged):
-    """Combine the gradients of all ranks in one buffer. A gradient in `averaged` is already
-    complete on every rank (from a loss of the local shard, or logit_scale, which sees the whole
-    gathered batch on every rank); the others are the rank's share of the global CLIP loss,
-    through its own embeddings, so they are summed."""
+    """Combine the gradients of all ranks in one buffer: averaged over ranks for the params in
+    `averaged` (a loss of the local shard; logit_scale, which sees the whole gathered batch on every
+    rank), summed for the others (each rank's share of the global CLIP loss, via its embeddings)."""
     params = [p for p in params if p.grad is not None]
     flat = torch.cat([p.grad.flatten() for p in params])
     dist.all_reduce(flat)
@@ -2592,11 +2578,9 @@ def any_rank(flag, device):
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """An endless, resumable, distributed sampler. Sample p of the stream is item
-    perm_{p // n}[p % n] of a per-epoch permutation seeded by (seed, epoch); rank r of W takes
-    every W-th micro-batch slot. It yields (index, augmentation seed), so a resumed run sees
-    exactly the samples and augmentations it would have seen (DistributedSampler restarts
-    its epoch instead)."""
+    """An endless, resumable, distributed sampler of (index, augmentation seed). Sample p of the stream
+    is perm_{p // n}[p % n], a permutation seeded by (seed, epoch); rank r of W takes every W-th
+    micro-batch slot. A resumed run sees exactly the samples and augmentations it would have seen."""
 
     def __init__(self, n, batch_size, seed, start, rank=0, world=1):
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
@@ -2621,8 +2605,7 @@ def differences(ours, theirs, keys):
 
 
 def save_run(run, step, metrics):
-    """A checkpoint of the run at step: its weights, optimizer and scaler, what makes it this run, the
-    vocabulary, the last validation metrics and where it was trained."""
+    """A checkpoint of the run at step, with what makes it this run and where it was trained."""
     provenance = {"torch": str(torch.__version__), "device": str(run.device), "seed": run.cfg.seed,
                   "radclip_sha256": sha256_file(__file__), "world_size": run.world}
     save_checkpoint(run.out, model=run.model.state_dict(), optimizer=run.opt.state_dict(),
@@ -2647,9 +2630,8 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path, need=None, state_dict_ok=False):
     """A radclip checkpoint, loaded weights-only: a file from the internet cannot run code on load.
-    need: "clip" (eval), "image" or "text" (a tower to start from); a checkpoint that does not
-    hold it, or a file that is no radclip checkpoint at all, is a one-line error. state_dict_ok:
-    a plain state_dict (torchvision's r3d_18, for r3d_18_weights to check) is returned as it is."""
+    need: "clip" (eval), "image" or "text" (a tower to start from). state_dict_ok: a plain
+    state_dict (torchvision's r3d_18) is returned as it is. Anything else is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise RadclipError(f"{path}: no such checkpoint")
@@ -2663,16 +2645,15 @@ def load_checkpoint(path, need=None, state_dict_ok=False):
     if plain and state_dict_ok:
         return ckpt
     if not (isinstance(ckpt, dict) and {"model", "config", "stage", "modality", "vocab"} <= ckpt.keys()):
-        what = "a plain state_dict" if plain else f"a {type(ckpt).__name__}"
-        raise RadclipError(f"{path}: holds {what}, not a radclip checkpoint (one that `radclip train` saved)")
+        raise RadclipError(f"{path}: holds {'a plain state_dict' if plain else 'a ' + type(ckpt).__name__}, "
+                           "not a radclip checkpoint (one that `radclip train` saved)")
     try:
         checkpoint_config(ckpt)
     except RadclipError as e:
         raise RadclipError(f"{path}: its config is not this radclip's ({e})") from None
     kind = "clip" if ckpt["stage"] == "clip" else f"supervised {ckpt['modality']}"
     if need and kind not in ("clip", f"supervised {need}"):
-        wanted = "a CLIP checkpoint (train --stage clip)" if need == "clip" else \
-            f"{'an' if need == 'image' else 'a'} {need} tower (a supervised {need} or a CLIP checkpoint)"
+        wanted = "a CLIP checkpoint" if need == "clip" else f"the {need} tower (supervised {need} or CLIP)"
         raise RadclipError(f"{path}: is a {kind} checkpoint; this needs {wanted}")
     return ckpt
 
@@ -2700,39 +2681,28 @@ def model_from_checkpoint(path, need=None):
     return model, cfg, tokenizer
 
 
-def r3d_18_weights(state, path, cfg):
-    """The authors' initialisation: torchvision's Kinetics-400 r3d_18 (a torch.save'd state_dict)
-    in the image tower, all but its 3-channel stem and 400-way fc, which the 1-channel strided
-    stem and the 18-way head replace. Names and shapes must match exactly; says what it skips."""
-    skipped = sorted(k for k in state if k.startswith(("stem.", "fc.")))
-    visual = ResNet3d18(cfg.width, cfg.stem_kernel, cfg.stem_stride)
-    own = {k for k in visual.state_dict() if not k.startswith("stem.")}
-    wrong = sorted((set(state) - set(skipped)) ^ own)
-    if wrong or not skipped:
-        raise RadclipError(f"{path}: a plain state_dict, but not torchvision's r3d_18 ({len(wrong)} keys "
-                           f"missing or extra, e.g. {wrong[:1]}) nor a radclip checkpoint")
-    if cfg.width != 64:
-        raise RadclipError(f"{path}: torchvision's r3d_18 weights need --width 64 (this run: {cfg.width})")
-    load_weights(visual, {k: state[k] for k in own}, path, strict=False)  # the shapes must match too
+def tower_weights(path, modality, cfg):
+    """One tower and its head, named as in RadCLIP, from a supervised or CLIP checkpoint of this shape;
+    or the authors' image initialisation: torchvision's Kinetics-400 r3d_18 (a torch.save'd state_dict)
+    less its 3-channel stem and 400-way fc, which the 1-channel strided stem and the 18-way head replace."""
+    ckpt = load_checkpoint(path, modality, state_dict_ok=modality == "image")
+    if "model" in ckpt:
+        shape = ("width", "stem_kernel", "stem_stride") if modality == "image" else \
+            ("context_len", "text_width", "text_layers", "text_heads")
+        if differ := differences(dataclasses.asdict(cfg), dataclasses.asdict(checkpoint_config(ckpt)), shape):
+            raise RadclipError(f"{path}: its {modality} tower has another shape ({differ})")
+        return {k: v for k, v in ckpt["model"].items() if k.startswith(TOWER_PREFIXES[modality])}
+    visual = ResNet3d18(cfg.width, cfg.stem_kernel, cfg.stem_stride).state_dict()
+    own = {k: v.shape for k, v in visual.items() if not k.startswith("stem.")}
+    theirs = {k: v.shape for k, v in ckpt.items() if not k.startswith(("stem.", "fc."))}
+    if wrong := sorted(k for k in own.keys() | theirs.keys() if own.get(k) != theirs.get(k)):
+        raise RadclipError(f"{path}: a plain state_dict, but not torchvision's r3d_18 (for --width 64; this "
+                           f"run: {cfg.width}) nor a radclip checkpoint ({len(wrong)} keys differ, e.g. "
+                           f"{wrong[0]})")
+    skipped = sorted(ckpt.keys() - theirs.keys())
     print0(f"{path}: torchvision r3d_18 weights in the image tower; skipped {', '.join(skipped)} "
            "(the 1-channel stem and the head start from scratch)")
-    return {f"visual.{k}": state[k] for k in own}
-
-
-TOWER_FIELDS = {"image": ("width", "stem_kernel", "stem_stride"),
-                "text": ("context_len", "text_width", "text_layers", "text_heads")}
-
-
-def tower_weights(path, modality, cfg):
-    """The weights of one tower and its head, named as in RadCLIP, from a supervised or CLIP
-    checkpoint (or, for the image tower, torchvision's r3d_18), checked before a run reads its data."""
-    ckpt = load_checkpoint(path, modality, state_dict_ok=modality == "image")
-    if "model" not in ckpt:
-        return r3d_18_weights(ckpt, path, cfg)
-    theirs = dataclasses.asdict(checkpoint_config(ckpt))
-    if differ := differences(dataclasses.asdict(cfg), theirs, TOWER_FIELDS[modality]):
-        raise RadclipError(f"{path}: its {modality} tower has another shape ({differ})")
-    return {k: v for k, v in ckpt["model"].items() if k.startswith(TOWER_PREFIXES[modality])}
+    return {f"visual.{k}": ckpt[k] for k in own}
 
 
 def volumes_to(vol, device, channels_last):
@@ -2771,18 +2741,15 @@ def print0(*args):
 def stop_requests(out):
     """Ctrl-C and SIGTERM (a cluster pre-empting the job) as a request, the list it yields: the
     training step in progress finishes and is saved. A second signal stops at once, unsaved."""
-    stop, owner, first = [], os.getpid(), [0.0]
+    stop, owner = [], os.getpid()
 
     def request(signum, frame):
-        if os.getpid() != owner:  # a data-loader worker: the main process decides
-            return
-        if stop:  # within a second it is the same Ctrl-C passed on by torchrun, not a second one
-            if time.monotonic() - first[0] > 1.0:
-                raise KeyboardInterrupt
-            return
-        first[0] = time.monotonic()
-        stop.append(signal.Signals(signum).name)
-        print0(f"\n{stop[0]}: saving {out} after this step (again to stop at once, unsaved)")
+        if os.getpid() != owner or stop and time.monotonic() - stop[0] < 1.0:
+            return  # a data-loader worker (the main process decides), or torchrun passing on the same Ctrl-C
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(time.monotonic())
+        print0(f"\n{signal.Signals(signum).name}: saving {out} after this step (again: stop now, unsaved)")
     main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
     handlers = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
