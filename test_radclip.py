@@ -1129,8 +1129,12 @@ def test_torchrun_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     tiny_training_data(tmp_path)
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                    tmp_path / "ddp.py", tmp_path / "ddp", tmp_path], check=True, env=env, capture_output=True)
+    with socket.socket() as free:  # a port no other run holds, nor one in TIME_WAIT
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          tmp_path / "ddp.py", tmp_path / "ddp", tmp_path], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"ddp.{rank}", weights_only=True) for rank in (0, 1)]
     for stage in ("clip", "supervised"):  # CLIP: the loss of the global batch; supervised: of the shard
         loss, grads = ddp_case(stage)
