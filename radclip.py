@@ -524,95 +524,31 @@ def draw_skeleton(rng, hu, x, y, z, body, chest):
 
 # -- The 18 findings, as they look on CT, at a random size, place and strength --
 # Sizes and contrasts survive the tiny preset's 4.5 x 4.5 x 9 mm voxels and [-1000, 1000] HU window.
-# Each paints one finding and returns a detail (where, how big) that the report may quote.
-def draw_medical_material(rng, hu, grid, chest):
-    """Metal (2500-3500 HU): sternotomy wires, or a pacemaker or port in the chest wall with its lead
-    or catheter through the subclavian vein and the SVC into the heart."""
-    metal, kind, depth = rng.uniform(2500, 3500), rng.integers(3), chest.half_depth
-    if kind == 0:                # wire loops around the sternum: inside the bone they would not show
-        corners = [(-18, -.95 * depth), (18, -.95 * depth), (18, -.82 * depth), (-18, -.82 * depth)]
-        for z in np.arange(-60, 90, rng.uniform(22, 32)):
-            loop = [np.array([*corner, z]) for corner in corners + corners[:1]]
-            draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(loop, loop[1:])], metal)
-        return "consistent with sternotomy wires"
-    device = np.array([rng.choice([-1, 1]) * rng.uniform(60, 80), -0.78 * depth, rng.uniform(60, 90)])
-    blob(hu, grid, device, (24, 8, 20) if kind == 1 else (12, 8, 12), metal)
-    tip = (-0.3, -0.6, -0.5) if kind == 1 else (-0.7, 0, 0.4)       # the right ventricle; the right atrium
-    path = [device, np.array([np.sign(device[0]) * 45, -0.45 * depth, 125]),
-            np.array([-26, -0.2 * depth, chest.carina[2] + 20]), chest.heart_centre + chest.heart_radii * tip]
-    draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(path, path[1:])], metal)
-    return "belonging to a pacemaker and its lead" if kind == 1 else "belonging to a port catheter"
-
-
-def draw_arterial_wall_calcification(rng, hu, grid, chest):
-    """Calcified plaques (400-1200 HU): 8-25 curved plates, 10-30 mm long, 6-9 mm thick and up to a
-    quarter of the circumference wide, on the wall of the aortic arch and descending aorta."""
-    for _ in range(rng.integers(8, 25)):
-        start, end = chest.aorta[rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]):][:2]
-        axis, centre = unit(end - start), start + rng.random() * (end - start)
-        across = unit(np.cross(axis, rng.normal(size=3)))
-        half, radius = axis * rng.uniform(5, 15), rng.uniform(3, 4.5)
-        wall = [centre + chest.aorta_radius * (np.cos(t) * across + np.sin(t) * np.cross(axis, across))
-                for t in np.linspace(0, rng.uniform(0, 1.6), 3)]
-        draw_tubes(hu, grid, [(w - half, w + half, radius) for w in wall], rng.uniform(400, 1200))
-    return "in the aortic arch and descending aorta"
-
-
-def draw_cardiomegaly(rng, hu, grid, chest):
-    """The heart (35-50 HU) repainted larger, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48): it
-    grows left, back and up into lung and fat, still on the diaphragm and the anterior chest wall."""
-    ctr = rng.uniform(0.56, 0.68)
-    grow = chest.heart_radii * (ctr / chest.ctr - 1)
-    chest.heart_centre, chest.heart_radii = chest.heart_centre + grow * (0.4, 1, 1), chest.heart_radii + grow
-    chest.ctr = ctr
-    paint_heart(hu, grid, chest)
-    return f"(cardiothoracic ratio {ctr:.2f})"
-
-
-def draw_pericardial_effusion(rng, hu, grid, chest):
-    """Fluid (0-20 HU) 8-20 mm thick around the heart and its fat, thickest dependently (posterior)."""
-    thickness = rng.uniform(8, 20)
-    paint_heart(hu, grid, chest, thickness, rng.uniform(0, 20))
-    return f"reaching {thickness:.0f} mm in thickness"
-
-
-# Courses on the heart's surface: azimuth from, to (degrees from the patient's left towards the
-# back) and height from, to (on the heart's normalised vertical axis).
-CORONARIES = {"LAD": (-80, -60, 0.5, -0.7), "circumflex": (-50, 60, 0.4, 0.3), "RCA": (-110, -230, 0.4, 0.2)}
-
-
-def draw_coronary_artery_wall_calcification(rng, hu, grid, chest):
-    """Calcified plaques (400-1200 HU): segments 7-10 mm thick, 3 mm out from the heart's surface,
-    along 30-80% of the course of 1-3 coronary arteries."""
-    names = sorted(rng.choice(list(CORONARIES), rng.integers(1, 4), replace=False))
-    for name in names:
-        azimuth_from, azimuth_to, height_from, height_to = CORONARIES[name]
-        t = rng.uniform(0, 0.5) + np.linspace(0, rng.uniform(0.3, 0.5), 5)      # a curve, in 4 pieces
-        azimuth = np.radians(azimuth_from + t * (azimuth_to - azimuth_from))
-        height = height_from + t * (height_to - height_from)
-        on_sphere = np.stack([np.cos(azimuth), np.sin(azimuth), 0 * t], 1) * np.sqrt(1 - height[:, None] ** 2)
-        course = chest.heart_centre + (on_sphere + np.outer(height, (0, 0, 1))) * (chest.heart_radii + 3)
-        draw_tubes(hu, grid, [(p, q, rng.uniform(3.5, 5)) for p, q in zip(course, course[1:])],
-                   rng.uniform(400, 1200))
-    return "(" + ", ".join(names) + ")"
-
-
-def draw_hiatal_hernia(rng, hu, grid, chest):
-    """Stomach above the diaphragm behind the heart, in lung and fat: a walled fluid sac (0-30 HU)
-    with a gas cap."""
-    radii, left, room = rng.uniform((28, 20, 25), (45, 30, 40)), chest.lungs[1], soft_room(hu, chest)
-    centre = np.array([rng.uniform(5, 30), chest.heart_centre[1] + chest.heart_radii[1] + 0.6 * radii[1],
-                       left.base + left.dome + 0.7 * radii[2]])
-    blob(hu, grid, centre, radii + 4, chest.tissue_hu, room)
-    s, sac = blob(hu, grid, centre, radii, rng.uniform(0, 30), room)
-    level = centre[1] + rng.uniform(-0.5, 0.5) * radii[1]              # supine: the gas rises to the front
-    hu[s][sac & (grid[1][None, s[1], None] < level)] = -1000
-    return f"measuring {2 * radii[0]:.0f} mm"
-
-
-def draw_lymphadenopathy(rng, hu, grid, chest):
-    """Enlarged nodes (18-32 mm short axis, 30-50 HU), 1-2 at each of 3-6 mediastinal and hilar stations."""
-    names = rng.choice(list(chest.stations), rng.integers(3, 7), replace=False)
+# Five drawers share the work: masses in soft room, tubes, lung patches, airways and plates. Each
+# paints one finding and returns a detail (where, how big) that the report may quote.
+def draw_in_soft_room(rng, hu, grid, chest, finding):
+    """The heart, its fluid, the stomach or lymph nodes, grown into lung and fat (soft_room)."""
+    if finding == "Cardiomegaly":
+        ctr = rng.uniform(0.56, 0.68)
+        grow = chest.heart_radii * (ctr / chest.ctr - 1)
+        chest.heart_centre = chest.heart_centre + grow * (0.4, 1, 1)    # left, back and up, on the diaphragm
+        chest.heart_radii, chest.ctr = chest.heart_radii + grow, ctr
+        paint_heart(hu, grid, chest)
+        return f"(cardiothoracic ratio {ctr:.2f})"
+    if finding == "Pericardial effusion":
+        thickness = rng.uniform(8, 20)
+        paint_heart(hu, grid, chest, thickness, rng.uniform(0, 20))
+        return f"reaching {thickness:.0f} mm in thickness"
+    if finding == "Hiatal hernia":
+        radii, left, room = rng.uniform((28, 20, 25), (45, 30, 40)), chest.lungs[1], soft_room(hu, chest)
+        centre = np.array([rng.uniform(5, 30), chest.heart_centre[1] + chest.heart_radii[1] + 0.6 * radii[1],
+                           left.base + left.dome + 0.7 * radii[2]])
+        blob(hu, grid, centre, radii + 4, chest.tissue_hu, room)
+        s, sac = blob(hu, grid, centre, radii, rng.uniform(0, 30), room)
+        level = centre[1] + rng.uniform(-0.5, 0.5) * radii[1]          # supine: the gas rises to the front
+        hu[s][sac & (grid[1][None, s[1], None] < level)] = -1000
+        return f"measuring {2 * radii[0]:.0f} mm"
+    names = rng.choice(list(chest.stations), rng.integers(3, 7), replace=False)        # lymphadenopathy
     short_axes = rng.uniform(18, 32, 6)
     for name, short_axis in zip(names, short_axes):
         for _ in range(rng.integers(1, 3)):
@@ -622,10 +558,54 @@ def draw_lymphadenopathy(rng, hu, grid, chest):
     return f"in the {names[0]} region, the largest {short_axes[:len(names)].max():.0f} mm in short axis"
 
 
+# Courses on the heart's surface: azimuth from, to (degrees from the patient's left towards the
+# back) and height from, to (on the heart's normalised vertical axis).
+CORONARIES = {"LAD": (-80, -60, 0.5, -0.7), "circumflex": (-50, 60, 0.4, 0.3), "RCA": (-110, -230, 0.4, 0.2)}
+
+
+def draw_calcium_or_metal(rng, hu, grid, chest, finding):
+    """Plaques on the aorta's wall or on the coronary arteries' courses, or metal devices: tubes."""
+    if finding == "Arterial wall calcification":
+        for _ in range(rng.integers(8, 25)):
+            start, end = chest.aorta[rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]):][:2]
+            axis, centre = unit(end - start), start + rng.random() * (end - start)
+            across = unit(np.cross(axis, rng.normal(size=3)))
+            half, radius = axis * rng.uniform(5, 15), rng.uniform(3, 4.5)
+            wall = [centre + chest.aorta_radius * (np.cos(t) * across + np.sin(t) * np.cross(axis, across))
+                    for t in np.linspace(0, rng.uniform(0, 1.6), 3)]
+            draw_tubes(hu, grid, [(w - half, w + half, radius) for w in wall], rng.uniform(400, 1200))
+        return "in the aortic arch and descending aorta"
+    if finding == "Coronary artery wall calcification":
+        names = sorted(rng.choice(list(CORONARIES), rng.integers(1, 4), replace=False))
+        for azimuth_from, azimuth_to, height_from, height_to in (CORONARIES[name] for name in names):
+            t = rng.uniform(0, 0.5) + np.linspace(0, rng.uniform(0.3, 0.5), 5)      # a curve, in 4 pieces
+            azimuth = np.radians(azimuth_from + t * (azimuth_to - azimuth_from))
+            height = height_from + t * (height_to - height_from)
+            around = np.stack([np.cos(azimuth), np.sin(azimuth), 0 * t], 1) * np.sqrt(1 - height[:, None]**2)
+            course = chest.heart_centre + (around + np.outer(height, (0, 0, 1))) * (chest.heart_radii + 3)
+            draw_tubes(hu, grid, [(p, q, rng.uniform(3.5, 5)) for p, q in zip(course, course[1:])],
+                       rng.uniform(400, 1200))
+        return "(" + ", ".join(names) + ")"
+    metal, kind, depth = rng.uniform(2500, 3500), rng.integers(3), chest.half_depth       # medical material
+    if kind == 0:                # wire loops around the sternum: inside the bone they would not show
+        corners = [(-18, -.95 * depth), (18, -.95 * depth), (18, -.82 * depth), (-18, -.82 * depth)]
+        for z in np.arange(-60, 90, rng.uniform(22, 32)):
+            loop = [np.array([*corner, z]) for corner in corners + corners[:1]]
+            draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(loop, loop[1:])], metal)
+        return "consistent with sternotomy wires"
+    device = np.array([rng.choice([-1, 1]) * rng.uniform(60, 80), -0.78 * depth, rng.uniform(60, 90)])
+    blob(hu, grid, device, (24, 8, 20) if kind == 1 else (12, 8, 12), metal)
+    tip = (-0.3, -0.6, -0.5) if kind == 1 else (-0.7, 0, 0.4)       # the right ventricle; the right atrium
+    path = [device, np.array([np.sign(device[0]) * 45, -0.45 * depth, 125]),           # the subclavian vein,
+            np.array([-26, -0.2 * depth, chest.carina[2] + 20]), chest.heart_centre + chest.heart_radii * tip]
+    draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(path, path[1:])], metal)       # the SVC, the heart
+    return "belonging to a pacemaker and its lead" if kind == 1 else "belonging to a port catheter"
+
+
 def fill_lung(rng, hu, grid, chest, points, radii_mm, value_hu, edge=3.0):
-    """What most parenchymal findings share: at each point a lung_patch (half-axes drawn from
-    radii_mm) whose parenchyma (-950 to -600 HU) takes value_hu, while vessels and airways only ever
-    become denser (they show through ground glass; darker lung spares them). Returns the points."""
+    """At each point a lung_patch (half-axes drawn from radii_mm) whose parenchyma (-950 to -600 HU)
+    takes value_hu, while vessels and airways only ever become denser (they show through ground
+    glass; darker lung spares them). Returns the points."""
     for point in points:
         s, weight = lung_patch(grid, chest, point, rng.uniform(*radii_mm), edge)
         change = rng.uniform(*value_hu) - hu[s]
@@ -633,72 +613,29 @@ def fill_lung(rng, hu, grid, chest, points, radii_mm, value_hu, edge=3.0):
     return points
 
 
-def draw_emphysema(rng, hu, grid, chest):
-    """Wall-less holes (-1000 to -980 HU): 40-100 centrilobular ones 10-24 mm across in the upper
-    lungs and up to four 25-50 mm subpleural bullae; the vessels are spared."""
-    upper, bullae = (chest.carina[2] - 30, 115), rng.integers(0, 5)
-    holes = [lung_point(rng, chest, height=upper) for _ in range(rng.integers(40, 100))]
-    fill_lung(rng, hu, grid, chest, holes, (5, 12), (-1000, -980), edge=50)
-    fill_lung(rng, hu, grid, chest, [lung_point(rng, chest, (0.8, 0.97), upper) for _ in range(bullae)],
-              (12, 25), (-1000, -980), edge=50)
-    return ("with bullae, " if bullae else "") + "more prominent in the upper lobes"
-
-
-def draw_atelectasis(rng, hu, grid, chest):
-    """Collapsed lung (10-60 HU) in the lower lobes: 1-2 sharp plates 6-12 mm thick front to back
-    and 40-80 mm wide, bands in the axial slices."""
-    lower = (-90, chest.carina[2] - 30)
-    points = [lung_point(rng, chest, (0, 0.7), lower) for _ in range(rng.integers(1, 3))]
-    plates = ((20, 3, 8), (40, 6, 15))                                 # half-axes from, to (mm)
-    return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, plates, (10, 60), edge=10))
-
-
-def draw_lung_nodule(rng, hu, grid, chest):
-    """2-6 solid nodules (20-60 HU), 15-30 mm across, slightly lobulated, in the lungs away from the
-    hila (where vessels look much the same)."""
-    sizes = np.sort(rng.uniform(15, 30, rng.integers(2, 7)))[::-1]
-    points = [lung_point(rng, chest, (0.3, 0.85), lateral_mm=55) for _ in sizes]
-    for size, point in zip(sizes, points):
-        blob(hu, grid, point, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(20, 60), chest.lung)
-    return f"measuring {sizes[0]:.0f} mm {where_in_lungs(chest, points[0])}, and {len(sizes) - 1} smaller"
-
-
-def draw_lung_opacity(rng, hu, grid, chest):
-    """Ground glass (-650 to -350 HU): 2-5 soft-edged patches 30-90 mm across; vessels show through."""
-    points = [lung_point(rng, chest) for _ in range(rng.integers(2, 6))]
-    return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, (15, 45), (-650, -350)))
-
-
-def draw_pulmonary_fibrotic_sequela(rng, hu, grid, chest):
-    """4-8 dense (-50 to +40 HU) bands 5-8 mm thick and 50-80 mm long reaching the pleura, mostly in
-    the upper lobes and in the axial plane."""
-    upper = (chest.carina[2] - 40, 115)
-    points = [lung_point(rng, chest, (0.7, 0.95), upper) for _ in range(rng.integers(4, 9))]
-    for point in points:
-        half = unit((*rng.normal(size=2), 0.3 * rng.normal())) * rng.uniform(25, 40)
-        draw_tubes(hu, grid, [(point - half, point + half, rng.uniform(2.5, 4))], rng.uniform(-50, 40),
-                   where=chest.lung)
-    return where_in_lungs(chest, points[0])
-
-
-def draw_pleural_effusion(rng, hu, grid, chest):
-    """Fluid (0-20 HU) lying dependently in the pleural space (posterior: CT patients lie supine),
-    deepest at the base, with a meniscus climbing along the chest wall."""
-    sides, depth = [[0], [1], [0, 1]][rng.integers(3)], rng.uniform(0.12, 0.35)
-    for lung in (chest.lungs[i] for i in sides):
-        s, x, y, z = lung_box(grid, lung)
-        height = np.clip((z - lung.base) / (lung.top - lung.base), 0, 1)
-        across = (y - lung.centre[1]) / lung.radii[1] + 0.6 * ((x - lung.centre[0]) / lung.radii[0]) ** 2
-        hu[s][(across > 1 - 2 * depth * (1.2 - height)) & chest.lung[s]] = rng.uniform(0, 20)
-    side = f"in the {('right', 'left')[sides[0]]} hemithorax,"
-    where = "in both hemithoraces, up to" if len(sides) == 2 else side
-    return f"{where} {2.4 * depth * chest.lungs[sides[0]].radii[1]:.0f} mm thick"
-
-
-def draw_mosaic_attenuation_pattern(rng, hu, grid, chest):
-    """Geographic patches of darker lung (air trapping or hypoperfusion: 60-120 HU below the lung
-    around them), sharply bounded: 4-8 of them, 25-60 mm across, a few percent of the lungs."""
-    points, darker = [lung_point(rng, chest) for _ in range(rng.integers(4, 9))], np.zeros_like(hu)
+def draw_lung_patches(rng, hu, grid, chest, finding):
+    """Emphysema, atelectasis, ground glass, nodules and mosaic patches: ellipsoids in the lungs."""
+    upper, lower = (chest.carina[2] - 30, 115), (-90, chest.carina[2] - 30)
+    if finding == "Emphysema":
+        holes = [lung_point(rng, chest, height=upper) for _ in range(rng.integers(40, 100))]
+        fill_lung(rng, hu, grid, chest, holes, (5, 12), (-1000, -980), edge=50)
+        bullae = [lung_point(rng, chest, (0.8, 0.97), upper) for _ in range(rng.integers(0, 5))]
+        fill_lung(rng, hu, grid, chest, bullae, (12, 25), (-1000, -980), edge=50)
+        return ("with bullae, " if bullae else "") + "more prominent in the upper lobes"
+    if finding == "Atelectasis":
+        points = [lung_point(rng, chest, (0, 0.7), lower) for _ in range(rng.integers(1, 3))]
+        plates = ((20, 3, 8), (40, 6, 15))                                 # half-axes from, to (mm)
+        return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, plates, (10, 60), edge=10))
+    if finding == "Lung opacity":
+        points = [lung_point(rng, chest) for _ in range(rng.integers(2, 6))]
+        return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, (15, 45), (-650, -350)))
+    if finding == "Lung nodule":
+        sizes = np.sort(rng.uniform(15, 30, rng.integers(2, 7)))[::-1]
+        points = [lung_point(rng, chest, (0.3, 0.85), lateral_mm=55) for _ in sizes]  # away from the hila
+        for size, point in zip(sizes, points):
+            blob(hu, grid, point, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(20, 60), chest.lung)
+        return f"measuring {sizes[0]:.0f} mm {where_in_lungs(chest, points[0])}, and {len(sizes) - 1} smaller"
+    points, darker = [lung_point(rng, chest) for _ in range(rng.integers(4, 9))], np.zeros_like(hu)  # mosaic
     for point in points:
         s, weight = lung_patch(grid, chest, point, rng.uniform(12, 30, 3), edge=10)
         darker[s] = np.maximum(darker[s], weight)                       # overlapping patches: darker once
@@ -706,42 +643,51 @@ def draw_mosaic_attenuation_pattern(rng, hu, grid, chest):
     return where_in_lungs(chest, *points)
 
 
-def draw_peribronchial_thickening(rng, hu, grid, chest):
-    """Bronchial walls thickened to 3-5 mm (normal: 1 mm) of 20-50 HU around lumens of normal size."""
+def draw_airways_and_bands(rng, hu, grid, chest, finding):
+    """Findings along the bronchi (walls, dilated lumens, air bronchograms) and fibrotic bands."""
     bronchi = [tube[:3] for tube in chest.bronchi]
-    draw_tubes(hu, grid, bronchi, -1000, rng.uniform(3, 5), rng.uniform(20, 50), chest.lung)
-    return "in both lungs"
+    if finding == "Peribronchial thickening":
+        draw_tubes(hu, grid, bronchi, -1000, rng.uniform(3, 5), rng.uniform(20, 50), chest.lung)
+        return "in both lungs"
+    if finding == "Bronchiectasis":
+        lobes = sorted({tube[3] for tube in chest.bronchi})
+        weights = np.array([3.0 if "lower" in lobe else 1.0 for lobe in lobes])
+        chosen = rng.choice(lobes, rng.integers(2, 5), replace=False, p=weights / weights.sum())
+        tubes = [(start, start + 1.5 * (end - start), rng.uniform(6, 10))     # (sub)segmental, lengthened
+                 for start, end, radius, lobe in chest.bronchi if lobe in chosen and radius < 4]
+        draw_tubes(hu, grid, tubes, -1000, rng.uniform(3, 4.5), rng.uniform(20, 50), chest.lung)
+        return "in the " + " and ".join(chosen)
+    if finding == "Consolidation":
+        point, radii = lung_point(rng, chest, (0, 0.75)), rng.uniform(25, 55, 3)
+        fill_lung(rng, hu, grid, chest, [point], (radii, radii), (-50, 50), edge=6)
+        hilum = chest.lungs[int(point[0] >= 0)].hilum
+        start = point + unit(hilum - point) * radii.min()
+        bronchograms = [(start, start + unit(point - hilum + rng.normal(0, 15, 3)) * 2 * radii.max(),
+                         rng.uniform(2, 3.5)) for _ in range(rng.integers(2, 5))]
+        draw_tubes(hu, grid, bronchograms, -950, where=chest.lung & (hu > -100))   # in the consolidated lung
+        return where_in_lungs(chest, point)
+    points = [lung_point(rng, chest, (0.7, 0.95), (chest.carina[2] - 40, 115))       # fibrotic sequela
+              for _ in range(rng.integers(4, 9))]
+    for point in points:
+        half = unit((*rng.normal(size=2), 0.3 * rng.normal())) * rng.uniform(25, 40)
+        draw_tubes(hu, grid, [(point - half, point + half, rng.uniform(2.5, 4))], rng.uniform(-50, 40),
+                   where=chest.lung)
+    return where_in_lungs(chest, points[0])
 
 
-def draw_consolidation(rng, hu, grid, chest):
-    """Dense airspace opacity (-50 to +50 HU), 50-110 mm, with air bronchograms branching through it
-    from the hilar side."""
-    point, radii = lung_point(rng, chest, (0, 0.75)), rng.uniform(25, 55, 3)
-    fill_lung(rng, hu, grid, chest, [point], (radii, radii), (-50, 50), edge=6)
-    hilum = chest.lungs[int(point[0] >= 0)].hilum
-    start = point + unit(hilum - point) * radii.min()
-    bronchograms = [(start, start + unit(point - hilum + rng.normal(0, 15, 3)) * 2 * radii.max(),
-                     rng.uniform(2, 3.5)) for _ in range(rng.integers(2, 5))]
-    draw_tubes(hu, grid, bronchograms, -950, where=chest.lung & (hu > -100))    # in the consolidated lung
-    return where_in_lungs(chest, point)
-
-
-def draw_bronchiectasis(rng, hu, grid, chest):
-    """Dilated bronchi: lumens of 6-10 mm radius (wider than the artery beside them), walls 3-4.5 mm
-    of 20-50 HU, reaching towards the pleura, in 2-4 lobes, mostly the lower ones."""
-    lobes = sorted({tube[3] for tube in chest.bronchi})
-    weights = np.array([3.0 if "lower" in lobe else 1.0 for lobe in lobes])
-    chosen = rng.choice(lobes, rng.integers(2, 5), replace=False, p=weights / weights.sum())
-    tubes = [(start, start + 1.5 * (end - start), rng.uniform(6, 10))
-             for start, end, radius, lobe in chest.bronchi if lobe in chosen and radius < 4]  # (sub)segmental
-    draw_tubes(hu, grid, tubes, -1000, rng.uniform(3, 4.5), rng.uniform(20, 50), chest.lung)
-    return "in the " + " and ".join(chosen)
-
-
-def draw_interlobular_septal_thickening(rng, hu, grid, chest):
-    """Thickened septa (3-5 mm lines, -250 to -50 HU) around 12-20 mm lobules in 2-4 subpleural
-    regions 40-70 mm across, mostly basal: three tilted families of parallel planes 60 degrees apart."""
-    height = (-100, chest.carina[2] - 20) if rng.random() < 0.7 else (-100, 115)
+def draw_plates(rng, hu, grid, chest, finding):
+    """Pleural fluid, a plate along the chest wall, or septal lines, families of parallel plates."""
+    if finding == "Pleural effusion":
+        sides, depth = [[0], [1], [0, 1]][rng.integers(3)], rng.uniform(0.12, 0.35)
+        for lung in (chest.lungs[i] for i in sides):
+            s, x, y, z = lung_box(grid, lung)
+            height = np.clip((z - lung.base) / (lung.top - lung.base), 0, 1)
+            across = (y - lung.centre[1]) / lung.radii[1] + 0.6 * ((x - lung.centre[0]) / lung.radii[0]) ** 2
+            hu[s][(across > 1 - 2 * depth * (1.2 - height)) & chest.lung[s]] = rng.uniform(0, 20)
+        side = f"in the {('right', 'left')[sides[0]]} hemithorax,"
+        where = "in both hemithoraces, up to" if len(sides) == 2 else side
+        return f"{where} {2.4 * depth * chest.lungs[sides[0]].radii[1]:.0f} mm thick"
+    height = (-100, chest.carina[2] - 20) if rng.random() < 0.7 else (-100, 115)      # septal thickening
     points = [lung_point(rng, chest, (0.75, 0.97), height) for _ in range(rng.integers(2, 5))]
     value, lobule, width = rng.uniform(-250, -50), rng.uniform(12, 20), rng.uniform(3, 5)
     theta = rng.uniform(0, np.pi / 3) + np.arange(3) * np.pi / 3
@@ -754,28 +700,28 @@ def draw_interlobular_septal_thickening(rng, hu, grid, chest):
     return where_in_lungs(chest, *points)
 
 
-DRAW = {  # painting order: the heart first (lung findings keep clear of it), the lungs, calcium, metal last
-    "Cardiomegaly": draw_cardiomegaly, "Pericardial effusion": draw_pericardial_effusion,
-    "Emphysema": draw_emphysema, "Mosaic attenuation pattern": draw_mosaic_attenuation_pattern,
-    "Lung opacity": draw_lung_opacity, "Interlobular septal thickening": draw_interlobular_septal_thickening,
-    "Pulmonary fibrotic sequela": draw_pulmonary_fibrotic_sequela, "Consolidation": draw_consolidation,
-    "Atelectasis": draw_atelectasis, "Lung nodule": draw_lung_nodule, "Bronchiectasis": draw_bronchiectasis,
-    "Peribronchial thickening": draw_peribronchial_thickening, "Pleural effusion": draw_pleural_effusion,
-    "Coronary artery wall calcification": draw_coronary_artery_wall_calcification,
-    "Arterial wall calcification": draw_arterial_wall_calcification, "Lymphadenopathy": draw_lymphadenopathy,
-    "Hiatal hernia": draw_hiatal_hernia, "Medical material": draw_medical_material,
+# How each finding looks (HU, size, place) and its drawer, in painting order: the heart first (lung
+# findings keep clear of it), the lungs, calcium, metal last.
+LOOKS = {
+    "Cardiomegaly": (draw_in_soft_room, "heart 35-50 HU, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48)"),
+    "Pericardial effusion": (draw_in_soft_room, "fluid 0-20 HU, 8-20 mm around the heart, thickest behind"),
+    "Emphysema": (draw_lung_patches, "-1000 to -980 HU holes, 10-24 mm in the upper lungs; 25-50 mm bullae"),
+    "Mosaic attenuation pattern": (draw_lung_patches, "lung 60-120 HU darker in 4-8 sharp 25-60 mm patches"),
+    "Lung opacity": (draw_lung_patches, "ground glass -650 to -350 HU, 2-5 soft patches 30-90 mm"),
+    "Interlobular septal thickening": (draw_plates, "-250 to -50 HU septa 3-5 mm, basal, subpleural"),
+    "Pulmonary fibrotic sequela": (draw_airways_and_bands, "-50 to +40 HU bands 5-8 x 50-80 mm, upper"),
+    "Consolidation": (draw_airways_and_bands, "-50 to +50 HU, 50-110 mm, with air bronchograms"),
+    "Atelectasis": (draw_lung_patches, "10-60 HU plates 6-12 mm thick, 40-80 mm wide, lower lobes"),
+    "Lung nodule": (draw_lung_patches, "2-6 solid nodules 20-60 HU, 15-30 mm, away from the hila"),
+    "Bronchiectasis": (draw_airways_and_bands, "lumens of 6-10 mm radius in 3-4.5 mm walls, lower lobes"),
+    "Peribronchial thickening": (draw_airways_and_bands, "bronchial walls 3-5 mm (normal 1 mm) of 20-50 HU"),
+    "Pleural effusion": (draw_plates, "fluid 0-20 HU behind the lung, deepest at the base, a meniscus"),
+    "Coronary artery wall calcification": (draw_calcium_or_metal, "400-1200 HU plaques on 1-3 coronaries"),
+    "Arterial wall calcification": (draw_calcium_or_metal, "400-1200 HU plaques on the arch and descending"),
+    "Lymphadenopathy": (draw_in_soft_room, "nodes 30-50 HU, 18-32 mm short axis, at 3-6 stations"),
+    "Hiatal hernia": (draw_in_soft_room, "stomach behind the heart: a 0-30 HU sac with a gas cap"),
+    "Medical material": (draw_calcium_or_metal, "metal 2500-3500 HU: sternotomy wires, a pacemaker, a port"),
 }
-
-
-def metal_streaks(rng, hu, grid):
-    """Streaks that metal casts across its axial slices (beam hardening, photon starvation): rays of
-    +-100..300 HU around the metal's centre, fading over ~15 cm, as on real CT."""
-    rays, amplitude, phase = rng.integers(6, 12), rng.uniform(100, 300), rng.uniform(0, 2 * np.pi)
-    for k in np.flatnonzero((hu > 2000).any((0, 1))):
-        i, j = np.nonzero(hu[:, :, k] > 2000)
-        dx, dy = grid[0][:, None] - grid[0][i].mean(), grid[1][None, :] - grid[1][j].mean()
-        streaks = np.cos(rays * np.arctan2(dy, dx) + phase) ** 9 * np.exp(-np.hypot(dx, dy) / 150)
-        hu[:, :, k] += amplitude * streaks * (hu[:, :, k] > -950)        # the air around the body stays air
 
 
 def scanner_blur(hu):
@@ -799,8 +745,8 @@ def render_volume(rng, labels_row, scanner_rng=None):
     shape, spacing_mm = (nxy, nxy, int(np.clip(nz, 40, 52))), (sxy, sxy, sz)   # field of view 350-400 mm
     grid = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing_mm)]  # mm from the chest centre
     hu, chest = build_chest(rng, grid)
-    details = {f: draw(rng, hu, grid, chest) for f, draw in DRAW.items() if labels_row[FINDINGS.index(f)]}
-    metal_streaks(rng, hu, grid)                                         # the scanner's, not the patient's
+    present = [f for f in LOOKS if labels_row[FINDINGS.index(f)]]
+    details = {f: LOOKS[f][0](rng, hu, grid, chest, f) for f in present}    # in painting order
     hu = scanner_blur(hu)
     hu += scanner_rng.standard_normal(shape, dtype=np.float32) * scanner_rng.uniform(10, 25)
     affine = np.diag([-sxy, -sxy, sz, 1.0])                              # LPS voxel order, RAS world
@@ -1159,34 +1105,6 @@ def synthesize_radchestct(out, n=(8, 4, 2), seed=0, npz_spacing_mm=3.0, workers=
         write_csv(out / f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv", rows, columns)
     print(f"synth: RAD-ChestCT at {npz_spacing_mm:g} mm in {out}; prep it with --npz-spacing-mm "
           f"{npz_spacing_mm:g}")
-
-
-def add_synth_parser(subparsers):
-    p = subparsers.add_parser("synth", help="write a miniature synthetic CT-RATE (volumes, reports, labels)")
-    p.add_argument("--out", type=Path, required=True, help="output folder; the dataset goes to OUT/dataset")
-    p.add_argument("--n-train", type=number(int, 0), default=1000, help="training volumes (default 1000)")
-    p.add_argument("--n-valid", type=number(int, 0), default=300, help="validation volumes (default 300)")
-    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="the same seed writes the same bytes")
-    p.add_argument("--store", choices=["raw", "hu"], default="raw",
-                   help="raw: int16 HU - RescaleIntercept, as CT-RATE's first release; hu: HU, as its corrected "
-                        "release (the metadata keeps its Rescale columns either way)")
-    p.add_argument("--workers", type=number(int, 1, 256), default=2,
-                   help="processes rendering volumes in parallel (default 2)")
-    p.add_argument("--layout", choices=["ctrate", "radchestct"], default="ctrate",
-                   help="radchestct: the phantoms as RAD-ChestCT's .npz files and location labels, "
-                        "--n-train/--n-valid/--n-test scans as trn/val/tst (no reports)")
-    p.add_argument("--n-test", type=number(int, 0), default=100, help="radchestct: tst scans (default 100)")
-    p.add_argument("--npz-spacing-mm", type=number(float, 0.1, 20), default=3.0,
-                   help="radchestct: isotropic voxel size (the release: 0.8; default 3, laptop-sized)")
-    p.set_defaults(func=cmd_synth)
-
-
-def cmd_synth(args):
-    if args.layout == "radchestct":
-        synthesize_radchestct(args.out, (args.n_train, args.n_valid, args.n_test), args.seed,
-                              args.npz_spacing_mm, args.workers)
-    else:
-        synthesize_ctrate(args.out, args.n_train, args.n_valid, args.seed, args.store, args.workers)
 
 
 # ---------------------------------------------------------------------------------------
