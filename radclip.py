@@ -428,8 +428,8 @@ def build_chest(rng, grid):
         s, *xyz = lung_box(grid, lung)
         inside = lung_radius(lung, *xyz) < 1
         chest.lung[s] |= inside
-        dependent = (xyz[1] - lung.centre[1]) / lung.radii[1]                    # denser behind
-        hu[s] = np.where(inside, lung_hu + 30 * dependent, hu[s])
+        behind = (xyz[1] - lung.centre[1]) / lung.radii[1]                    # the dependent lung is denser
+        hu[s] = np.where(inside, lung_hu + 30 * behind, hu[s])
     chest.ctr, left = rng.uniform(0.40, 0.48), chest.lungs[1]                          # cardiothoracic ratio
     heart_radii = chest.heart_radii = chest.ctr * 0.84 * width * np.array([1, rng.uniform(0.7, 0.8),
                                                                             rng.uniform(0.75, 0.85)])
@@ -439,14 +439,19 @@ def build_chest(rng, grid):
     paint_heart(hu, grid, chest)
     draw_mediastinum(rng, hu, grid, chest)
     draw_bronchial_tree(rng, hu, grid, chest)
-    draw_skeleton(rng, hu, x, y, z, body, chest)
+    spine, radius = depth - rng.uniform(60, 70), rng.uniform(15, 20)   # bone: a vertebra, ribs sloping down
+    from_spine, front = np.hypot(x, y - spine)[..., 0], (y < 0) & (np.abs(x) < 30)     # to the front
+    hu[from_spine < radius], hu[from_spine < radius - 3] = rng.uniform(450, 700), rng.uniform(150, 250)
+    pitch, width = rng.uniform(24, 30), rng.uniform(9, 12)            # costal cartilages spare the front
+    slope = (z - rng.uniform(0.3, 0.5) * y + rng.uniform(0, 30)) % pitch
+    hu[(body > 0.86) & (body < 0.91) & ~front & (slope < width)] = rng.uniform(400, 600)
     chest.lung &= hu < 80                                # nor is the bone that the lungs' outline reaches
     return hu, chest
 
 
 def draw_mediastinum(rng, hu, grid, chest):
-    """The aorta, the pulmonary arteries, the superior vena cava and the esophagus in the mediastinal
-    fat, and the lymph node stations, two of them with a normal small node."""
+    """The aorta and the pulmonary arteries in the mediastinal fat, and the lymph node stations, two
+    of them with a normal small node."""
     depth, heart, heart_radii = chest.half_depth, chest.heart_centre, chest.heart_radii
     carina = chest.carina = np.array([0.0, rng.uniform(0, 0.15) * depth, rng.uniform(25, 45)])
     arch, descending = carina[2] + rng.uniform(20, 35), (rng.uniform(28, 36), rng.uniform(0.3, 0.4) * depth)
@@ -457,13 +462,10 @@ def draw_mediastinum(rng, hu, grid, chest):
     for lung, side in zip(chest.lungs, (-1, 1)):
         lung.hilum = carina + (side * rng.uniform(38, 48), rng.uniform(5, 15), -rng.uniform(15, 25))
     trunk = np.array([rng.uniform(5, 12), carina[1] - 0.15 * depth, carina[2] - 12])
-    svc, esophagus = (-rng.uniform(22, 30), -0.2 * depth), (rng.uniform(0, 8), carina[1] + 16)
     aorta = chest.aorta + [np.array([*descending, -400])]
     draw_tubes(hu, grid, [(p, q, chest.aorta_radius) for p, q in zip(aorta, aorta[1:])]
-               + [(heart + heart_radii * (0.15, -0.5, 0.75), trunk, 12.0)]          # the pulmonary trunk,
-               + [(trunk, lung.hilum, 9.0) for lung in chest.lungs]                   # its arteries,
-               + [(np.array([*svc, 200]), np.array([*svc, heart[2] + 0.6 * heart_radii[2]]), 9.0),
-                  (np.array([*esophagus, 200]), np.array([5, esophagus[1] + 4, -200]), 7.0)], chest.tissue_hu)
+               + [(heart + heart_radii * (0.15, -0.5, 0.75), trunk, 12.0)]          # the pulmonary trunk
+               + [(trunk, lung.hilum, 9.0) for lung in chest.lungs], chest.tissue_hu)  # and its arteries
     chest.lung &= hu < -500                           # lung that the vessels displace is no longer lung
     chest.stations = {  # in mediastinal fat or at the hila, clear of the great vessels
         "right paratracheal": carina + (-17, -8, 22), "prevascular": carina + (0, -0.6 * depth, 20),
@@ -503,23 +505,6 @@ def draw_bronchial_tree(rng, hu, grid, chest):
     draw_tubes(hu, grid, [tube[:3] for tube in chest.bronchi], -1000, 1.0, chest.tissue_hu, chest.lung)
     draw_tubes(hu, grid, [(np.array([0, chest.carina[1], 200]), chest.carina, rng.uniform(8, 10))]
                + [(chest.carina, lung.hilum, 6.5) for lung in chest.lungs], -1000, 2.0, chest.tissue_hu)
-
-
-def draw_skeleton(rng, hu, x, y, z, body, chest):
-    """Vertebrae (cortex 450-700 HU, marrow 150-250) around the spinal canal, ribs that slope down to
-    the front (400-600) and the sternum (300-450)."""
-    centre, radius, depth = chest.half_depth - rng.uniform(60, 70), rng.uniform(15, 20), chest.half_depth
-    from_centre, from_canal = np.hypot(x, y - centre), np.hypot(x, y - centre - radius - 10)
-    spinous = (np.abs(x) < 5) & (y > centre + radius + 20) & (y < centre + radius + 40)
-    vertebra = (from_centre < radius) | (from_canal > 8) & (from_canal < 13) | spinous
-    hu[vertebra[..., 0]] = rng.uniform(450, 700)                                     # cortex
-    hu[(from_centre < radius - 3)[..., 0]] = rng.uniform(150, 250)                   # marrow
-    hu[(from_canal < 8)[..., 0]] = 20                                                # the spinal canal
-    pitch, front = rng.uniform(24, 30), (y < 0) & (np.abs(x) < 30)     # costal cartilages spare the front
-    slope, width = (z - rng.uniform(0.3, 0.5) * y + rng.uniform(0, 30)) % pitch, rng.uniform(9, 12)
-    hu[(body > 0.86) & (body < 0.91) & ~front & (slope < width)] = rng.uniform(400, 600)
-    sternum = (np.abs(x) < 14) & (y > -0.93 * depth) & (y < -0.85 * depth) & (z > -80) & (z < 100)
-    hu[sternum] = rng.uniform(300, 450)
 
 
 # -- The 18 findings, as they look on CT, at a random size, place and strength --
