@@ -353,11 +353,6 @@ def lung_radius(lung, x, y, z):
     return np.where(z > lung.base + lung.dome * (1 - across), np.sqrt(across) / taper, np.inf)
 
 
-def lung_box(grid, lung):
-    """box() around a lung."""
-    return box(grid, (*lung.centre - lung.radii, lung.base), (*lung.centre + lung.radii, lung.top))
-
-
 def lung_point(rng, chest, radius=(0.0, 0.8), height=(-100.0, 115.0), lateral_mm=0.0):
     """A random point in the lungs at a normalised radius and a height (mm) in the given ranges and
     |x| >= lateral_mm, clear of the heart and inside the 288 mm box that the tiny preset crops.
@@ -425,7 +420,7 @@ def build_chest(rng, grid):
     hu = np.where(body < 1, np.where(chest.inside_ribs & (z < diaphragm), abdomen, wall), -1000)
     hu, chest.lung, lung_hu = hu.astype(np.float32), np.zeros(hu.shape, bool), rng.uniform(-880, -820)
     for lung in chest.lungs:
-        s, *xyz = lung_box(grid, lung)
+        s, *xyz = box(grid, (*lung.centre - lung.radii, lung.base), (*lung.centre + lung.radii, lung.top))
         inside = lung_radius(lung, *xyz) < 1
         chest.lung[s] |= inside
         behind = (xyz[1] - lung.centre[1]) / lung.radii[1]                    # the dependent lung is denser
@@ -439,19 +434,14 @@ def build_chest(rng, grid):
     paint_heart(hu, grid, chest)
     draw_mediastinum(rng, hu, grid, chest)
     draw_bronchial_tree(rng, hu, grid, chest)
-    spine, radius = depth - rng.uniform(60, 70), rng.uniform(15, 20)   # bone: a vertebra, ribs sloping down
-    from_spine, front = np.hypot(x, y - spine)[..., 0], (y < 0) & (np.abs(x) < 30)     # to the front
-    hu[from_spine < radius], hu[from_spine < radius - 3] = rng.uniform(450, 700), rng.uniform(150, 250)
-    pitch, width = rng.uniform(24, 30), rng.uniform(9, 12)            # costal cartilages spare the front
-    slope = (z - rng.uniform(0.3, 0.5) * y + rng.uniform(0, 30)) % pitch
-    hu[(body > 0.86) & (body < 0.91) & ~front & (slope < width)] = rng.uniform(400, 600)
+    draw_skeleton(rng, hu, x, y, z, body, chest)
     chest.lung &= hu < 80                                # nor is the bone that the lungs' outline reaches
     return hu, chest
 
 
 def draw_mediastinum(rng, hu, grid, chest):
-    """The aorta and the pulmonary arteries in the mediastinal fat, and the lymph node stations, two
-    of them with a normal small node."""
+    """The aorta, the pulmonary arteries, the superior vena cava and the esophagus in the mediastinal
+    fat, and the lymph node stations, two of them with a normal small node."""
     depth, heart, heart_radii = chest.half_depth, chest.heart_centre, chest.heart_radii
     carina = chest.carina = np.array([0.0, rng.uniform(0, 0.15) * depth, rng.uniform(25, 45)])
     arch, descending = carina[2] + rng.uniform(20, 35), (rng.uniform(28, 36), rng.uniform(0.3, 0.4) * depth)
@@ -462,10 +452,13 @@ def draw_mediastinum(rng, hu, grid, chest):
     for lung, side in zip(chest.lungs, (-1, 1)):
         lung.hilum = carina + (side * rng.uniform(38, 48), rng.uniform(5, 15), -rng.uniform(15, 25))
     trunk = np.array([rng.uniform(5, 12), carina[1] - 0.15 * depth, carina[2] - 12])
+    svc, esophagus = (-rng.uniform(22, 30), -0.2 * depth), (rng.uniform(0, 8), carina[1] + 16)
     aorta = chest.aorta + [np.array([*descending, -400])]
     draw_tubes(hu, grid, [(p, q, chest.aorta_radius) for p, q in zip(aorta, aorta[1:])]
-               + [(heart + heart_radii * (0.15, -0.5, 0.75), trunk, 12.0)]          # the pulmonary trunk
-               + [(trunk, lung.hilum, 9.0) for lung in chest.lungs], chest.tissue_hu)  # and its arteries
+               + [(heart + heart_radii * (0.15, -0.5, 0.75), trunk, 12.0)]          # the pulmonary trunk,
+               + [(trunk, lung.hilum, 9.0) for lung in chest.lungs]                   # its arteries,
+               + [(np.array([*svc, 200]), np.array([*svc, heart[2] + 0.6 * heart_radii[2]]), 9.0),
+                  (np.array([*esophagus, 200]), np.array([5, esophagus[1] + 4, -200]), 7.0)], chest.tissue_hu)
     chest.lung &= hu < -500                           # lung that the vessels displace is no longer lung
     chest.stations = {  # in mediastinal fat or at the hila, clear of the great vessels
         "right paratracheal": carina + (-17, -8, 22), "prevascular": carina + (0, -0.6 * depth, 20),
@@ -473,6 +466,23 @@ def draw_mediastinum(rng, hu, grid, chest):
         "right hilar": chest.lungs[0].hilum + (0, -14, -6), "left hilar": chest.lungs[1].hilum + (0, -14, -6)}
     for station in rng.choice(list(chest.stations.values()), 2, replace=False):
         blob(hu, grid, station, rng.uniform(2, 3.5), chest.tissue_hu)
+
+
+def draw_skeleton(rng, hu, x, y, z, body, chest):
+    """Vertebrae (cortex 450-700 HU, marrow 150-250) around the spinal canal, ribs that slope down to
+    the front (400-600) and the sternum (300-450)."""
+    centre, radius, depth = chest.half_depth - rng.uniform(60, 70), rng.uniform(15, 20), chest.half_depth
+    from_centre, from_canal = np.hypot(x, y - centre), np.hypot(x, y - centre - radius - 10)
+    spinous = (np.abs(x) < 5) & (y > centre + radius + 20) & (y < centre + radius + 40)
+    vertebra = (from_centre < radius) | (from_canal > 8) & (from_canal < 13) | spinous
+    hu[vertebra[..., 0]] = rng.uniform(450, 700)                                     # cortex
+    hu[(from_centre < radius - 3)[..., 0]] = rng.uniform(150, 250)                   # marrow
+    hu[(from_canal < 8)[..., 0]] = 20                                                # the spinal canal
+    pitch, front = rng.uniform(24, 30), (y < 0) & (np.abs(x) < 30)     # costal cartilages spare the front
+    slope, width = (z - rng.uniform(0.3, 0.5) * y + rng.uniform(0, 30)) % pitch, rng.uniform(9, 12)
+    hu[(body > 0.86) & (body < 0.91) & ~front & (slope < width)] = rng.uniform(400, 600)
+    sternum = (np.abs(x) < 14) & (y > -0.93 * depth) & (y < -0.85 * depth) & (z > -80) & (z < 100)
+    hu[sternum] = rng.uniform(300, 450)
 
 
 # Lobar bronchus directions from the hilum, for the left lung (x is mirrored for the right).
@@ -602,9 +612,10 @@ def draw_lung_patches(rng, hu, grid, chest, finding):
     """Emphysema, atelectasis, ground glass, nodules and mosaic patches: ellipsoids in the lungs."""
     upper, lower = (chest.carina[2] - 30, 115), (-90, chest.carina[2] - 30)
     if finding == "Emphysema":
+        n_bullae = rng.integers(0, 5)
         holes = [lung_point(rng, chest, height=upper) for _ in range(rng.integers(40, 100))]
         fill_lung(rng, hu, grid, chest, holes, (5, 12), (-1000, -980), edge=50)
-        bullae = [lung_point(rng, chest, (0.8, 0.97), upper) for _ in range(rng.integers(0, 5))]
+        bullae = [lung_point(rng, chest, (0.8, 0.97), upper) for _ in range(n_bullae)]
         fill_lung(rng, hu, grid, chest, bullae, (12, 25), (-1000, -980), edge=50)
         return ("with bullae, " if bullae else "") + "more prominent in the upper lobes"
     if finding == "Atelectasis":
@@ -665,7 +676,8 @@ def draw_plates(rng, hu, grid, chest, finding):
     if finding == "Pleural effusion":
         sides, depth = [[0], [1], [0, 1]][rng.integers(3)], rng.uniform(0.12, 0.35)
         for lung in (chest.lungs[i] for i in sides):
-            s, x, y, z = lung_box(grid, lung)
+            lo, hi = (*lung.centre - lung.radii, lung.base), (*lung.centre + lung.radii, lung.top)
+            s, x, y, z = box(grid, lo, hi)
             height = np.clip((z - lung.base) / (lung.top - lung.base), 0, 1)
             across = (y - lung.centre[1]) / lung.radii[1] + 0.6 * ((x - lung.centre[0]) / lung.radii[0]) ** 2
             hu[s][(across > 1 - 2 * depth * (1.2 - height)) & chest.lung[s]] = rng.uniform(0, 20)
@@ -804,8 +816,7 @@ LOBE = ("in {the right lung {upper lobe {apical|posterior}|middle lobe {medial|l
 TERMS = {f: (names, place, after, float(rate), negation) for f, names, place, after, rate, negation in (
     [part.strip() for part in spec.replace(": ", ";", 1).split(";")] for spec in (
         "Medical material: {metallic {images|structures}|foreign material of medical origin}; {consistent "
-        "with sternotomy wires|belonging to a {port|central venous} catheter extending to the superior vena "
-        "cava|belonging to a pacemaker and its lead|consistent with a stent in the {aorta|esophagus}};; 0;",
+        "with sternotomy wires|belonging to a {port|central venous} catheter|consistent with a stent};; 0;",
         "Arterial wall calcification: {calcific |}atheroma{tous|} plaques|{calcific |}atherosclerotic "
         "changes|wall calcifications; in the {thoracic aorta|aortic arch|wall of the {ascending|descending} "
         "aorta};; 0;",
@@ -819,39 +830,32 @@ TERMS = {f: (names, place, after, float(rate), negation) for f, names, place, af
         "{arteries|vascular structures}|coronary artery calcifications; {|, {most prominent |}in the "
         "{LAD|RCA|circumflex}};; 0;",
         "Hiatal hernia: {a sliding type|a mild|a} hiatal hernia; {at the esophagogastric junction|};; 0.7; "
-        "{thoracic esophagus calibration was normal and no significant {tumoral|pathological} wall "
-        "thickening was detected|no pathological wall thickness increase was observed in the esophagus}.",
-        "Lymphadenopathy: {enlarged |}lymph nodes of pathological size|{pathologically |}enlarged lymph "
-        "nodes|lymphadenopathies; in the {prevascular|{right |}{upper|lower} "
-        "paratracheal|subcarinal|{right|left|bilateral} hilar} {region|area}{, the largest <11-24> mm in "
-        "short axis|};; 0.96; {there {are|were} no {enlarged lymph nodes|lymph nodes of pathological "
-        "size}|no pathological LAP was detected} in {the mediastinum|the mediastinal and {bilateral |}hilar "
-        "regions}.",
+        "{thoracic esophagus calibration was normal|no pathological esophageal wall thickening was seen}.",
+        "Lymphadenopathy: {enlarged |}lymph nodes of pathological size|lymphadenopathies; in the "
+        "{prevascular|{right |}paratracheal|subcarinal|{right|left|bilateral} hilar} region{, the largest "
+        "<11-24> mm in short axis|};; 0.96; {there {are|were} no lymph nodes of pathological size|no "
+        "pathological LAP was detected} in {the mediastinum|the mediastinal and hilar regions}.",
         "Emphysema: {mild |diffuse |}emphysematous changes|{centrilobular|paraseptal} emphysema{ areas|}; in "
         "{both lungs|the upper {lobes|zones} of both lungs};; 0;",
         "Atelectasis: {linear |subsegmental |plate-like |}atelectasis|atelectatic changes; " + LOBE + ";; 0;",
         "Lung nodule: a {nonspecific |solid |}{pulmonary |parenchymal |}nodule|a nodular {lesion|formation}|"
         "{a few |several |}millimetric {nonspecific |}nodules; {2*|of <2-9> mm|of <2.0-8.9> mm in diameter} "
         + LOBE + "; { (intrapulmonary lymph node?)| (granuloma?)|5*}; 0.37; {no {mass or nodule|suspicious "
-                 "nodule, mass or infiltration} {was|is} {detected|observed} in {both lungs|the lung "
-                 "parenchyma}|aeration of both lungs is normal and no nodular or infiltrative lesion is "
-                 "seen}.",
+                 "nodule, mass or infiltration} {was|is} {detected|observed} in {both lungs|the lungs}}.",
         "Lung opacity: ground{ |-}glass {opacities|densities|areas}|{patchy |}ground{ |-}glass density "
         "increases; " + LOBE + "; { (infection?)| (early viral pneumonia?)|6*}; 0;",
         "Pulmonary fibrotic sequela: {pleuroparenchymal |}sequelae {changes|density increases}|{linear |}"
         "fibrotic bands|fibroatelectatic changes; " + LOBE + ";; 0;",
         "Pleural effusion: {minimal |mild |}pleural effusion|{an |}effusion in the pleural space; {in the "
         "{right|left} hemithorax{, reaching <5-40> mm in its thickest part|}|in both hemithoraces};; 0.69; "
-        "{{bilateral |}pleural effusion-thickening was not {detected|observed}|no pleural effusion was "
-        "detected}.",
+        "{{bilateral |}pleural effusion-thickening was not {detected|observed}|no pleural effusion is seen}.",
         "Mosaic attenuation pattern: {a |}mosaic {attenuation|perfusion} pattern|areas of mosaic "
         "attenuation; in {both lungs|both lung lower lobes}; { (small airway disease?)|4*}; 0;",
         "Peribronchial thickening: {minimal |}peribronchial thickening{s|}|{bronchial|peribronchial} wall "
         "thickening{s|}; " + LOBE + ";; 0;",
         "Consolidation: {patchy |focal |}consolidation{ areas|}|{an area|areas} of {pneumonic |}"
-        "consolidation; " + LOBE + "; { (pneumonia?)| (infection?)|6*}; 0.05; {no pneumonic infiltration or "
-        "consolidation area was detected|pneumonic infiltration or consolidation area is not observed} in "
-        "{the lung parenchyma|both lungs}.",
+        "consolidation; " + LOBE + "; { (pneumonia?)| (infection?)|6*}; 0.05; no pneumonic infiltration or "
+        "consolidation area {was detected|is observed} in {the lung parenchyma|both lungs}.",
         "Bronchiectasis: {mild |}{cylindrical |traction |}bronchiectasis|bronchiectatic changes|dilatation "
         "of the segmental bronchi; {in the central parts of both lungs|" + LOBE + "};; 0;",
         "Interlobular septal thickening: {smooth |}interlobular septal thickening{s|}|thickening of the "
@@ -879,8 +883,8 @@ STOCK = [
     (.3, "{2*{there is no pneumothorax|no pneumothorax was detected}|apical pleural thickening {is|was} "
          "observed {bilaterally|on the {right|left}}}."),
     (.8, "{6*no space-occupying lesion was detected in the liver|2*a decrease in density consistent with "
-         "hepatosteatosis {is|was} observed in the liver|a hypodense lesion of {2*<3-24>|<2.0-9.9>} mm {is|was} "
-         "observed in segment <2-8> of the liver{ (cyst?)|, consistent with a {simple |}cyst|}}."),
+         "hepatosteatosis {is|was} observed in the liver|a hypodense lesion of {2*<3-24>|<2.0-9.9>} mm "
+         "{is|was} observed in segment <2-8> of the liver{ (cyst?)|, consistent with a {simple |}cyst|}}."),
     (.7, "{4*{bilateral|both} adrenal glands {were|are} {normal|natural}|a {nodular |}thickening of <8-24> "
          "mm {is|was} observed in the {right|left} adrenal gland{ (adenoma?)|, compatible with an "
          "adenoma|2*}}."),
@@ -888,7 +892,7 @@ STOCK = [
          "{of|measuring} <5-45> mm {is|was} observed in the {upper|lower} pole of the {right|left} kidney{ "
          "(Bosniak {1|2})|3*}}."),
     (.8, "{bone structures in the study area are natural|no lytic-destructive lesions were detected in the "
-         "bone structures|{degenerative changes|osteophytes} {are|were} observed in the thoracic vertebrae}."),
+         "bone structures|{degenerative changes|osteophytes} {are|were} seen in the thoracic vertebrae}."),
     (.7, "{4*{vertebral corpus heights|thoracic vertebral corpus heights, alignments and densities} are "
          "{preserved|natural|normal}|there is a loss of height of {about |}<10-40>% in the {T<4-12>|L1} "
          "vertebral corpus{, compatible with a compression fracture|2*}}."),
@@ -1000,10 +1004,9 @@ def synthesize_ctrate(out, n_train=1000, n_valid=300, seed=0, store="raw", worke
         labels = sample_labels(rng, len(recons))
         jobs = [(root, split, i + 1, r, labels[i], seed, store) for i, r in enumerate(recons)]
         rows = [row for scan in in_workers(synthesize_scan, jobs, workers, f"synth {split}") for row in scan]
-        tables = (("reports", REPORT_COLUMNS), ("labels", ["VolumeName"] + FINDINGS),
-                  ("metadata", METADATA_COLUMNS))
-        for i, (kind, columns) in enumerate(tables):
-            write_csv(ctrate_csv(out, split, kind), [r[i] for r in rows], columns)
+        columns = (REPORT_COLUMNS, ["VolumeName"] + FINDINGS, METADATA_COLUMNS)
+        for i, kind in enumerate(("reports", "labels", "metadata")):
+            write_csv(ctrate_csv(out, split, kind), [r[i] for r in rows], columns[i])
     unfinished.unlink()
 
 
@@ -1027,7 +1030,8 @@ def radchestct_row(rng, labels_row):
     """The abnormality*location columns that are 1: one abnormality of each present finding and, in
     a tenth of scans, each unmapped one, at a random location. Mosaic attenuation maps to none:
     as in the real labels, it is painted but never labelled."""
-    found = [rng.choice(RADCHESTCT_MAPPING[f]) for f, y in zip(FINDINGS, labels_row) if y and RADCHESTCT_MAPPING[f]]
+    mapped = [RADCHESTCT_MAPPING[f] for f, y in zip(FINDINGS, labels_row) if y and RADCHESTCT_MAPPING[f]]
+    found = [rng.choice(abnormalities) for abnormalities in mapped]
     found += [abnormality for abnormality in UNMAPPED_ABNORMALITIES if rng.random() < 0.1]
     return {f"{abnormality}*{rng.choice(RADCHESTCT_LOCATIONS)}": 1 for abnormality in found}
 
@@ -1055,7 +1059,7 @@ def synthesize_radchestct(out, n=(8, 4, 2), seed=0, npz_spacing_mm=3.0, workers=
         rng = np.random.default_rng([seed, 2 + k])                 # 0 and 1 are CT-RATE's splits
         labels = sample_labels(rng, n_scans)
         ids = [f"{prefix}{i:05d}" for i in rng.choice(100000, n_scans, replace=False)]
-        jobs = [(out / f"{i}.npz", y, [seed, 2 + k, j], npz_spacing_mm) for j, (i, y) in enumerate(zip(ids, labels))]
+        jobs = [(out / f"{i}.npz", labels[j], [seed, 2 + k, j], npz_spacing_mm) for j, i in enumerate(ids)]
         in_workers(synthesize_radchestct_scan, jobs, workers, f"synth {prefix}")
         tables[prefix] = [dict(dict.fromkeys(columns, 0), NoteAcc_DEID=i, **radchestct_row(rng, y))
                           for i, y in zip(ids, labels)]
