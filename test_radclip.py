@@ -1813,14 +1813,14 @@ def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path):
 
 def test_an_interrupted_synth_is_written_again_by_the_same_command(tmp_path, capsys):
     args = ["synth", "--out", tmp_path, "--n-train", "2", "--n-valid", "1", "--workers", "1"]
-    assert cli(args, capsys)[0] == 0
-    (tmp_path / ".synth-unfinished").write_text("")  # as a Ctrl-C leaves it, with the CSVs missing
-    for csv_path in (tmp_path / "dataset").rglob("*.csv"):
-        csv_path.unlink()
+    stray = tmp_path / "dataset" / "train" / "train_9" / "train_9_a" / "train_9_a_1.nii.gz"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"")                  # as a Ctrl-C leaves it: a half-written volume, no CSVs
+    (tmp_path / ".synth-unfinished").write_text("")
     code, _, err = cli(args, capsys)
     assert code == 0 and "from an interrupted run; writing it again" in err
     assert len(rc.read_csv(rc.ctrate_csv(tmp_path, "train", "labels"))) == 2
-    assert not (tmp_path / ".synth-unfinished").exists()
+    assert not stray.exists() and not (tmp_path / ".synth-unfinished").exists()
     code, _, err = cli(args, capsys)  # a finished one is never overwritten
     assert code == 1 and "already exists" in err
 
