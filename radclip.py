@@ -350,11 +350,6 @@ def lung_radius(lung, x, y, z):
     return np.where(z > lung.base + lung.dome * (1 - across), np.sqrt(across) / taper, np.inf)
 
 
-def lung_box(grid, lung):
-    """box() around a lung."""
-    return box(grid, (*lung.centre - lung.radii, lung.base), (*lung.centre + lung.radii, lung.top))
-
-
 def lung_point(rng, chest, radius=(0.0, 0.8), height=(-100.0, 115.0), lateral_mm=0.0):
     """A random point in the lungs at a normalised radius and a height (mm) in the given ranges and
     |x| >= lateral_mm, clear of the heart and inside the 288 mm box that the tiny preset crops.
@@ -422,11 +417,11 @@ def build_chest(rng, grid):
     hu = np.where(body < 1, np.where(chest.inside_ribs & (z < diaphragm), abdomen, wall), -1000)
     hu, chest.lung, lung_hu = hu.astype(np.float32), np.zeros(hu.shape, bool), rng.uniform(-880, -820)
     for lung in chest.lungs:
-        s, *xyz = lung_box(grid, lung)
+        s, *xyz = box(grid, (*lung.centre - lung.radii, lung.base), (*lung.centre + lung.radii, lung.top))
         inside = lung_radius(lung, *xyz) < 1
         chest.lung[s] |= inside
-        dependent = (xyz[1] - lung.centre[1]) / lung.radii[1]                    # denser behind
-        hu[s] = np.where(inside, lung_hu + 30 * dependent, hu[s])
+        behind = (xyz[1] - lung.centre[1]) / lung.radii[1]                    # the dependent lung is denser
+        hu[s] = np.where(inside, lung_hu + 30 * behind, hu[s])
     chest.ctr, left = rng.uniform(0.40, 0.48), chest.lungs[1]                          # cardiothoracic ratio
     heart_radii = chest.heart_radii = chest.ctr * 0.84 * width * np.array([1, rng.uniform(0.7, 0.8),
                                                                             rng.uniform(0.75, 0.85)])
@@ -470,6 +465,23 @@ def draw_mediastinum(rng, hu, grid, chest):
         blob(hu, grid, station, rng.uniform(2, 3.5), chest.tissue_hu)
 
 
+def draw_skeleton(rng, hu, x, y, z, body, chest):
+    """Vertebrae (cortex 450-700 HU, marrow 150-250) around the spinal canal, ribs that slope down to
+    the front (400-600) and the sternum (300-450)."""
+    centre, radius, depth = chest.half_depth - rng.uniform(60, 70), rng.uniform(15, 20), chest.half_depth
+    from_centre, from_canal = np.hypot(x, y - centre), np.hypot(x, y - centre - radius - 10)
+    spinous = (np.abs(x) < 5) & (y > centre + radius + 20) & (y < centre + radius + 40)
+    vertebra = (from_centre < radius) | (from_canal > 8) & (from_canal < 13) | spinous
+    hu[vertebra[..., 0]] = rng.uniform(450, 700)                                     # cortex
+    hu[(from_centre < radius - 3)[..., 0]] = rng.uniform(150, 250)                   # marrow
+    hu[(from_canal < 8)[..., 0]] = 20                                                # the spinal canal
+    pitch, front = rng.uniform(24, 30), (y < 0) & (np.abs(x) < 30)     # costal cartilages spare the front
+    slope, width = (z - rng.uniform(0.3, 0.5) * y + rng.uniform(0, 30)) % pitch, rng.uniform(9, 12)
+    hu[(body > 0.86) & (body < 0.91) & ~front & (slope < width)] = rng.uniform(400, 600)
+    sternum = (np.abs(x) < 14) & (y > -0.93 * depth) & (y < -0.85 * depth) & (z > -80) & (z < 100)
+    hu[sternum] = rng.uniform(300, 450)
+
+
 # Lobar bronchus directions from the hilum, for the left lung (x is mirrored for the right).
 LOBE_DIRECTIONS = {"upper": (0.45, 0.05, 0.9), "lower": (0.3, 0.55, -0.8), "middle": (0.55, -0.7, -0.45)}
 
@@ -502,114 +514,33 @@ def draw_bronchial_tree(rng, hu, grid, chest):
                + [(chest.carina, lung.hilum, 6.5) for lung in chest.lungs], -1000, 2.0, chest.tissue_hu)
 
 
-def draw_skeleton(rng, hu, x, y, z, body, chest):
-    """Vertebrae (cortex 450-700 HU, marrow 150-250) around the spinal canal, ribs that slope down to
-    the front (400-600) and the sternum (300-450)."""
-    centre, radius, depth = chest.half_depth - rng.uniform(60, 70), rng.uniform(15, 20), chest.half_depth
-    from_centre, from_canal = np.hypot(x, y - centre), np.hypot(x, y - centre - radius - 10)
-    spinous = (np.abs(x) < 5) & (y > centre + radius + 20) & (y < centre + radius + 40)
-    vertebra = (from_centre < radius) | (from_canal > 8) & (from_canal < 13) | spinous
-    hu[vertebra[..., 0]] = rng.uniform(450, 700)                                     # cortex
-    hu[(from_centre < radius - 3)[..., 0]] = rng.uniform(150, 250)                   # marrow
-    hu[(from_canal < 8)[..., 0]] = 20                                                # the spinal canal
-    pitch, front = rng.uniform(24, 30), (y < 0) & (np.abs(x) < 30)     # costal cartilages spare the front
-    slope, width = (z - rng.uniform(0.3, 0.5) * y + rng.uniform(0, 30)) % pitch, rng.uniform(9, 12)
-    hu[(body > 0.86) & (body < 0.91) & ~front & (slope < width)] = rng.uniform(400, 600)
-    sternum = (np.abs(x) < 14) & (y > -0.93 * depth) & (y < -0.85 * depth) & (z > -80) & (z < 100)
-    hu[sternum] = rng.uniform(300, 450)
-
-
 # -- The 18 findings, as they look on CT, at a random size, place and strength --
 # Sizes and contrasts survive the tiny preset's 4.5 x 4.5 x 9 mm voxels and [-1000, 1000] HU window.
-# Each paints one finding and returns a detail (where, how big) that the report may quote.
-def draw_medical_material(rng, hu, grid, chest):
-    """Metal (2500-3500 HU): sternotomy wires, or a pacemaker or port in the chest wall with its lead
-    or catheter through the subclavian vein and the SVC into the heart."""
-    metal, kind, depth = rng.uniform(2500, 3500), rng.integers(3), chest.half_depth
-    if kind == 0:                # wire loops around the sternum: inside the bone they would not show
-        corners = [(-18, -.95 * depth), (18, -.95 * depth), (18, -.82 * depth), (-18, -.82 * depth)]
-        for z in np.arange(-60, 90, rng.uniform(22, 32)):
-            loop = [np.array([*corner, z]) for corner in corners + corners[:1]]
-            draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(loop, loop[1:])], metal)
-        return "consistent with sternotomy wires"
-    device = np.array([rng.choice([-1, 1]) * rng.uniform(60, 80), -0.78 * depth, rng.uniform(60, 90)])
-    blob(hu, grid, device, (24, 8, 20) if kind == 1 else (12, 8, 12), metal)
-    tip = (-0.3, -0.6, -0.5) if kind == 1 else (-0.7, 0, 0.4)       # the right ventricle; the right atrium
-    path = [device, np.array([np.sign(device[0]) * 45, -0.45 * depth, 125]),
-            np.array([-26, -0.2 * depth, chest.carina[2] + 20]), chest.heart_centre + chest.heart_radii * tip]
-    draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(path, path[1:])], metal)
-    return "belonging to a pacemaker and its lead" if kind == 1 else "belonging to a port catheter"
-
-
-def draw_arterial_wall_calcification(rng, hu, grid, chest):
-    """Calcified plaques (400-1200 HU): 8-25 curved plates, 10-30 mm long, 6-9 mm thick and up to a
-    quarter of the circumference wide, on the wall of the aortic arch and descending aorta."""
-    for _ in range(rng.integers(8, 25)):
-        start, end = chest.aorta[rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]):][:2]
-        axis, centre = unit(end - start), start + rng.random() * (end - start)
-        across = unit(np.cross(axis, rng.normal(size=3)))
-        half, radius = axis * rng.uniform(5, 15), rng.uniform(3, 4.5)
-        wall = [centre + chest.aorta_radius * (np.cos(t) * across + np.sin(t) * np.cross(axis, across))
-                for t in np.linspace(0, rng.uniform(0, 1.6), 3)]
-        draw_tubes(hu, grid, [(w - half, w + half, radius) for w in wall], rng.uniform(400, 1200))
-    return "in the aortic arch and descending aorta"
-
-
-def draw_cardiomegaly(rng, hu, grid, chest):
-    """The heart (35-50 HU) repainted larger, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48): it
-    grows left, back and up into lung and fat, still on the diaphragm and the anterior chest wall."""
-    ctr = rng.uniform(0.56, 0.68)
-    grow = chest.heart_radii * (ctr / chest.ctr - 1)
-    chest.heart_centre, chest.heart_radii = chest.heart_centre + grow * (0.4, 1, 1), chest.heart_radii + grow
-    chest.ctr = ctr
-    paint_heart(hu, grid, chest)
-    return f"(cardiothoracic ratio {ctr:.2f})"
-
-
-def draw_pericardial_effusion(rng, hu, grid, chest):
-    """Fluid (0-20 HU) 8-20 mm thick around the heart and its fat, thickest dependently (posterior)."""
-    thickness = rng.uniform(8, 20)
-    paint_heart(hu, grid, chest, thickness, rng.uniform(0, 20))
-    return f"reaching {thickness:.0f} mm in thickness"
-
-
-# Courses on the heart's surface: azimuth from, to (degrees from the patient's left towards the
-# back) and height from, to (on the heart's normalised vertical axis).
-CORONARIES = {"LAD": (-80, -60, 0.5, -0.7), "circumflex": (-50, 60, 0.4, 0.3), "RCA": (-110, -230, 0.4, 0.2)}
-
-
-def draw_coronary_artery_wall_calcification(rng, hu, grid, chest):
-    """Calcified plaques (400-1200 HU): segments 7-10 mm thick, 3 mm out from the heart's surface,
-    along 30-80% of the course of 1-3 coronary arteries."""
-    names = sorted(rng.choice(list(CORONARIES), rng.integers(1, 4), replace=False))
-    for name in names:
-        azimuth_from, azimuth_to, height_from, height_to = CORONARIES[name]
-        t = rng.uniform(0, 0.5) + np.linspace(0, rng.uniform(0.3, 0.5), 5)      # a curve, in 4 pieces
-        azimuth = np.radians(azimuth_from + t * (azimuth_to - azimuth_from))
-        height = height_from + t * (height_to - height_from)
-        on_sphere = np.stack([np.cos(azimuth), np.sin(azimuth), 0 * t], 1) * np.sqrt(1 - height[:, None] ** 2)
-        course = chest.heart_centre + (on_sphere + np.outer(height, (0, 0, 1))) * (chest.heart_radii + 3)
-        draw_tubes(hu, grid, [(p, q, rng.uniform(3.5, 5)) for p, q in zip(course, course[1:])],
-                   rng.uniform(400, 1200))
-    return "(" + ", ".join(names) + ")"
-
-
-def draw_hiatal_hernia(rng, hu, grid, chest):
-    """Stomach above the diaphragm behind the heart, in lung and fat: a walled fluid sac (0-30 HU)
-    with a gas cap."""
-    radii, left, room = rng.uniform((28, 20, 25), (45, 30, 40)), chest.lungs[1], soft_room(hu, chest)
-    centre = np.array([rng.uniform(5, 30), chest.heart_centre[1] + chest.heart_radii[1] + 0.6 * radii[1],
-                       left.base + left.dome + 0.7 * radii[2]])
-    blob(hu, grid, centre, radii + 4, chest.tissue_hu, room)
-    s, sac = blob(hu, grid, centre, radii, rng.uniform(0, 30), room)
-    level = centre[1] + rng.uniform(-0.5, 0.5) * radii[1]              # supine: the gas rises to the front
-    hu[s][sac & (grid[1][None, s[1], None] < level)] = -1000
-    return f"measuring {2 * radii[0]:.0f} mm"
-
-
-def draw_lymphadenopathy(rng, hu, grid, chest):
-    """Enlarged nodes (18-32 mm short axis, 30-50 HU), 1-2 at each of 3-6 mediastinal and hilar stations."""
-    names = rng.choice(list(chest.stations), rng.integers(3, 7), replace=False)
+# Five drawers share the work: masses in soft room, tubes, lung patches, airways and plates. Each
+# paints one finding and returns a detail (where, how big) that the report may quote.
+def draw_in_soft_room(rng, hu, grid, chest, finding):
+    """The heart, its fluid, the stomach or lymph nodes, grown into lung and fat (soft_room)."""
+    if finding == "Cardiomegaly":
+        ctr = rng.uniform(0.56, 0.68)
+        grow = chest.heart_radii * (ctr / chest.ctr - 1)
+        chest.heart_centre = chest.heart_centre + grow * (0.4, 1, 1)    # left, back and up, on the diaphragm
+        chest.heart_radii, chest.ctr = chest.heart_radii + grow, ctr
+        paint_heart(hu, grid, chest)
+        return f"(cardiothoracic ratio {ctr:.2f})"
+    if finding == "Pericardial effusion":
+        thickness = rng.uniform(8, 20)
+        paint_heart(hu, grid, chest, thickness, rng.uniform(0, 20))
+        return f"reaching {thickness:.0f} mm in thickness"
+    if finding == "Hiatal hernia":
+        radii, left, room = rng.uniform((28, 20, 25), (45, 30, 40)), chest.lungs[1], soft_room(hu, chest)
+        centre = np.array([rng.uniform(5, 30), chest.heart_centre[1] + chest.heart_radii[1] + 0.6 * radii[1],
+                           left.base + left.dome + 0.7 * radii[2]])
+        blob(hu, grid, centre, radii + 4, chest.tissue_hu, room)
+        s, sac = blob(hu, grid, centre, radii, rng.uniform(0, 30), room)
+        level = centre[1] + rng.uniform(-0.5, 0.5) * radii[1]          # supine: the gas rises to the front
+        hu[s][sac & (grid[1][None, s[1], None] < level)] = -1000
+        return f"measuring {2 * radii[0]:.0f} mm"
+    names = rng.choice(list(chest.stations), rng.integers(3, 7), replace=False)        # lymphadenopathy
     short_axes = rng.uniform(18, 32, 6)
     for name, short_axis in zip(names, short_axes):
         for _ in range(rng.integers(1, 3)):
@@ -619,10 +550,54 @@ def draw_lymphadenopathy(rng, hu, grid, chest):
     return f"in the {names[0]} region, the largest {short_axes[:len(names)].max():.0f} mm in short axis"
 
 
+# Courses on the heart's surface: azimuth from, to (degrees from the patient's left towards the
+# back) and height from, to (on the heart's normalised vertical axis).
+CORONARIES = {"LAD": (-80, -60, 0.5, -0.7), "circumflex": (-50, 60, 0.4, 0.3), "RCA": (-110, -230, 0.4, 0.2)}
+
+
+def draw_calcium_or_metal(rng, hu, grid, chest, finding):
+    """Plaques on the aorta's wall or on the coronary arteries' courses, or metal devices: tubes."""
+    if finding == "Arterial wall calcification":
+        for _ in range(rng.integers(8, 25)):
+            start, end = chest.aorta[rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]):][:2]
+            axis, centre = unit(end - start), start + rng.random() * (end - start)
+            across = unit(np.cross(axis, rng.normal(size=3)))
+            half, radius = axis * rng.uniform(5, 15), rng.uniform(3, 4.5)
+            wall = [centre + chest.aorta_radius * (np.cos(t) * across + np.sin(t) * np.cross(axis, across))
+                    for t in np.linspace(0, rng.uniform(0, 1.6), 3)]
+            draw_tubes(hu, grid, [(w - half, w + half, radius) for w in wall], rng.uniform(400, 1200))
+        return "in the aortic arch and descending aorta"
+    if finding == "Coronary artery wall calcification":
+        names = sorted(rng.choice(list(CORONARIES), rng.integers(1, 4), replace=False))
+        for azimuth_from, azimuth_to, height_from, height_to in (CORONARIES[name] for name in names):
+            t = rng.uniform(0, 0.5) + np.linspace(0, rng.uniform(0.3, 0.5), 5)      # a curve, in 4 pieces
+            azimuth = np.radians(azimuth_from + t * (azimuth_to - azimuth_from))
+            height = height_from + t * (height_to - height_from)
+            around = np.stack([np.cos(azimuth), np.sin(azimuth), 0 * t], 1) * np.sqrt(1 - height[:, None]**2)
+            course = chest.heart_centre + (around + np.outer(height, (0, 0, 1))) * (chest.heart_radii + 3)
+            draw_tubes(hu, grid, [(p, q, rng.uniform(3.5, 5)) for p, q in zip(course, course[1:])],
+                       rng.uniform(400, 1200))
+        return "(" + ", ".join(names) + ")"
+    metal, kind, depth = rng.uniform(2500, 3500), rng.integers(3), chest.half_depth       # medical material
+    if kind == 0:                # wire loops around the sternum: inside the bone they would not show
+        corners = [(-18, -.95 * depth), (18, -.95 * depth), (18, -.82 * depth), (-18, -.82 * depth)]
+        for z in np.arange(-60, 90, rng.uniform(22, 32)):
+            loop = [np.array([*corner, z]) for corner in corners + corners[:1]]
+            draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(loop, loop[1:])], metal)
+        return "consistent with sternotomy wires"
+    device = np.array([rng.choice([-1, 1]) * rng.uniform(60, 80), -0.78 * depth, rng.uniform(60, 90)])
+    blob(hu, grid, device, (24, 8, 20) if kind == 1 else (12, 8, 12), metal)
+    tip = (-0.3, -0.6, -0.5) if kind == 1 else (-0.7, 0, 0.4)       # the right ventricle; the right atrium
+    path = [device, np.array([np.sign(device[0]) * 45, -0.45 * depth, 125]),           # the subclavian vein,
+            np.array([-26, -0.2 * depth, chest.carina[2] + 20]), chest.heart_centre + chest.heart_radii * tip]
+    draw_tubes(hu, grid, [(p, q, 3.0) for p, q in zip(path, path[1:])], metal)       # the SVC, the heart
+    return "belonging to a pacemaker and its lead" if kind == 1 else "belonging to a port catheter"
+
+
 def fill_lung(rng, hu, grid, chest, points, radii_mm, value_hu, edge=3.0):
-    """What most parenchymal findings share: at each point a lung_patch (half-axes drawn from
-    radii_mm) whose parenchyma (-950 to -600 HU) takes value_hu, while vessels and airways only ever
-    become denser (they show through ground glass; darker lung spares them). Returns the points."""
+    """At each point a lung_patch (half-axes drawn from radii_mm) whose parenchyma (-950 to -600 HU)
+    takes value_hu, while vessels and airways only ever become denser (they show through ground
+    glass; darker lung spares them). Returns the points."""
     for point in points:
         s, weight = lung_patch(grid, chest, point, rng.uniform(*radii_mm), edge)
         change = rng.uniform(*value_hu) - hu[s]
@@ -630,72 +605,30 @@ def fill_lung(rng, hu, grid, chest, points, radii_mm, value_hu, edge=3.0):
     return points
 
 
-def draw_emphysema(rng, hu, grid, chest):
-    """Wall-less holes (-1000 to -980 HU): 40-100 centrilobular ones 10-24 mm across in the upper
-    lungs and up to four 25-50 mm subpleural bullae; the vessels are spared."""
-    upper, bullae = (chest.carina[2] - 30, 115), rng.integers(0, 5)
-    holes = [lung_point(rng, chest, height=upper) for _ in range(rng.integers(40, 100))]
-    fill_lung(rng, hu, grid, chest, holes, (5, 12), (-1000, -980), edge=50)
-    fill_lung(rng, hu, grid, chest, [lung_point(rng, chest, (0.8, 0.97), upper) for _ in range(bullae)],
-              (12, 25), (-1000, -980), edge=50)
-    return ("with bullae, " if bullae else "") + "more prominent in the upper lobes"
-
-
-def draw_atelectasis(rng, hu, grid, chest):
-    """Collapsed lung (10-60 HU) in the lower lobes: 1-2 sharp plates 6-12 mm thick front to back
-    and 40-80 mm wide, bands in the axial slices."""
-    lower = (-90, chest.carina[2] - 30)
-    points = [lung_point(rng, chest, (0, 0.7), lower) for _ in range(rng.integers(1, 3))]
-    plates = ((20, 3, 8), (40, 6, 15))                                 # half-axes from, to (mm)
-    return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, plates, (10, 60), edge=10))
-
-
-def draw_lung_nodule(rng, hu, grid, chest):
-    """2-6 solid nodules (20-60 HU), 15-30 mm across, slightly lobulated, in the lungs away from the
-    hila (where vessels look much the same)."""
-    sizes = np.sort(rng.uniform(15, 30, rng.integers(2, 7)))[::-1]
-    points = [lung_point(rng, chest, (0.3, 0.85), lateral_mm=55) for _ in sizes]
-    for size, point in zip(sizes, points):
-        blob(hu, grid, point, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(20, 60), chest.lung)
-    return f"measuring {sizes[0]:.0f} mm {where_in_lungs(chest, points[0])}, and {len(sizes) - 1} smaller"
-
-
-def draw_lung_opacity(rng, hu, grid, chest):
-    """Ground glass (-650 to -350 HU): 2-5 soft-edged patches 30-90 mm across; vessels show through."""
-    points = [lung_point(rng, chest) for _ in range(rng.integers(2, 6))]
-    return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, (15, 45), (-650, -350)))
-
-
-def draw_pulmonary_fibrotic_sequela(rng, hu, grid, chest):
-    """4-8 dense (-50 to +40 HU) bands 5-8 mm thick and 50-80 mm long reaching the pleura, mostly in
-    the upper lobes and in the axial plane."""
-    upper = (chest.carina[2] - 40, 115)
-    points = [lung_point(rng, chest, (0.7, 0.95), upper) for _ in range(rng.integers(4, 9))]
-    for point in points:
-        half = unit((*rng.normal(size=2), 0.3 * rng.normal())) * rng.uniform(25, 40)
-        draw_tubes(hu, grid, [(point - half, point + half, rng.uniform(2.5, 4))], rng.uniform(-50, 40),
-                   where=chest.lung)
-    return where_in_lungs(chest, points[0])
-
-
-def draw_pleural_effusion(rng, hu, grid, chest):
-    """Fluid (0-20 HU) lying dependently in the pleural space (posterior: CT patients lie supine),
-    deepest at the base, with a meniscus climbing along the chest wall."""
-    sides, depth = [[0], [1], [0, 1]][rng.integers(3)], rng.uniform(0.12, 0.35)
-    for lung in (chest.lungs[i] for i in sides):
-        s, x, y, z = lung_box(grid, lung)
-        height = np.clip((z - lung.base) / (lung.top - lung.base), 0, 1)
-        across = (y - lung.centre[1]) / lung.radii[1] + 0.6 * ((x - lung.centre[0]) / lung.radii[0]) ** 2
-        hu[s][(across > 1 - 2 * depth * (1.2 - height)) & chest.lung[s]] = rng.uniform(0, 20)
-    side = f"in the {('right', 'left')[sides[0]]} hemithorax,"
-    where = "in both hemithoraces, up to" if len(sides) == 2 else side
-    return f"{where} {2.4 * depth * chest.lungs[sides[0]].radii[1]:.0f} mm thick"
-
-
-def draw_mosaic_attenuation_pattern(rng, hu, grid, chest):
-    """Geographic patches of darker lung (air trapping or hypoperfusion: 60-120 HU below the lung
-    around them), sharply bounded: 4-8 of them, 25-60 mm across, a few percent of the lungs."""
-    points, darker = [lung_point(rng, chest) for _ in range(rng.integers(4, 9))], np.zeros_like(hu)
+def draw_lung_patches(rng, hu, grid, chest, finding):
+    """Emphysema, atelectasis, ground glass, nodules and mosaic patches: ellipsoids in the lungs."""
+    upper, lower = (chest.carina[2] - 30, 115), (-90, chest.carina[2] - 30)
+    if finding == "Emphysema":
+        n_bullae = rng.integers(0, 5)
+        holes = [lung_point(rng, chest, height=upper) for _ in range(rng.integers(40, 100))]
+        fill_lung(rng, hu, grid, chest, holes, (5, 12), (-1000, -980), edge=50)
+        bullae = [lung_point(rng, chest, (0.8, 0.97), upper) for _ in range(n_bullae)]
+        fill_lung(rng, hu, grid, chest, bullae, (12, 25), (-1000, -980), edge=50)
+        return ("with bullae, " if bullae else "") + "more prominent in the upper lobes"
+    if finding == "Atelectasis":
+        points = [lung_point(rng, chest, (0, 0.7), lower) for _ in range(rng.integers(1, 3))]
+        plates = ((20, 3, 8), (40, 6, 15))                                 # half-axes from, to (mm)
+        return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, plates, (10, 60), edge=10))
+    if finding == "Lung opacity":
+        points = [lung_point(rng, chest) for _ in range(rng.integers(2, 6))]
+        return where_in_lungs(chest, *fill_lung(rng, hu, grid, chest, points, (15, 45), (-650, -350)))
+    if finding == "Lung nodule":
+        sizes = np.sort(rng.uniform(15, 30, rng.integers(2, 7)))[::-1]
+        points = [lung_point(rng, chest, (0.3, 0.85), lateral_mm=55) for _ in sizes]  # away from the hila
+        for size, point in zip(sizes, points):
+            blob(hu, grid, point, size / 2 * rng.uniform(0.85, 1.15, 3), rng.uniform(20, 60), chest.lung)
+        return f"measuring {sizes[0]:.0f} mm {where_in_lungs(chest, points[0])}, and {len(sizes) - 1} smaller"
+    points, darker = [lung_point(rng, chest) for _ in range(rng.integers(4, 9))], np.zeros_like(hu)  # mosaic
     for point in points:
         s, weight = lung_patch(grid, chest, point, rng.uniform(12, 30, 3), edge=10)
         darker[s] = np.maximum(darker[s], weight)                       # overlapping patches: darker once
@@ -703,42 +636,52 @@ def draw_mosaic_attenuation_pattern(rng, hu, grid, chest):
     return where_in_lungs(chest, *points)
 
 
-def draw_peribronchial_thickening(rng, hu, grid, chest):
-    """Bronchial walls thickened to 3-5 mm (normal: 1 mm) of 20-50 HU around lumens of normal size."""
+def draw_airways_and_bands(rng, hu, grid, chest, finding):
+    """Findings along the bronchi (walls, dilated lumens, air bronchograms) and fibrotic bands."""
     bronchi = [tube[:3] for tube in chest.bronchi]
-    draw_tubes(hu, grid, bronchi, -1000, rng.uniform(3, 5), rng.uniform(20, 50), chest.lung)
-    return "in both lungs"
+    if finding == "Peribronchial thickening":
+        draw_tubes(hu, grid, bronchi, -1000, rng.uniform(3, 5), rng.uniform(20, 50), chest.lung)
+        return "in both lungs"
+    if finding == "Bronchiectasis":
+        lobes = sorted({tube[3] for tube in chest.bronchi})
+        weights = np.array([3.0 if "lower" in lobe else 1.0 for lobe in lobes])
+        chosen = rng.choice(lobes, rng.integers(2, 5), replace=False, p=weights / weights.sum())
+        tubes = [(start, start + 1.5 * (end - start), rng.uniform(6, 10))     # (sub)segmental, lengthened
+                 for start, end, radius, lobe in chest.bronchi if lobe in chosen and radius < 4]
+        draw_tubes(hu, grid, tubes, -1000, rng.uniform(3, 4.5), rng.uniform(20, 50), chest.lung)
+        return "in the " + " and ".join(chosen)
+    if finding == "Consolidation":
+        point, radii = lung_point(rng, chest, (0, 0.75)), rng.uniform(25, 55, 3)
+        fill_lung(rng, hu, grid, chest, [point], (radii, radii), (-50, 50), edge=6)
+        hilum = chest.lungs[int(point[0] >= 0)].hilum
+        start = point + unit(hilum - point) * radii.min()
+        bronchograms = [(start, start + unit(point - hilum + rng.normal(0, 15, 3)) * 2 * radii.max(),
+                         rng.uniform(2, 3.5)) for _ in range(rng.integers(2, 5))]
+        draw_tubes(hu, grid, bronchograms, -950, where=chest.lung & (hu > -100))   # in the consolidated lung
+        return where_in_lungs(chest, point)
+    points = [lung_point(rng, chest, (0.7, 0.95), (chest.carina[2] - 40, 115))       # fibrotic sequela
+              for _ in range(rng.integers(4, 9))]
+    for point in points:
+        half = unit((*rng.normal(size=2), 0.3 * rng.normal())) * rng.uniform(25, 40)
+        draw_tubes(hu, grid, [(point - half, point + half, rng.uniform(2.5, 4))], rng.uniform(-50, 40),
+                   where=chest.lung)
+    return where_in_lungs(chest, points[0])
 
 
-def draw_consolidation(rng, hu, grid, chest):
-    """Dense airspace opacity (-50 to +50 HU), 50-110 mm, with air bronchograms branching through it
-    from the hilar side."""
-    point, radii = lung_point(rng, chest, (0, 0.75)), rng.uniform(25, 55, 3)
-    fill_lung(rng, hu, grid, chest, [point], (radii, radii), (-50, 50), edge=6)
-    hilum = chest.lungs[int(point[0] >= 0)].hilum
-    start = point + unit(hilum - point) * radii.min()
-    bronchograms = [(start, start + unit(point - hilum + rng.normal(0, 15, 3)) * 2 * radii.max(),
-                     rng.uniform(2, 3.5)) for _ in range(rng.integers(2, 5))]
-    draw_tubes(hu, grid, bronchograms, -950, where=chest.lung & (hu > -100))    # in the consolidated lung
-    return where_in_lungs(chest, point)
-
-
-def draw_bronchiectasis(rng, hu, grid, chest):
-    """Dilated bronchi: lumens of 6-10 mm radius (wider than the artery beside them), walls 3-4.5 mm
-    of 20-50 HU, reaching towards the pleura, in 2-4 lobes, mostly the lower ones."""
-    lobes = sorted({tube[3] for tube in chest.bronchi})
-    weights = np.array([3.0 if "lower" in lobe else 1.0 for lobe in lobes])
-    chosen = rng.choice(lobes, rng.integers(2, 5), replace=False, p=weights / weights.sum())
-    tubes = [(start, start + 1.5 * (end - start), rng.uniform(6, 10))
-             for start, end, radius, lobe in chest.bronchi if lobe in chosen and radius < 4]  # (sub)segmental
-    draw_tubes(hu, grid, tubes, -1000, rng.uniform(3, 4.5), rng.uniform(20, 50), chest.lung)
-    return "in the " + " and ".join(chosen)
-
-
-def draw_interlobular_septal_thickening(rng, hu, grid, chest):
-    """Thickened septa (3-5 mm lines, -250 to -50 HU) around 12-20 mm lobules in 2-4 subpleural
-    regions 40-70 mm across, mostly basal: three tilted families of parallel planes 60 degrees apart."""
-    height = (-100, chest.carina[2] - 20) if rng.random() < 0.7 else (-100, 115)
+def draw_plates(rng, hu, grid, chest, finding):
+    """Pleural fluid, a plate along the chest wall, or septal lines, families of parallel plates."""
+    if finding == "Pleural effusion":
+        sides, depth = [[0], [1], [0, 1]][rng.integers(3)], rng.uniform(0.12, 0.35)
+        for lung in (chest.lungs[i] for i in sides):
+            lo, hi = (*lung.centre - lung.radii, lung.base), (*lung.centre + lung.radii, lung.top)
+            s, x, y, z = box(grid, lo, hi)
+            height = np.clip((z - lung.base) / (lung.top - lung.base), 0, 1)
+            across = (y - lung.centre[1]) / lung.radii[1] + 0.6 * ((x - lung.centre[0]) / lung.radii[0]) ** 2
+            hu[s][(across > 1 - 2 * depth * (1.2 - height)) & chest.lung[s]] = rng.uniform(0, 20)
+        side = f"in the {('right', 'left')[sides[0]]} hemithorax,"
+        where = "in both hemithoraces, up to" if len(sides) == 2 else side
+        return f"{where} {2.4 * depth * chest.lungs[sides[0]].radii[1]:.0f} mm thick"
+    height = (-100, chest.carina[2] - 20) if rng.random() < 0.7 else (-100, 115)      # septal thickening
     points = [lung_point(rng, chest, (0.75, 0.97), height) for _ in range(rng.integers(2, 5))]
     value, lobule, width = rng.uniform(-250, -50), rng.uniform(12, 20), rng.uniform(3, 5)
     theta = rng.uniform(0, np.pi / 3) + np.arange(3) * np.pi / 3
@@ -751,16 +694,27 @@ def draw_interlobular_septal_thickening(rng, hu, grid, chest):
     return where_in_lungs(chest, *points)
 
 
-DRAW = {  # painting order: the heart first (lung findings keep clear of it), the lungs, calcium, metal last
-    "Cardiomegaly": draw_cardiomegaly, "Pericardial effusion": draw_pericardial_effusion,
-    "Emphysema": draw_emphysema, "Mosaic attenuation pattern": draw_mosaic_attenuation_pattern,
-    "Lung opacity": draw_lung_opacity, "Interlobular septal thickening": draw_interlobular_septal_thickening,
-    "Pulmonary fibrotic sequela": draw_pulmonary_fibrotic_sequela, "Consolidation": draw_consolidation,
-    "Atelectasis": draw_atelectasis, "Lung nodule": draw_lung_nodule, "Bronchiectasis": draw_bronchiectasis,
-    "Peribronchial thickening": draw_peribronchial_thickening, "Pleural effusion": draw_pleural_effusion,
-    "Coronary artery wall calcification": draw_coronary_artery_wall_calcification,
-    "Arterial wall calcification": draw_arterial_wall_calcification, "Lymphadenopathy": draw_lymphadenopathy,
-    "Hiatal hernia": draw_hiatal_hernia, "Medical material": draw_medical_material,
+# How each finding looks (HU, size, place) and its drawer, in painting order: the heart first (lung
+# findings keep clear of it), the lungs, calcium, metal last.
+LOOKS = {
+    "Cardiomegaly": (draw_in_soft_room, "heart 35-50 HU, cardiothoracic ratio 0.56-0.68 (normal 0.40-0.48)"),
+    "Pericardial effusion": (draw_in_soft_room, "fluid 0-20 HU, 8-20 mm around the heart, thickest behind"),
+    "Emphysema": (draw_lung_patches, "-1000 to -980 HU holes, 10-24 mm in the upper lungs; 25-50 mm bullae"),
+    "Mosaic attenuation pattern": (draw_lung_patches, "lung 60-120 HU darker in 4-8 sharp 25-60 mm patches"),
+    "Lung opacity": (draw_lung_patches, "ground glass -650 to -350 HU, 2-5 soft patches 30-90 mm"),
+    "Interlobular septal thickening": (draw_plates, "-250 to -50 HU septa 3-5 mm, basal, subpleural"),
+    "Pulmonary fibrotic sequela": (draw_airways_and_bands, "-50 to +40 HU bands 5-8 x 50-80 mm, upper"),
+    "Consolidation": (draw_airways_and_bands, "-50 to +50 HU, 50-110 mm, with air bronchograms"),
+    "Atelectasis": (draw_lung_patches, "10-60 HU plates 6-12 mm thick, 40-80 mm wide, lower lobes"),
+    "Lung nodule": (draw_lung_patches, "2-6 solid nodules 20-60 HU, 15-30 mm, away from the hila"),
+    "Bronchiectasis": (draw_airways_and_bands, "lumens of 6-10 mm radius in 3-4.5 mm walls, lower lobes"),
+    "Peribronchial thickening": (draw_airways_and_bands, "bronchial walls 3-5 mm (normal 1 mm) of 20-50 HU"),
+    "Pleural effusion": (draw_plates, "fluid 0-20 HU behind the lung, deepest at the base, a meniscus"),
+    "Coronary artery wall calcification": (draw_calcium_or_metal, "400-1200 HU plaques on 1-3 coronaries"),
+    "Arterial wall calcification": (draw_calcium_or_metal, "400-1200 HU plaques on the arch and descending"),
+    "Lymphadenopathy": (draw_in_soft_room, "nodes 30-50 HU, 18-32 mm short axis, at 3-6 stations"),
+    "Hiatal hernia": (draw_in_soft_room, "stomach behind the heart: a 0-30 HU sac with a gas cap"),
+    "Medical material": (draw_calcium_or_metal, "metal 2500-3500 HU: sternotomy wires, a pacemaker, a port"),
 }
 
 
@@ -796,7 +750,8 @@ def render_volume(rng, labels_row, scanner_rng=None):
     shape, spacing_mm = (nxy, nxy, int(np.clip(nz, 40, 52))), (sxy, sxy, sz)   # field of view 350-400 mm
     grid = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing_mm)]  # mm from the chest centre
     hu, chest = build_chest(rng, grid)
-    details = {f: draw(rng, hu, grid, chest) for f, draw in DRAW.items() if labels_row[FINDINGS.index(f)]}
+    present = [f for f in LOOKS if labels_row[FINDINGS.index(f)]]
+    details = {f: LOOKS[f][0](rng, hu, grid, chest, f) for f in present}    # in painting order
     metal_streaks(rng, hu, grid)                                         # the scanner's, not the patient's
     hu = scanner_blur(hu)
     hu += scanner_rng.standard_normal(shape, dtype=np.float32) * scanner_rng.uniform(10, 25)
@@ -870,8 +825,7 @@ LOBE = ("in {the right lung {upper lobe {apical|posterior}|middle lobe {medial|l
 TERMS = {f: (names, place, after, float(rate), negation) for f, names, place, after, rate, negation in (
     [part.strip() for part in spec.replace(": ", ";", 1).split(";")] for spec in (
         "Medical material: {metallic {images|structures}|foreign material of medical origin}; {consistent "
-        "with sternotomy wires|belonging to a {port|central venous} catheter extending to the superior vena "
-        "cava|belonging to a pacemaker and its lead|consistent with a stent in the {aorta|esophagus}};; 0;",
+        "with sternotomy wires|belonging to a {port|central venous} catheter|consistent with a stent};; 0;",
         "Arterial wall calcification: {calcific |}atheroma{tous|} plaques|{calcific |}atherosclerotic "
         "changes|wall calcifications; in the {thoracic aorta|aortic arch|wall of the {ascending|descending} "
         "aorta};; 0;",
@@ -885,39 +839,32 @@ TERMS = {f: (names, place, after, float(rate), negation) for f, names, place, af
         "{arteries|vascular structures}|coronary artery calcifications; {|, {most prominent |}in the "
         "{LAD|RCA|circumflex}};; 0;",
         "Hiatal hernia: {a sliding type|a mild|a} hiatal hernia; {at the esophagogastric junction|};; 0.7; "
-        "{thoracic esophagus calibration was normal and no significant {tumoral|pathological} wall "
-        "thickening was detected|no pathological wall thickness increase was observed in the esophagus}.",
-        "Lymphadenopathy: {enlarged |}lymph nodes of pathological size|{pathologically |}enlarged lymph "
-        "nodes|lymphadenopathies; in the {prevascular|{right |}{upper|lower} "
-        "paratracheal|subcarinal|{right|left|bilateral} hilar} {region|area}{, the largest <11-24> mm in "
-        "short axis|};; 0.96; {there {are|were} no {enlarged lymph nodes|lymph nodes of pathological "
-        "size}|no pathological LAP was detected} in {the mediastinum|the mediastinal and {bilateral |}hilar "
-        "regions}.",
+        "{thoracic esophagus calibration was normal|no pathological esophageal wall thickening was seen}.",
+        "Lymphadenopathy: {enlarged |}lymph nodes of pathological size|lymphadenopathies; in the "
+        "{prevascular|{right |}paratracheal|subcarinal|{right|left|bilateral} hilar} region{, the largest "
+        "<11-24> mm in short axis|};; 0.96; {there {are|were} no lymph nodes of pathological size|no "
+        "pathological LAP was detected} in {the mediastinum|the mediastinal and hilar regions}.",
         "Emphysema: {mild |diffuse |}emphysematous changes|{centrilobular|paraseptal} emphysema{ areas|}; in "
         "{both lungs|the upper {lobes|zones} of both lungs};; 0;",
         "Atelectasis: {linear |subsegmental |plate-like |}atelectasis|atelectatic changes; " + LOBE + ";; 0;",
         "Lung nodule: a {nonspecific |solid |}{pulmonary |parenchymal |}nodule|a nodular {lesion|formation}|"
         "{a few |several |}millimetric {nonspecific |}nodules; {2*|of <2-9> mm|of <2.0-8.9> mm in diameter} "
         + LOBE + "; { (intrapulmonary lymph node?)| (granuloma?)|5*}; 0.37; {no {mass or nodule|suspicious "
-                 "nodule, mass or infiltration} {was|is} {detected|observed} in {both lungs|the lung "
-                 "parenchyma}|aeration of both lungs is normal and no nodular or infiltrative lesion is "
-                 "seen}.",
+                 "nodule, mass or infiltration} {was|is} {detected|observed} in {both lungs|the lungs}}.",
         "Lung opacity: ground{ |-}glass {opacities|densities|areas}|{patchy |}ground{ |-}glass density "
         "increases; " + LOBE + "; { (infection?)| (early viral pneumonia?)|6*}; 0;",
         "Pulmonary fibrotic sequela: {pleuroparenchymal |}sequelae {changes|density increases}|{linear |}"
         "fibrotic bands|fibroatelectatic changes; " + LOBE + ";; 0;",
         "Pleural effusion: {minimal |mild |}pleural effusion|{an |}effusion in the pleural space; {in the "
         "{right|left} hemithorax{, reaching <5-40> mm in its thickest part|}|in both hemithoraces};; 0.69; "
-        "{{bilateral |}pleural effusion-thickening was not {detected|observed}|no pleural effusion was "
-        "detected}.",
+        "{{bilateral |}pleural effusion-thickening was not {detected|observed}|no pleural effusion is seen}.",
         "Mosaic attenuation pattern: {a |}mosaic {attenuation|perfusion} pattern|areas of mosaic "
         "attenuation; in {both lungs|both lung lower lobes}; { (small airway disease?)|4*}; 0;",
         "Peribronchial thickening: {minimal |}peribronchial thickening{s|}|{bronchial|peribronchial} wall "
         "thickening{s|}; " + LOBE + ";; 0;",
         "Consolidation: {patchy |focal |}consolidation{ areas|}|{an area|areas} of {pneumonic |}"
-        "consolidation; " + LOBE + "; { (pneumonia?)| (infection?)|6*}; 0.05; {no pneumonic infiltration or "
-        "consolidation area was detected|pneumonic infiltration or consolidation area is not observed} in "
-        "{the lung parenchyma|both lungs}.",
+        "consolidation; " + LOBE + "; { (pneumonia?)| (infection?)|6*}; 0.05; no pneumonic infiltration or "
+        "consolidation area {was detected|is observed} in {the lung parenchyma|both lungs}.",
         "Bronchiectasis: {mild |}{cylindrical |traction |}bronchiectasis|bronchiectatic changes|dilatation "
         "of the segmental bronchi; {in the central parts of both lungs|" + LOBE + "};; 0;",
         "Interlobular septal thickening: {smooth |}interlobular septal thickening{s|}|thickening of the "
@@ -931,8 +878,6 @@ HEDGED = ("{an appearance|{minimal|nonspecific} changes} $b.|{an appearance that
 STOCK = [
     (1, "{trachea and {both |}main bronchi} {are|were} {open|in the midline and open}{2*| and no {occlusive|"
         "obstructive} pathology {is|was} detected in the lumen}."),
-    (.5, "{mediastinal structures {cannot be|were not} evaluated optimally because contrast material is not "
-         "given|the mediastinum could not be evaluated optimally in the non-contrast examination}."),
     (.7, "{thoracic aorta diameter is normal|the widths of the mediastinal main vascular structures are "
          "normal|the {ascending aorta|main pulmonary artery} {is|was measured as} {3*<24-39>|<28.0-39.9>} mm "
          "in diameter}."),
@@ -946,15 +891,9 @@ STOCK = [
     (1, slice(7, 18)),
     (.3, "{2*{there is no pneumothorax|no pneumothorax was detected}|apical pleural thickening {is|was} "
          "observed {bilaterally|on the {right|left}}}."),
-    (.5, "upper abdominal organs included in the sections {are|were} {normal|natural}{| as far as can be "
-         "observed| within the limits of a non-contrast examination}."),
-    (.8, "{6*{no space-occupying lesion was detected in the liver{ within the sections|}|the contour, size "
-         "and parenchymal density of the liver are {normal|natural}}|2*a decrease in density consistent with "
-         "hepatosteatosis {is|was} observed in the liver|a hypodense lesion {of|measuring} "
-         "{2*<3-24>|<2.0-9.9>} mm {is|was} observed in {segment <2-8>|the {right|left} lobe} of the liver{ "
-         "(cyst?)|, consistent with a {simple |}cyst|}}."),
-    (.4, "{3*the {gallbladder|spleen|pancreas} {is|appears} {normal|natural}|{a stone of <4-18> mm "
-         "is|calculi of up to <4-18> mm are} observed in the gallbladder}."),
+    (.8, "{6*no space-occupying lesion was detected in the liver|2*a decrease in density consistent with "
+         "hepatosteatosis {is|was} observed in the liver|a hypodense lesion of {2*<3-24>|<2.0-9.9>} mm "
+         "{is|was} observed in segment <2-8> of the liver{ (cyst?)|, consistent with a {simple |}cyst|}}."),
     (.7, "{4*{bilateral|both} adrenal glands {were|are} {normal|natural}|a {nodular |}thickening of <8-24> "
          "mm {is|was} observed in the {right|left} adrenal gland{ (adenoma?)|, compatible with an "
          "adenoma|2*}}."),
@@ -962,15 +901,10 @@ STOCK = [
          "{of|measuring} <5-45> mm {is|was} observed in the {upper|lower} pole of the {right|left} kidney{ "
          "(Bosniak {1|2})|3*}}."),
     (.8, "{bone structures in the study area are natural|no lytic-destructive lesions were detected in the "
-         "bone structures {within the sections|in the study area}}."),
+         "bone structures|{degenerative changes|osteophytes} {are|were} seen in the thoracic vertebrae}."),
     (.7, "{4*{vertebral corpus heights|thoracic vertebral corpus heights, alignments and densities} are "
          "{preserved|natural|normal}|there is a loss of height of {about |}<10-40>% in the {T<4-12>|L1} "
          "vertebral corpus{, compatible with a compression fracture|2*}}."),
-    (.6, "{degenerative changes|{degenerative |}osteophytes} {are|were} observed {in the thoracic "
-         "vertebrae|in the bone structures}."),
-    (.4, "{schmorl nodules are observed in the vertebral endplates|{mild |}{dextro|levo}scoliosis of the "
-         "thoracic spine is observed|a {sclerotic bone island|vertebral hemangioma} of <4-15> mm is observed "
-         "in the {T<5-12>|L1} vertebral corpus}."),
 ]
 CLINICAL = "{cough|dyspnea|chest pain|fever|control|shortness of breath|not given}."
 TECHNIQUE = ("{non-contrast thorax CT images were obtained in the axial plane|thorax CT without contrast"
@@ -1066,8 +1000,6 @@ def synthesize_ctrate(out, n_train=1000, n_valid=300, seed=0, store="raw", worke
     """Write a miniature CT-RATE under out/dataset: n_train and n_valid volumes (one scan per patient;
     ~20% of scans have a second reconstruction) with their reports, labels and metadata."""
     root, unfinished = Path(out) / "dataset", Path(out) / ".synth-unfinished"
-    if store not in ("raw", "hu") or min(n_train, n_valid) < 0 or workers < 1:
-        raise RadclipError(f"need --store raw|hu (got {store!r}), --n-train/--n-valid >= 0, --workers >= 1")
     if unfinished.exists():  # an interrupted synth: what it wrote is ours, and incomplete
         print(f"synth: {root} is from an interrupted run; writing it again", file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
@@ -1081,10 +1013,9 @@ def synthesize_ctrate(out, n_train=1000, n_valid=300, seed=0, store="raw", worke
         labels = sample_labels(rng, len(recons))
         jobs = [(root, split, i + 1, r, labels[i], seed, store) for i, r in enumerate(recons)]
         rows = [row for scan in in_workers(synthesize_scan, jobs, workers, f"synth {split}") for row in scan]
-        tables = (("reports", REPORT_COLUMNS), ("labels", ["VolumeName"] + FINDINGS),
-                  ("metadata", METADATA_COLUMNS))
-        for i, (kind, columns) in enumerate(tables):
-            write_csv(ctrate_csv(out, split, kind), [r[i] for r in rows], columns)
+        columns = (REPORT_COLUMNS, ["VolumeName"] + FINDINGS, METADATA_COLUMNS)
+        for i, kind in enumerate(("reports", "labels", "metadata")):
+            write_csv(ctrate_csv(out, split, kind), [r[i] for r in rows], columns[i])
     unfinished.unlink()
 
 
@@ -1105,20 +1036,13 @@ def store_radchestct_volume(path, hu, spacing_mm, npz_spacing_mm):
 
 
 def radchestct_row(rng, labels_row):
-    """The abnormality*location columns that are 1 for a scan with the 18 findings labels_row: each
-    present finding marks one of its abnormalities at 1-2 locations, and an unmapped abnormality
-    turns up in a tenth of scans. Mosaic attenuation maps to none, so, as in the real labels, it
-    is painted but never labelled."""
-    row = {}
-    for f, y in zip(FINDINGS, labels_row):
-        if y and RADCHESTCT_MAPPING[f]:
-            abnormality = rng.choice(RADCHESTCT_MAPPING[f])
-            for location in rng.choice(RADCHESTCT_LOCATIONS, rng.integers(1, 3), replace=False):
-                row[f"{abnormality}*{location}"] = 1
-    for abnormality in UNMAPPED_ABNORMALITIES:
-        if rng.random() < 0.1:
-            row[f"{abnormality}*{rng.choice(RADCHESTCT_LOCATIONS)}"] = 1
-    return row
+    """The abnormality*location columns that are 1: one abnormality of each present finding and, in
+    a tenth of scans, each unmapped one, at a random location. Mosaic attenuation maps to none:
+    as in the real labels, it is painted but never labelled."""
+    mapped = [RADCHESTCT_MAPPING[f] for f, y in zip(FINDINGS, labels_row) if y and RADCHESTCT_MAPPING[f]]
+    found = [rng.choice(abnormalities) for abnormalities in mapped]
+    found += [abnormality for abnormality in UNMAPPED_ABNORMALITIES if rng.random() < 0.1]
+    return {f"{abnormality}*{rng.choice(RADCHESTCT_LOCATIONS)}": 1 for abnormality in found}
 
 
 def synthesize_radchestct_scan(job):
@@ -1135,20 +1059,16 @@ def synthesize_radchestct(out, n=(8, 4, 2), seed=0, npz_spacing_mm=3.0, workers=
     The release is 0.8 mm isotropic; 3 mm keeps a laptop's files small: prep them with the same
     --npz-spacing-mm, since the file cannot say."""
     out = Path(out)
-    if min(n) < 0 or workers < 1 or not npz_spacing_mm > 0:
-        raise RadclipError("need --n-train/--n-valid/--n-test >= 0, --workers >= 1 and --npz-spacing-mm > 0")
     if any(out.glob("*_Abnormality_and_Location_Labels.csv")):
         raise RadclipError(f"{out} already holds RAD-ChestCT labels; choose a new --out or delete them")
-    mapped = {abnormality for sources in RADCHESTCT_MAPPING.values() for abnormality in sources}
-    abnormalities = sorted(mapped | set(UNMAPPED_ABNORMALITIES))
+    abnormalities = sorted({*UNMAPPED_ABNORMALITIES, *itertools.chain(*RADCHESTCT_MAPPING.values())})
     columns = ["NoteAcc_DEID"] + [f"{a}*{loc}" for a in abnormalities for loc in RADCHESTCT_LOCATIONS]
     tables = {}
     for k, (prefix, n_scans) in enumerate(zip(RADCHESTCT_SPLITS, n)):
         rng = np.random.default_rng([seed, 2 + k])                 # 0 and 1 are CT-RATE's splits
         labels = sample_labels(rng, n_scans)
         ids = [f"{prefix}{i:05d}" for i in rng.choice(100000, n_scans, replace=False)]
-        jobs = [(out / f"{i}.npz", y, [seed, 2 + k, j], npz_spacing_mm)
-                for j, (i, y) in enumerate(zip(ids, labels))]
+        jobs = [(out / f"{i}.npz", labels[j], [seed, 2 + k, j], npz_spacing_mm) for j, i in enumerate(ids)]
         in_workers(synthesize_radchestct_scan, jobs, workers, f"synth {prefix}")
         tables[prefix] = [dict(dict.fromkeys(columns, 0), NoteAcc_DEID=i, **radchestct_row(rng, y))
                           for i, y in zip(ids, labels)]
@@ -1156,34 +1076,6 @@ def synthesize_radchestct(out, n=(8, 4, 2), seed=0, npz_spacing_mm=3.0, workers=
         write_csv(out / f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv", rows, columns)
     print(f"synth: RAD-ChestCT at {npz_spacing_mm:g} mm in {out}; prep it with --npz-spacing-mm "
           f"{npz_spacing_mm:g}")
-
-
-def add_synth_parser(subparsers):
-    p = subparsers.add_parser("synth", help="write a miniature synthetic CT-RATE (volumes, reports, labels)")
-    p.add_argument("--out", type=Path, required=True, help="output folder; the dataset goes to OUT/dataset")
-    p.add_argument("--n-train", type=number(int, 0), default=1000, help="training volumes (default 1000)")
-    p.add_argument("--n-valid", type=number(int, 0), default=300, help="validation volumes (default 300)")
-    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="the same seed writes the same bytes")
-    p.add_argument("--store", choices=["raw", "hu"], default="raw",
-                   help="raw: int16 HU - RescaleIntercept, as CT-RATE's first release; hu: HU, as its corrected "
-                        "release (the metadata keeps its Rescale columns either way)")
-    p.add_argument("--workers", type=number(int, 1, 256), default=2,
-                   help="processes rendering volumes in parallel (default 2)")
-    p.add_argument("--layout", choices=["ctrate", "radchestct"], default="ctrate",
-                   help="radchestct: the phantoms as RAD-ChestCT's .npz files and location labels, "
-                        "--n-train/--n-valid/--n-test scans as trn/val/tst (no reports)")
-    p.add_argument("--n-test", type=number(int, 0), default=100, help="radchestct: tst scans (default 100)")
-    p.add_argument("--npz-spacing-mm", type=number(float, 0.1, 20), default=3.0,
-                   help="radchestct: isotropic voxel size (the release: 0.8; default 3, laptop-sized)")
-    p.set_defaults(func=cmd_synth)
-
-
-def cmd_synth(args):
-    if args.layout == "radchestct":
-        synthesize_radchestct(args.out, (args.n_train, args.n_valid, args.n_test), args.seed,
-                              args.npz_spacing_mm, args.workers)
-    else:
-        synthesize_ctrate(args.out, args.n_train, args.n_valid, args.seed, args.store, args.workers)
 
 
 # ---------------------------------------------------------------------------------------
