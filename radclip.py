@@ -24,9 +24,10 @@ The pipeline:
 The CLI (`python radclip.py <command> --help` for the flags):
     synth (a miniature CT-RATE) | prep | label | train --stage supervised|clip | eval | prompts | demo | bench
 
-Sections: 1 findings and Config | 2 silver labels | 3 volumes to model input, the dataset (CT-RATE,
-RAD-ChestCT) | 4 the two towers | 5 training | 6 evaluation | 7 demo and bench | 8 CLI |
-appendix: the synthetic CT-RATE.
+Sections, in the paper's order: 1 findings and Config | 2 silver labels | 3 volumes to model input
+and the dataset (CT-RATE, RAD-ChestCT) | 4 the two towers | 5 training (5b: devices, DDP, resumption,
+checkpoints) | 6 evaluation | then the machinery: 7 demo and bench | 8 CLI | appendix: the synthetic
+CT-RATE that the demo and the tests run on.
 """
 import argparse
 import contextlib
@@ -97,6 +98,7 @@ def knob(default, bounds, help):
 
 @dataclass
 class Config:
+    """The paper's settings; `tiny` (PRESETS) overrides the few a 2-core CPU needs smaller."""
     # Preprocessing, the authors' chest settings (GreenRFM, their follow-up code). Spacing is
     # (x, y, z) mm; every array is (D, H, W): superior->inferior, anterior->posterior, right->left.
     spacing_mm: tuple = knob((1.5, 1.5, 3.0), (0.1, 20.0), "voxel size (x, y, z), mm")
@@ -204,6 +206,7 @@ def make_config(preset="paper", **overrides):
 # Files are written whole or not at all, and checked for writability before the work that
 # would fill them; CSVs are read as CT-RATE and Excel write them.
 def seed_everything(seed):
+    """Python's, numpy's and torch's random generators, seeded alike."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -252,10 +255,12 @@ def atomic_write_bytes(path, data):
 
 
 def sha256_file(path):
+    """The file's sha256, as hex: checkpoints record radclip.py's, caches their inputs'."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_csv(path, rows, columns):
+    """rows (dicts) as a CSV with these columns, written atomically."""
     buf = io.StringIO(newline="")
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
@@ -530,6 +535,7 @@ class LLMLabeler:
         self.reached = time.monotonic()  # the start, then the last reply of any kind
 
     def messages(self, text):
+        """The chat messages for one report: prompts.txt's system prompt, and its user prompt around it."""
         return [{"role": "system", "content": self.prompts["system"]},
                 {"role": "user", "content": self.prompts["user"].replace("{report}", text)}]
 
@@ -540,6 +546,7 @@ class LLMLabeler:
         return hashlib.sha256(json.dumps([self.model, self.messages(text), self.params]).encode()).hexdigest()
 
     def count(self, counter, name, n=1):
+        """counter[name] += n, from any worker thread."""
         with self.lock:
             counter[name] += n
 
@@ -1019,6 +1026,7 @@ class Tokenizer:
 
     @classmethod
     def build(cls, texts, min_freq=2):
+        """The vocabulary of the words that occur at least min_freq times in texts, sorted."""
         counts = Counter(w for t in texts for w in words(t))
         return cls(cls.specials + sorted(w for w, c in counts.items() if c >= min_freq))
 
@@ -1213,6 +1221,8 @@ def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_r
 # its weights map one to one. The text tower is a small pre-LN Transformer (the paper: CXR-BERT).
 # ---------------------------------------------------------------------------------------
 class BasicBlock3d(nn.Module):
+    """torchvision's BasicBlock in 3D: two 3x3x3 convolutions and a shortcut (1x1x1 when it strides)."""
+
     def __init__(self, c_in, c_out, stride):
         super().__init__()
         self.conv1 = nn.Sequential(nn.Conv3d(c_in, c_out, 3, stride, 1, bias=False),
@@ -2344,6 +2354,7 @@ def add_config_flags(p, names=tuple(CONFIG_FIELDS)):
 
 
 def config_from_args(args):
+    """The Config that --preset and the Config flags given describe."""
     overrides = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
     if getattr(args, "epochs", None) is not None:
         overrides[f"{args.stage}_epochs"] = args.epochs
@@ -2351,6 +2362,7 @@ def config_from_args(args):
 
 
 def cmd_synth(args):
+    """synth: a miniature CT-RATE, or RAD-ChestCT with --layout radchestct (the appendix)."""
     if args.layout == "radchestct":
         synthesize_radchestct(args.out, (args.n_train, args.n_valid, args.n_test), args.seed,
                               args.npz_spacing_mm, args.workers)
@@ -2359,6 +2371,7 @@ def cmd_synth(args):
 
 
 def cmd_prep(args):
+    """prep: each split's volumes into the cache; exit 1 if any volume was skipped."""
     cfg, failed = config_from_args(args), 0
     for split in args.split or ["train", "valid"]:
         if split in CTRATE_FILES:
@@ -2375,6 +2388,7 @@ def cmd_prep(args):
 
 
 def cmd_train(args):
+    """train: one stage, from prep'd volumes (--data) or, for the text tower, from report CSVs alone."""
     cfg = config_from_args(args)
     if args.stage == "supervised" and (args.init_text if args.modality == "image" else args.init_image):
         raise RadclipError(f"a supervised {args.modality} stage trains one tower: pass only "
@@ -2394,6 +2408,7 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
+    """eval: the paper's numbers for a CLIP checkpoint, printed and written as JSON."""
     if not Path(args.ckpt).is_file():
         raise RadclipError(f"{args.ckpt}: no such checkpoint")
     out = Path(args.out or Path(args.ckpt).with_suffix(f".{args.split}.results.json"))
@@ -2411,6 +2426,7 @@ def cmd_eval(args):
 
 
 def cmd_prompts(args):
+    """prompts: the prompt study on labelled reports, or with --ckpt one tower's prompt check."""
     cfg = config_from_args(args)
     if args.ckpt:  # one tower's check of prompts.txt on these reports
         model, cfg, tokenizer = model_from_checkpoint(args.ckpt, "text")
@@ -2438,6 +2454,7 @@ def cmd_prompts(args):
 
 
 def cmd_bench(args):
+    """bench: train-step volumes/s per amp x channels-last (and data loading), or --labeler."""
     cfg = config_from_args(args)
     _, _, device = setup_distributed(args.device)
     if args.labeler:
@@ -2468,6 +2485,7 @@ SHARED_FLAGS = {
 
 
 def build_parser():
+    """The CLI: one subcommand per stage; add_data_commands and add_model_commands give their flags."""
     parser = Parser(prog="radclip", description="radclip: LLM silver labels, supervised pre-training and "
                     "CLIP for 3D chest CT (arXiv 2509.13175)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -2478,7 +2496,13 @@ def build_parser():
         for flag in shared:
             p.add_argument(flag, **SHARED_FLAGS[flag])
         return p
+    add_data_commands(command)
+    add_model_commands(command)
+    return parser
 
+
+def add_data_commands(command):
+    """synth, label and prep: the volumes, reports and labels the towers learn from."""
     p = command("synth", cmd_synth, "write a miniature synthetic CT-RATE (volumes, reports, labels)")
     p.add_argument("--out", type=Path, required=True, help="output folder; the dataset goes to OUT/dataset")
     p.add_argument("--n-train", type=number(int, 0), default=1000, help="training volumes (default 1000)")
@@ -2527,6 +2551,9 @@ def build_parser():
                    "Rescale values; hu: stored values are HU; auto: whichever makes air read -1000 HU")
     add_config_flags(p, ("spacing_mm", "input_shape", "hu_window", "workers"))
 
+
+def add_model_commands(command):
+    """train, eval, prompts, demo and bench: the towers, what they score, and how fast."""
     p = command("train", cmd_train, "supervised pre-training or CLIP alignment", "--device", "--cache-dir",
                 "--id-col", "--text-cols")
     p.add_argument("--stage", choices=["supervised", "clip"], required=True)
@@ -2592,10 +2619,11 @@ def build_parser():
     p.add_argument("--labeler-reports", type=number(int, 1, 10**6), default=1000)
     p.add_argument("--labeler-workers", type=number(int, 1, 256), default=16)
     add_config_flags(p)
-    return parser
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and no prefix matching of flags."""
+
     def __init__(self, *args, **kwargs):  # subparsers too: a typo is never taken as a prefix
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
@@ -2614,6 +2642,7 @@ AFTER_INTERRUPT = {  # what is true after Ctrl-C, per command
 
 
 def main(argv=None):
+    """Run one command. Exit code 0; 1 for an error (one line on stderr); 2 for a bad flag; 130: Ctrl-C."""
     argv = sys.argv[1:] if argv is None else argv
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # SIGTERM (a cluster pre-empting the job) is handled like Ctrl-C
@@ -2645,6 +2674,7 @@ def main(argv=None):
 # grid of voxel centres, and their arrays are (x, y, z), as NIfTI stores them.
 # ---------------------------------------------------------------------------------------
 def unit(vector):
+    """vector / |vector|."""
     return np.asarray(vector, float) / np.linalg.norm(vector)
 
 
