@@ -132,7 +132,7 @@ class Config:
     warmup_steps: int = knob(100, (0, 10**7), "optimizer steps of linear warmup")
     grad_clip: float = knob(1.0, (1e-6, 1e6), "gradient-norm clip")
     uncertain: str = knob("ignore", ("ignore", "zero", "one"), "what -1 (uncertain) trains as: masked, 0, 1")
-    pos_weight: bool = knob(False, (0, 1), "weight positives by the negative/positive ratio in BCE")
+    pos_weight: bool = knob(False, (0, 1), "weight positives by negatives/positives in BCE, in [1, 20]")
     augment: bool = knob(True, (0, 1), "random shifts of up to 8% per axis and shuffled report sentences")
     max_train_volumes: int = knob(0, (0, 10**8), "train on the first N volumes only (0: all)")
     # Runtime
@@ -218,9 +218,9 @@ def autocast(device, amp_dtype):
 
 
 def finding_auc(labels, scores):
-    """ROC AUC of each column of (N, F) labels (1 is present) and scores, NaN where a column lacks a
+    """ROC AUC of each column of (N, F) labels (1 or -1 present) and scores, NaN where a column lacks a
     class, never 0.5: the macro AUC is np.nanmean of it, over the findings where AUC is defined."""
-    labels, scores = np.asarray(labels) == 1, np.asarray(scores, np.float64)
+    labels, scores = np.asarray(labels) != 0, np.asarray(scores, np.float64)  # -1 counts as present
     return np.array([roc_auc_score(y, s) if 0 < y.sum() < len(y) else math.nan
                      for y, s in zip(labels.T, scores.T)])
 
@@ -1127,7 +1127,7 @@ EXTERNAL_CLASSES = ["Calcification" if f == "Arterial wall calcification" else f
                     for f in FINDINGS if f not in EXTERNAL_DROPPED]
 EXTERNAL_PROTOCOL = ("RAD-ChestCT 16-class protocol (CT-CLIP, RadFinder, BrgSA): coronary artery wall "
                      "calcification and mosaic attenuation dropped; Calcification = max(arterial, coronary)")
-RADCHESTCT_POSITIVES = dict(zip(EXTERNAL_CLASSES, (  # on all 3,630 public scans, under this mapping (SPEC)
+RADCHESTCT_POSITIVES = dict(zip(EXTERNAL_CLASSES, (  # published counts, all 3,630 scans, this mapping
     1155, 2562, 394, 563, 425, 598, 992, 1082, 2874, 1955, 786, 727, 308, 505, 575, 252)))
 
 
@@ -1217,8 +1217,9 @@ def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_r
 # ---------------------------------------------------------------------------------------
 # ---- 4. The two towers ----
 # The image tower is torchvision's r3d_18 (the paper's 3D ResNet-18) written out in plain
-# PyTorch, with the authors' 1-channel strided stem; parameter names match torchvision's so
-# its weights map one to one. The text tower is a small pre-LN Transformer (the paper: CXR-BERT).
+# PyTorch, with the authors' 1-channel strided stem; parameter names match torchvision's, so all
+# its weights but the stem's and fc's map one to one. The text tower is a small pre-LN Transformer
+# (the paper: CXR-BERT).
 # ---------------------------------------------------------------------------------------
 class BasicBlock3d(nn.Module):
     """torchvision's BasicBlock in 3D: two 3x3x3 convolutions and a shortcut (1x1x1 when it strides)."""
@@ -1258,7 +1259,7 @@ class ResNet3d18(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for layer in layers:  # zero-init the last BN of each block: each block starts as identity
+        for layer in layers:  # each block starts as identity: its last BN at 0 (torchvision's is at 1)
             for block in layer:
                 nn.init.zeros_(block.conv2[1].weight)
 
@@ -1399,8 +1400,9 @@ def train(cfg, stage, out, data_dir, modality="image", labels_csv=None, init_ima
         if differ := differences(ours, theirs, [k for k in ours if k != "workers"]):
             raise RadclipError(f"{out}: holds another run ({differ}); rerun with its flags to resume it, "
                                "pass --restart to train afresh over it, or choose another --out")
-        if ckpt["step"] >= ckpt["max_steps"]:
-            print0(f"{out}: already trained ({ckpt['step']} steps); --restart trains it again")
+        if ckpt["step"] >= min(ckpt["max_steps"], stop_after or math.inf):
+            print0(f"{out}: already trained ({ckpt['step']} of {ckpt['max_steps']} steps); --restart trains "
+                   "it again")
             return ckpt["metrics"]
         print0(f"{out}: resuming at step {ckpt['step']} of {ckpt['max_steps']} (same config)")
     run = SimpleNamespace(cfg=cfg, stage=stage, modality=modality, out=out, rank=rank, world=world,
@@ -1729,7 +1731,7 @@ def load_checkpoint(path, need=None, state_dict_ok=False):
 
 
 def checkpoint_config(ckpt):
-    """The Config a checkpoint was trained with (it holds every field), checked against BOUNDS."""
+    """The Config a checkpoint was trained with (it holds every field), checked as make_config checks it."""
     return make_config("paper", **ckpt["config"])
 
 
@@ -1994,10 +1996,10 @@ def bootstrap_ci(labels, scores, per_query, n_boot=1000, seed=0, findings=()):
 
 
 def evaluate(image_emb, text_emb, scores, labels, map_ks=(1, 5, 10, 50),
-             recall_ks=(5, 10, 50, 100), ctclip_quirks=False, n_boot=1000, seed=0, chunk=CHUNK):
+             recall_ks=(5, 10, 50, 100), ctclip_quirks=False, n_boot=1000, seed=0):
     """The paper's evaluation for format_results; row i of each input is one volume, its report and labels."""
-    maps = map_per_query(image_emb, labels, map_ks, chunk, ctclip_quirks)
-    hits = recall_per_query(text_emb, image_emb, recall_ks, chunk)
+    maps = map_per_query(image_emb, labels, map_ks, ctclip_quirks=ctclip_quirks)
+    hits = recall_per_query(text_emb, image_emb, recall_ks)
     per_query = {f"mAP@{map_ks[-1]}": maps[:, -1], f"Recall@{recall_ks[-1]}": hits[:, -1]}
     return dict(n=len(labels), diagnosis=diagnosis_metrics(labels, scores), n_boot=n_boot, seed=seed,
                 map_definition="CT-CLIP's script, quirks included" if ctclip_quirks
@@ -2066,7 +2068,7 @@ def results_to_json(r):
 
 def embed_split(ckpt_path, data_dir, split, device="auto", labels_csv=None, cache_root=None, emb_cache=None):
     """(model, cfg, dataset, image_emb (N, E), text_emb (N, E)) for a split, cached in emb_cache (default:
-    beside the checkpoint) while checkpoint, volumes and reports are unchanged; an unreadable cache is
+    beside the checkpoint) while checkpoint, volume names and reports are unchanged; an unreadable cache is
     recomputed, an unwritable one skipped."""
     model, cfg, tokenizer = model_from_checkpoint(ckpt_path, "clip")
     ds = CTRateDataset(data_dir, split, cfg, tokenizer, labels_csv, cache_root=cache_root)
@@ -2252,16 +2254,17 @@ def demo(out="demo", seed=0, device="auto"):
     return summary
 
 
-def bench(cfg, device, data_dir=None, steps=5, batch=8, amps=None, cache_root=None):
+def bench(cfg, device, data_dir=None, steps=5, batch=8, cache_root=None):
     """Train-step volumes/s and peak memory per amp x channels-last; data loading from data_dir's cache."""
     rows = [{"what": "train step", "amp": amp, "channels_last": cl,
              **time_train_step(cfg, device, resolve_amp(amp, device), cl, steps, batch)}
-            for amp in amps or (["off", "bf16"] if device.type == "cpu" else ["off", "fp16", "bf16"])
+            for amp in (["off", "bf16"] if device.type == "cpu" else ["off", "fp16", "bf16"])
             for cl in (False, True)]
     if data_dir:
         ds = CTRateDataset(data_dir, "train", cfg, augment=cfg.augment, cache_root=cache_root)
         loader = torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True, num_workers=cfg.workers)
-        t0, volumes = time.perf_counter(), sum(len(v) for v, _, _ in loader)  # left to right: t0 first
+        t0 = time.perf_counter()
+        volumes = sum(len(v) for v, _, _ in loader)
         rows.append({"what": f"data loading ({cfg.workers} workers)", "amp": "", "channels_last": "",
                      "volumes_per_s": volumes / (time.perf_counter() - t0), "peak_gib": math.nan})
     return rows
@@ -2356,8 +2359,9 @@ def add_config_flags(p, names=tuple(CONFIG_FIELDS)):
 def config_from_args(args):
     """The Config that --preset and the Config flags given describe."""
     overrides = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
-    if getattr(args, "epochs", None) is not None:
-        overrides[f"{args.stage}_epochs"] = args.epochs
+    if getattr(args, "epochs", None) is not None:  # bench has no stage: both
+        for stage in [args.stage] if hasattr(args, "stage") else ["supervised", "clip"]:
+            overrides[f"{stage}_epochs"] = args.epochs
     return make_config(args.preset, **overrides)
 
 
@@ -2453,6 +2457,11 @@ def cmd_prompts(args):
     print(f"\nwrote {Path(args.out) / 'prompt_study.json'}")
 
 
+def cmd_demo(args):
+    """demo: the paper's ablation on synthetic CT-RATE; the results go to --out/demo_results.json."""
+    demo(args.out, args.seed, args.device)
+
+
 def cmd_bench(args):
     """bench: train-step volumes/s per amp x channels-last (and data loading), or --labeler."""
     cfg = config_from_args(args)
@@ -2485,7 +2494,7 @@ SHARED_FLAGS = {
 
 
 def build_parser():
-    """The CLI: one subcommand per stage; add_data_commands and add_model_commands give their flags."""
+    """The CLI: one subcommand per stage, its flags from the three functions below."""
     parser = Parser(prog="radclip", description="radclip: LLM silver labels, supervised pre-training and "
                     "CLIP for 3D chest CT (arXiv 2509.13175)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -2498,6 +2507,7 @@ def build_parser():
         return p
     add_data_commands(command)
     add_model_commands(command)
+    add_study_commands(command)
     return parser
 
 
@@ -2553,7 +2563,7 @@ def add_data_commands(command):
 
 
 def add_model_commands(command):
-    """train, eval, prompts, demo and bench: the towers, what they score, and how fast."""
+    """train and eval: the towers, and what they score."""
     p = command("train", cmd_train, "supervised pre-training or CLIP alignment", "--device", "--cache-dir",
                 "--id-col", "--text-cols")
     p.add_argument("--stage", choices=["supervised", "clip"], required=True)
@@ -2587,12 +2597,15 @@ def add_model_commands(command):
     p.add_argument("--ctclip-quirks", action="store_true",
                    help="mAP as CT-CLIP's script computes it (query in its own gallery, K mixed)")
     p.add_argument("--scan-level", action="store_true",
-                   help="retrieval over one volume per scan (reconstructions share a report)")
+                   help="one volume per scan, for retrieval and zero-shot (reconstructions share a report)")
     p.add_argument("--map-k", type=number(int, 1), nargs="+", default=[1, 5, 10, 50], help="Ks of mAP@K")
     p.add_argument("--recall-k", type=number(int, 1), nargs="+", default=[5, 10, 50, 100], help="of Recall@K")
     p.add_argument("--out", help="results JSON (default: beside the checkpoint)")
     p.add_argument("--emb-cache", help="embedding cache file (default: beside the checkpoint)")
 
+
+def add_study_commands(command):
+    """prompts, demo and bench: the prompt check, the whole paper at toy scale, and speed."""
     p = command("prompts", cmd_prompts, "the prompt check on labelled reports, no volumes: the study "
                 "(train a text tower, choose prompts, report) or --ckpt one tower's check",
                 "--device", "--id-col", "--text-cols", "--n-boot")
@@ -2604,7 +2617,7 @@ def add_model_commands(command):
     add_config_flags(p)
     p.set_defaults(stage="supervised")
 
-    p = command("demo", lambda args: demo(args.out, args.seed, args.device),
+    p = command("demo", cmd_demo,
                 "the whole paper on synthetic data, on a CPU, in minutes", "--device")
     p.add_argument("--out", default="demo", help="working folder; a rerun reuses what is there")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
@@ -2637,6 +2650,7 @@ AFTER_INTERRUPT = {  # what is true after Ctrl-C, per command
     "label": "every answer received is cached; the same command asks only for the rest",
     "train": "the same command resumes from the last checkpoint saved in --out (if none was, afresh)",
     "eval": "nothing was written; the same command starts again",
+    "prompts": "the folds and the tower's last checkpoint are in --out; the same command resumes there",
     "demo": "the same command goes on from the last finished stage, and training from its checkpoints",
 }
 
@@ -2667,7 +2681,7 @@ def main(argv=None):
 
 # ---------------------------------------------------------------------------------------
 # ---- Appendix: a synthetic miniature CT-RATE ----
-# No real CT can be had on radclip's machines, so radclip draws its own CT-RATE in the release's
+# radclip needs no download to run end to end: it draws its own CT-RATE in the release's
 # layout and formats: chest phantoms in HU with the 18 findings painted as they look on CT, reports
 # in CT-RATE's style, labels and metadata, so that everything downstream takes the code path that
 # real CT-RATE takes. Phantoms live in patient mm (x to the patient's left, y posterior, z up) on a
@@ -3286,8 +3300,9 @@ def write_report(rng, labels_row, hedged_mask, details=None):
     """A CT-RATE style report: stock sentences in a real report's order, the present findings (with
     the rendered volume's details, often; hedged where hedged_mask, so that a labeler reads -1), some
     absent ones negated at CT-RATE's rates, and an impression naming the present ones."""
-    findings, impressions, verbosity = [], [], rng.uniform(0.3, 2)  # some radiologists write more, whatever
-    for how_often, stock in STOCK:                                   # they see
+    # some radiologists write more, whatever they see
+    findings, impressions, verbosity = [], [], rng.uniform(0.3, 2)
+    for how_often, stock in STOCK:
         if isinstance(stock, str):
             findings += [say(rng, stock)] if how_often == 1 or rng.random() < how_often * verbosity else []
             continue
@@ -3446,7 +3461,6 @@ def synthesize_radchestct(out, n=(8, 4, 2), seed=0, npz_spacing_mm=3.0, workers=
         write_csv(out / f"{RADCHESTCT_SPLITS[prefix]}_Abnormality_and_Location_Labels.csv", rows, columns)
     print(f"synth: RAD-ChestCT at {npz_spacing_mm:g} mm in {out}; prep it with --npz-spacing-mm "
           f"{npz_spacing_mm:g}")
-
 
 
 if __name__ == "__main__":

@@ -1180,6 +1180,8 @@ def test_stop_after_ends_a_run_early_on_its_schedule_and_the_same_command_goes_o
             "--channels-last", "off", "--epochs", "3"]
     assert cli([*args, "--stop-after", "2"], capsys)[0] == 0
     assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 2
+    code, out, err = cli([*args, "--stop-after", "2"], capsys)  # the time box again: nothing to do
+    assert code == 0 and "already trained (2 of" in out + err
     code, out, err = cli(args, capsys)
     assert code == 0 and "resuming at step 2 of" in out + err
     assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] > 2
