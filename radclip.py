@@ -1531,6 +1531,8 @@ def train_loop(run, stop_after=None):
             if last or interrupted:
                 break
     bar.close()
+    if run.world > 1:  # every rank waits for rank 0's validation and save, and all leave together
+        dist.barrier()
     if interrupted:  # on every rank, also one that only heard of the signal from another
         raise KeyboardInterrupt
     return metrics
@@ -2675,6 +2677,8 @@ def main(argv=None):
         print(f"radclip: interrupted; {AFTER_INTERRUPT.get(command, 'nothing was written')}", file=sys.stderr)
         return 130
     finally:
+        if dist.is_available() and dist.is_initialized():  # torchrun: a process leaves its group cleanly
+            dist.destroy_process_group()
         if main_thread:
             signal.signal(signal.SIGTERM, sigterm)
 

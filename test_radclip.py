@@ -865,6 +865,7 @@ import dataclasses, sys, torch, radclip as rc, test_radclip as t
 rank, world, device = rc.setup_distributed("cpu")
 torch.save({stage: t.ddp_case(stage, rank, world) for stage in ("clip", "supervised")}, f"{sys.argv[1]}.{rank}")
 rc.train(dataclasses.replace(t.tiny_cfg(), channels_last="auto"), "clip", sys.argv[1] + ".ckpt", sys.argv[2])
+torch.distributed.destroy_process_group()
 """
 
 
