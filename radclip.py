@@ -1103,6 +1103,7 @@ def augment_volume(vol, gen, max_shift=0.08):
 # The paper's fourth number, zero-shot AUC 77.3%, is on Duke's RAD-ChestCT (Draelos et al., Zenodo
 # record 6406114): scans as <NoteAcc_DEID>.npz and labels as 84 abnormalities x 52 locations, which
 # prep collapses over locations and maps to the 18 findings; eval scores the 16-class protocol.
+RADCHESTCT_SPACING_MM = 0.8  # the release's isotropic voxel size, which its .npz files do not store
 RADCHESTCT_SPLITS = {"trn": "imgtrain", "val": "imgvalid", "tst": "imgtest"}  # ID prefix: labels file
 # RadFinder's "standard" mapping (lmb-freiburg/radfinder), also BrgSA's. CT-CLIP, whose protocol the
 # published numbers follow, never released its own (users asked in its issues #24 and #29).
@@ -1173,10 +1174,10 @@ def read_radchestct_labels(path):
     return labels, sorted(set(abnormalities) - mapped)
 
 
-def load_radchestct(path, spacing_mm=0.8):
+def load_radchestct(path, spacing_mm=RADCHESTCT_SPACING_MM):
     """A RAD-ChestCT volume as (hu (D, H, W) int16, spacing_zyx). The file's (z, y, x) runs
     superior->inferior, anterior->posterior, patient right->left: load_hu's (D, H, W) already, so
-    nothing is flipped. The file stores no spacing: 0.8 mm isotropic in the release."""
+    nothing is flipped. The file stores no spacing: RADCHESTCT_SPACING_MM in the release."""
     path = Path(path)
     with np.load(path) as npz:  # allow_pickle=False: a file cannot run code
         if "ct" not in npz.files:  # GreenRFM's loader reads its own re-export instead (arr_0 = HU / 1000)
@@ -1187,7 +1188,7 @@ def load_radchestct(path, spacing_mm=0.8):
     return hu, (float(spacing_mm),) * 3
 
 
-def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=0.8, workers=2, cache_root=None):
+def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=RADCHESTCT_SPACING_MM, workers=2, cache_root=None):
     """Preprocess a RAD-ChestCT split (trn, val, tst, or all: the 3,630 scans peers score) as prep_split
     does, its labels as the 18 findings in labels.csv; print the positives beside the published ones."""
     data_dir, prefixes = Path(data_dir), list(RADCHESTCT_SPLITS) if split == "all" else [split]
@@ -1310,6 +1311,10 @@ class RadCLIP(nn.Module):
         self.text_cls = nn.Linear(self.text.out_dim, len(FINDINGS))
         self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init),
                                         requires_grad=cfg.learn_temperature)
+        self.logit_scale_max = math.log(cfg.logit_scale_max)
+
+    def scale(self):  # CLIP's log inverse temperature, capped as CLIP caps it
+        return self.logit_scale.clamp(max=self.logit_scale_max)
 
     def encode_image(self, x):  # (B, 1, D, H, W) -> (B, E)
         return self.visual_proj(self.visual(x))
@@ -1353,9 +1358,8 @@ def stage_loss(model, batch, cfg, stage, modality, pos_weight=None):
     if stage == "supervised":
         return masked_bce(model.classify(modality, vol, ids), labels, cfg.uncertain, pos_weight)
     image_features, text_features = model.visual(vol), model.text(ids)
-    scale = model.logit_scale.clamp(max=math.log(cfg.logit_scale_max))
     loss = clip_loss(gather_features(model.visual_proj(image_features)),
-                     gather_features(model.text_proj(text_features)), scale)
+                     gather_features(model.text_proj(text_features)), model.scale())
     if cfg.aux_cls:  # the GreenRFM-style ablation; vanilla CLIP (the paper) has aux_cls = 0
         loss = loss + cfg.aux_cls / 2 * (masked_bce(model.visual_cls(image_features), labels, cfg.uncertain)
                                          + masked_bce(model.text_cls(text_features), labels, cfg.uncertain))
@@ -1513,7 +1517,7 @@ def train_loop(run, stop_after=None):
                                    f"learning rate or try --amp off ({out} keeps its last saved step)")
             if done % cfg.log_every == 0 or last:
                 row = {"step": done, "loss": loss.item(), "lr": run.opt.param_groups[0]["lr"],
-                       "grad_norm": grad_norm.item(), "logit_scale": model.logit_scale.exp().item(),
+                       "grad_norm": grad_norm.item(), "logit_scale": model.scale().exp().item(),
                        "volumes_per_s": (done - run.start) * run.batch / (time.perf_counter() - t0)}
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                 vol_s=f"{row['volumes_per_s']:.1f}")
@@ -1548,8 +1552,7 @@ def validate(model, ds, cfg, stage, modality, device, amp_dtype, channels_last):
         return {"macro_auc": float(np.nanmean(list(auc.values()))), "auc": auc}
     image_emb, text_emb = embed_pairs(model, ds, cfg, device, amp_dtype, channels_last)
     k = min(5, len(ds))
-    scale = model.logit_scale.detach().cpu().clamp(max=math.log(cfg.logit_scale_max))
-    return {"val_loss": clip_loss(image_emb, text_emb, scale).item(),
+    return {"val_loss": clip_loss(image_emb, text_emb, model.scale().detach().cpu()).item(),
             "recall_at_5": recall_at_k(text_emb, image_emb, ks=(k,))[k]}
 
 
@@ -2100,8 +2103,8 @@ def run_eval(ckpt_path, data_dir, split="valid", prompt="report", ctclip_quirks=
                                                       cache_root, emb_cache)
     triples = zero_shot_prompts(load_prompts(), prompt)
     pos, neg, pair_finding, unknown = encode_prompts(model, ds.tokenizer, triples, cfg)
-    scale = model.logit_scale.clamp(max=math.log(cfg.logit_scale_max)).item()
-    scores, labels = zero_shot_scores(image_emb, pos, neg, scale, pair_finding), ds.labels.numpy()
+    scores = zero_shot_scores(image_emb, pos, neg, model.scale().item(), pair_finding)
+    labels = ds.labels.numpy()
     keep = list(range(len(ds)))
     if scan_level and ds.has_reports:  # one volume per scan: a sibling reconstruction is not a second answer
         keep = sorted({n.rsplit("_", 1)[0]: i for i, n in reversed(list(enumerate(ds.names)))}.values())
@@ -2557,7 +2560,7 @@ def add_data_commands(command):
     p.add_argument("--data", required=True, help="folder of CT-RATE's dataset/, or of RAD-ChestCT's files")
     p.add_argument("--split", choices=SPLITS, action="append", help="repeatable; CT-RATE: train, valid "
                    "(default: both); RAD-ChestCT: trn, val, tst (its ID prefixes) or all (the 3,630 scans)")
-    p.add_argument("--npz-spacing-mm", type=number(float, 0.1, 20), default=0.8,
+    p.add_argument("--npz-spacing-mm", type=number(float, 0.1, 20), default=RADCHESTCT_SPACING_MM,
                    help="RAD-ChestCT: the isotropic voxel size, which a .npz does not store (release: 0.8)")
     p.add_argument("--hu", choices=["auto", "raw", "hu"], default="auto", help="raw: apply the metadata's "
                    "Rescale values; hu: stored values are HU; auto: whichever makes air read -1000 HU")
