@@ -267,8 +267,7 @@ def test_replies_parse_in_prose_fences_or_other_case_and_anything_else_is_reject
             rc.parse_labels(reply)
 
 
-def test_label_writes_ct_rate_csv_in_input_order_from_the_rules_or_an_endpoint_and_a_dry_run_sends_nothing(
-        llm, tmp_path, capsys):
+def test_label_csv_in_input_order_by_the_rules_or_an_endpoint_and_a_dry_run_sends_nothing(llm, tmp_path, capsys):
     server, out, nodule = llm(), tmp_path / "labels.csv", "A 4 mm nodule in the right lung."
     texts = [nodule, "", "No pleural effusion.", "Cardiomegaly. Possible consolidation.", nodule,
              "Trachea and both main bronchi are open."]
@@ -291,17 +290,14 @@ def test_label_writes_ct_rate_csv_in_input_order_from_the_rules_or_an_endpoint_a
     assert server.requests[0]["body"]["temperature"] == 0
 
 
-TRUNCATED = chat('{"Medical material": 0, "Arterial', "length")
-
-
 @pytest.mark.parametrize("answers, retries, waits", [
     ([(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})], {"HTTP 429": 1}, [1.0]),
     ([(429, "busy", {"retry-after-ms": "400", "Retry-After": "1"}), (503, "busy", {"Retry-After": "3600"})],
      {"HTTP 429": 1, "HTTP 503": 1}, [0.4, "backoff"]),  # milliseconds first; never an hour
     ([(503, "overloaded", {}), (500, {"error": {"message": "oops"}}, {}), (408, "", {}), (409, "", {})],
      {"HTTP 503": 1, "HTTP 500": 1, "HTTP 408": 1, "HTTP 409": 1}, ["backoff"] * 4),
-    ([chat("Sure! The report shows a nodule."), TRUNCATED, (200, "<html>proxy error</html>", {})],
-     {"invalid reply": 2, "truncated reply": 1}, ["backoff"] * 2),  # a truncated reply is asked again at once
+    ([chat("Sure! The report shows a nodule."), chat('{"Medical material": 0, "Arterial', "length"),
+      (200, "<html>proxy error</html>", {})], {"invalid reply": 2, "truncated reply": 1}, ["backoff"] * 2),
     ([(*ok()[:2], {"X-Sleep": "2"})], {"timeout": 1}, ["backoff"]),  # an answer after the client stopped waiting
 ])
 def test_replies_a_retry_can_mend_are_retried_as_the_server_asks(llm, tmp_path, answers, retries, waits):
@@ -311,12 +307,8 @@ def test_replies_a_retry_can_mend_are_retried_as_the_server_asks(llm, tmp_path, 
     labels, summary = rc.label_reports(["a"], ["Emphysema."], lab, tmp_path / "c.jsonl")
     assert labels[0]["Emphysema"] == 1 and not summary["failed"] and lab.retries == retries
     assert [w if w >= 0.1 else "backoff" for w in recorded] == waits
-    if TRUNCATED in answers:  # at temperature 0 the same limit would cut the same answer
+    if "truncated reply" in retries:  # asked again at once, with room: at temperature 0 one limit cuts alike
         assert [r["body"]["max_tokens"] for r in server.requests] == [100, 100, 200, 200]
-
-
-ASKED = [{"type": "json_schema", "json_schema": {"name": "ct_findings", "strict": True, "schema": rc.LABEL_SCHEMA}},
-         {"type": "json_object", "schema": rc.LABEL_SCHEMA}, None]  # llama.cpp enforces json_object's schema
 
 
 @pytest.mark.parametrize("said", [True, False])
@@ -332,16 +324,17 @@ def test_a_refused_response_format_falls_back_one_step_at_a_time(llm, tmp_path, 
                                  workers=1)
     assert all(labels) and lab.retries == ({} if said else {"HTTP 500": 4})  # no retry storm
     assert [f.split(" (")[0] for f in lab.fallbacks] == ["json_schema -> json_object", "json_object -> none"]
+    schema = {"type": "json_schema", "json_schema": {"name": "ct_findings", "strict": True, "schema": rc.LABEL_SCHEMA}}
+    llama = {"type": "json_object", "schema": rc.LABEL_SCHEMA}  # the schema llama.cpp's servers enforce
     asked = [r["body"].get("response_format") for r in server.requests]
-    assert asked == [ASKED[0]] * tries + [ASKED[1]] * tries + [None] * 5 and rc.LABEL_SCHEMA["required"] == rc.FINDINGS
+    assert asked == [schema] * tries + [llama] * tries + [None] * 5 and rc.LABEL_SCHEMA["required"] == rc.FINDINGS
 
 
 def test_failed_reports_are_listed_the_run_goes_on_and_a_rerun_completes_just_those(llm, tmp_path, capsys):
     def faulty(request):
         text = request["messages"][-1]["content"]
         if "LONG" in text:  # refused for this report alone: not retried
-            return 400, {"error": {"message": "This model's maximum context length is 8192 tokens",
-                                   "code": "context_length_exceeded"}}, {}
+            return 400, {"error": {"message": "This model's maximum context length is 8192 tokens"}}, {}
         return chat("no idea") if "XYZ" in text else rules_reply(request)
     reports = write_reports(tmp_path / "r.csv", ["A nodule.", "LONG report.", "XYZ cardiomegaly.", "Emphysema."])
     out, server = tmp_path / "labels.csv", llm(faulty)
@@ -359,24 +352,19 @@ def test_failed_reports_are_listed_the_run_goes_on_and_a_rerun_completes_just_th
 
 
 def test_an_interrupted_or_killed_run_resumes_in_parallel_with_no_repeated_request(llm, tmp_path):
-    answered, together = [], threading.Barrier(4, timeout=10)  # passes only with 4 requests in flight at once
-
-    def dies_after_5(request):
-        if len(answered) >= 5:
-            return 401, {"error": {"message": "key revoked"}}, {}
-        answered.append(request["messages"][-1]["content"])
-        return rules_reply(request)
+    together = threading.Barrier(4, timeout=10)  # passes only with 4 requests in flight at once
 
     def four_at_once(request):
         together.wait()
         return rules_reply(request)
     ids, texts, cache = list(range(21)), [f"Report {i}: a {i} mm nodule." for i in range(21)], tmp_path / "c.jsonl"
+    first = llm(in_order(*[ok()] * 5, (401, {"error": {"message": "key revoked"}}, {})))
     with pytest.raises(rc.RadclipError):
-        rc.label_reports(ids, texts, labeler(llm(dies_after_5)), cache, workers=1)
+        rc.label_reports(ids, texts, labeler(first), cache, workers=1)
     second = llm(four_at_once)  # one worker, so no answer was in flight when the run died; 16 left
     labels, summary = rc.label_reports(ids, texts, labeler(second), cache, workers=4)
-    assert all(labels) and summary["cached"] == 5
-    assert sorted(answered + sent_reports(second)) == sorted(f"Report:\n{t}" for t in texts)
+    assert all(labels) and summary["cached"] == 5 and len(first.requests) == 6
+    assert sorted(sent_reports(first)[:5] + sent_reports(second)) == sorted(f"Report:\n{t}" for t in texts)
     lines = cache.read_text().splitlines()
     cache.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])  # a kill -9 in the middle of the last line
     third = llm()
