@@ -276,8 +276,8 @@ def test_label_csv_in_input_order_by_the_rules_or_an_endpoint_and_a_dry_run_send
     rows = rc.read_csv(out)
     assert code == 0 and "rules" in err and rows[0]["Lung nodule"] == "1"
     assert set(rows[5].values()) == {"0", "valid_5_a_1.nii.gz"}  # nothing found in a normal sentence
-    code, printed, _ = cli(label_args(reports, out, server.url, "--dry-run", "--price-in", "0.27", "--price-out", "1.1"),
-                           capsys)
+    dry_run = label_args(reports, out, server.url, "--dry-run", "--price-in", "0.27", "--price-out", "1.1")
+    code, printed, _ = cli(dry_run, capsys)
     assert code == 0 and "4 requests for 6 reports" in printed and "per 1M tokens" in printed and not server.requests
     assert cli(label_args(reports, out, server.url), capsys)[0] == 0
     rows = rc.read_csv(out)
