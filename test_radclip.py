@@ -2,14 +2,11 @@
 import argparse
 import csv
 import dataclasses
-import errno
 import functools
-import gzip
 import json
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
