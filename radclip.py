@@ -702,69 +702,6 @@ def label_reports(ids, texts, labeler, cache_path, workers=8):
     return [dict.fromkeys(FINDINGS, 0) if k is None else cache.get(k) for k in keys], summary
 
 
-def tokens_line(counts, args):
-    """Prompt and completion tokens, and what they cost at --price-in and --price-out, if given."""
-    line = f"tokens: prompt {counts['prompt_tokens']:,}, completion {counts['completion_tokens']:,}"
-    if args.price_in is None and args.price_out is None:
-        return line
-    price_in, price_out = args.price_in or 0, args.price_out or 0
-    usd = (counts["prompt_tokens"] * price_in + counts["completion_tokens"] * price_out) / 1e6
-    return line + f", ${usd:.4f} at ${price_in}/${price_out} per 1M tokens in/out"
-
-
-def cmd_label(args):
-    """label: silver labels for --reports from an LLM server or the rules; with --eval, their quality."""
-    if args.eval:
-        return cmd_label_eval(args)
-    if not (args.reports and args.out):
-        raise RadclipError("label needs --reports CSV and --out CSV (or --eval --pred P.csv --gold G.csv)")
-    reports, out = read_reports(args.reports, args.id_col, args.text_cols), Path(args.out)
-    ids, texts, columns = list(reports), list(reports.values()), [args.id_col, *FINDINGS]
-    check_writable(out.parent)
-    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
-    if args.backend == "llm" and not base_url:
-        print("label: no endpoint (--base-url, OPENAI_BASE_URL): the rules label", file=sys.stderr)
-    if (args.backend == "rules" or not base_url) and args.dry_run:
-        return print("label: the rules backend sends no request and costs nothing")
-    if args.backend == "rules" or not base_url:
-        labels = [rules_label(t) for t in tqdm(texts, "rules", unit="report")]
-        write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels)], columns)
-        return print(f"label: {len(ids)} reports labelled by rules -> {out}")
-    model = args.model or os.environ.get("OPENAI_MODEL")
-    if not model:
-        raise RadclipError("no model: pass --model or set OPENAI_MODEL")
-    labeler = LLMLabeler(base_url, model, load_prompts(), args.timeout, args.max_retries,
-                         args.response_format, args.workers, args.max_tokens)
-    cache_path = Path(args.cache) if args.cache else out.with_suffix(".cache.jsonl")
-    check_writable(cache_path.parent)  # before the first paid request
-    if args.dry_run:  # tokens as characters / 4, the rule of thumb for English with GPT-style tokenizers
-        cache = load_label_cache(cache_path)
-        todo = {k: t for t in texts if t for k in [labeler.cache_key(t)] if k not in cache}
-        prompt = sum(len(m["content"]) for t in todo.values() for m in labeler.messages(t))
-        answer = len(json.dumps(dict.fromkeys(FINDINGS, 0)))  # about one JSON object of zeros
-        estimate = {"prompt_tokens": prompt // 4, "completion_tokens": len(todo) * answer // 4}
-        return print(f"label --dry-run: {len(todo)} requests for {len(texts)} reports (the others are cached,"
-                     f" empty or duplicates); estimated as characters / 4, {tokens_line(estimate, args)}")
-    labels, summary = label_reports(ids, texts, labeler, cache_path, args.workers)
-    write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels) if y], columns)
-    failed, failed_path, seconds = summary["failed"], out.with_suffix(".failed.csv"), summary["seconds"]
-    retries = ", ".join(f"{cause} {n}" for cause, n in sorted(labeler.retries.items())) or "none"
-    print(f"label: {len(ids)} reports ({summary['cached']} cached, {summary['sent']} sent, "
-          f"{summary['empty']} empty so all 0, {len(failed)} failed) -> {out}\n"
-          f"label: {labeler.counts['requests']} requests, retries: {retries}; "
-          f"{summary['sent'] / seconds:.1f} reports/s over {seconds:.1f} s\n"
-          f"label: {tokens_line(labeler.counts, args)}")
-    for fallback in labeler.fallbacks:
-        print(f"label: response_format fell back {fallback}")
-    failed_path.unlink(missing_ok=True)  # an earlier run's list is stale now
-    if failed:
-        rows = [{args.id_col: i, "reason": why} for i, why in failed.items()]
-        write_csv(failed_path, rows, [args.id_col, "reason"])
-        print(f"label: {len(failed)} reports failed, listed in {failed_path} (the same command again retries "
-              f"just those): {', '.join(list(failed)[:10])}", file=sys.stderr)
-    return 1 if failed else 0
-
-
 # -- Label quality: the paper's label-extraction experiment --
 def label_quality(pred, gold):
     """Per-finding AUC, F1, precision, recall and support of predicted against reference labels
@@ -782,29 +719,6 @@ def label_quality(pred, gold):
              for k, f in enumerate(FINDINGS)}
     return {"reports": len(ids), "findings": table,
             "macro": {name: float(np.nanmean(v)) for name, v in metrics.items()}}
-
-
-def print_label_quality(quality):
-    """label_quality's table: a row per finding, then the macro means."""
-    print(f"{'finding':36} {'AUC':>6} {'F1':>6} {'prec':>6} {'recall':>6} {'support':>8}")
-    macro = (f"macro ({quality['reports']} reports)", quality["macro"])
-    for name, m in [*quality["findings"].items(), macro]:
-        print(f"{name:36} {m['auc']:6.3f} {m['f1']:6.3f} {m['precision']:6.3f} {m['recall']:6.3f} "
-              f"{m.get('support', ''):>8}")
-    if undefined := [f for f, m in quality["findings"].items() if math.isnan(m["auc"])]:
-        print(f"AUC undefined (no reference positive or negative), not in the macro: {', '.join(undefined)}")
-
-
-def cmd_label_eval(args):
-    """label --eval: the quality of --pred against --gold, printed, and as JSON in --out."""
-    if not (args.pred and args.gold):
-        raise RadclipError("label --eval needs --pred P.csv and --gold G.csv")
-    if args.out:
-        check_writable(Path(args.out).parent)
-    quality = label_quality(read_labels(args.pred, args.id_col), read_labels(args.gold, args.id_col, True))
-    print_label_quality(quality)
-    if args.out:
-        atomic_write_bytes(args.out, json.dumps(quality, indent=2).encode())
 
 
 # ---------------------------------------------------------------------------------------
@@ -1008,32 +922,6 @@ def match_ids(name, **sources):
     if not common:
         raise RadclipError(f"{name}: no VolumeName is shared by {', '.join(sources)}")
     return [i for i in next(iter(sources.values())) if i in common]
-
-
-def words(text):
-    """Lower-cased words, numbers and punctuation marks: '5 mm' and '5mm' both read 5, mm."""
-    return re.findall(r"[a-z]+|\d+(?:\.\d+)?|[^\sa-z\d]", text.lower())
-
-
-class Tokenizer:
-    """A word-level vocabulary built from the training reports and stored in the checkpoint.
-    The paper uses CXR-BERT's WordPiece; a from-scratch vocabulary needs no download."""
-    specials = ["<pad>", "<unk>"]
-
-    def __init__(self, vocab):
-        self.vocab = list(vocab)
-        self.index = {w: i for i, w in enumerate(self.vocab)}
-
-    @classmethod
-    def build(cls, texts, min_freq=2):
-        """The vocabulary of the words that occur at least min_freq times in texts, sorted."""
-        counts = Counter(w for t in texts for w in words(t))
-        return cls(cls.specials + sorted(w for w, c in counts.items() if c >= min_freq))
-
-    def encode(self, text, context_len):
-        """(context_len,) int64 ids, 0-padded; a longer report loses its end (see REPORT_TEXT)."""
-        ids = [self.index.get(w, 1) for w in words(text)][:context_len]
-        return torch.tensor(ids + [0] * (context_len - len(ids)), dtype=torch.long)
 
 
 class CTRateDataset(torch.utils.data.Dataset):
@@ -1267,6 +1155,32 @@ class ResNet3d18(nn.Module):
     def forward(self, x):
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         return x.mean(dim=(2, 3, 4))
+
+
+def words(text):
+    """Lower-cased words, numbers and punctuation marks: '5 mm' and '5mm' both read 5, mm."""
+    return re.findall(r"[a-z]+|\d+(?:\.\d+)?|[^\sa-z\d]", text.lower())
+
+
+class Tokenizer:
+    """A word-level vocabulary built from the training reports and stored in the checkpoint.
+    The paper uses CXR-BERT's WordPiece; a from-scratch vocabulary needs no download."""
+    specials = ["<pad>", "<unk>"]
+
+    def __init__(self, vocab):
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+
+    @classmethod
+    def build(cls, texts, min_freq=2):
+        """The vocabulary of the words that occur at least min_freq times in texts, sorted."""
+        counts = Counter(w for t in texts for w in words(t))
+        return cls(cls.specials + sorted(w for w, c in counts.items() if c >= min_freq))
+
+    def encode(self, text, context_len):
+        """(context_len,) int64 ids, 0-padded; a longer report loses its end (see REPORT_TEXT)."""
+        ids = [self.index.get(w, 1) for w in words(text)][:context_len]
+        return torch.tensor(ids + [0] * (context_len - len(ids)), dtype=torch.long)
 
 
 class TextEncoder(nn.Module):
@@ -2377,6 +2291,92 @@ def cmd_synth(args):
                               args.npz_spacing_mm, args.workers)
     else:
         synthesize_ctrate(args.out, args.n_train, args.n_valid, args.seed, args.store, args.workers)
+
+
+def tokens_line(counts, args):
+    """Prompt and completion tokens, and what they cost at --price-in and --price-out, if given."""
+    line = f"tokens: prompt {counts['prompt_tokens']:,}, completion {counts['completion_tokens']:,}"
+    if args.price_in is None and args.price_out is None:
+        return line
+    price_in, price_out = args.price_in or 0, args.price_out or 0
+    usd = (counts["prompt_tokens"] * price_in + counts["completion_tokens"] * price_out) / 1e6
+    return line + f", ${usd:.4f} at ${price_in}/${price_out} per 1M tokens in/out"
+
+
+def cmd_label(args):
+    """label: silver labels for --reports from an LLM server or the rules; with --eval, their quality."""
+    if args.eval:
+        return cmd_label_eval(args)
+    if not (args.reports and args.out):
+        raise RadclipError("label needs --reports CSV and --out CSV (or --eval --pred P.csv --gold G.csv)")
+    reports, out = read_reports(args.reports, args.id_col, args.text_cols), Path(args.out)
+    ids, texts, columns = list(reports), list(reports.values()), [args.id_col, *FINDINGS]
+    check_writable(out.parent)
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
+    if args.backend == "llm" and not base_url:
+        print("label: no endpoint (--base-url, OPENAI_BASE_URL): the rules label", file=sys.stderr)
+    if (args.backend == "rules" or not base_url) and args.dry_run:
+        return print("label: the rules backend sends no request and costs nothing")
+    if args.backend == "rules" or not base_url:
+        labels = [rules_label(t) for t in tqdm(texts, "rules", unit="report")]
+        write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels)], columns)
+        return print(f"label: {len(ids)} reports labelled by rules -> {out}")
+    model = args.model or os.environ.get("OPENAI_MODEL")
+    if not model:
+        raise RadclipError("no model: pass --model or set OPENAI_MODEL")
+    labeler = LLMLabeler(base_url, model, load_prompts(), args.timeout, args.max_retries,
+                         args.response_format, args.workers, args.max_tokens)
+    cache_path = Path(args.cache) if args.cache else out.with_suffix(".cache.jsonl")
+    check_writable(cache_path.parent)  # before the first paid request
+    if args.dry_run:  # tokens as characters / 4, the rule of thumb for English with GPT-style tokenizers
+        cache = load_label_cache(cache_path)
+        todo = {k: t for t in texts if t for k in [labeler.cache_key(t)] if k not in cache}
+        prompt = sum(len(m["content"]) for t in todo.values() for m in labeler.messages(t))
+        answer = len(json.dumps(dict.fromkeys(FINDINGS, 0)))  # about one JSON object of zeros
+        estimate = {"prompt_tokens": prompt // 4, "completion_tokens": len(todo) * answer // 4}
+        return print(f"label --dry-run: {len(todo)} requests for {len(texts)} reports (the others are cached,"
+                     f" empty or duplicates); estimated as characters / 4, {tokens_line(estimate, args)}")
+    labels, summary = label_reports(ids, texts, labeler, cache_path, args.workers)
+    write_csv(out, [{args.id_col: i, **y} for i, y in zip(ids, labels) if y], columns)
+    failed, failed_path, seconds = summary["failed"], out.with_suffix(".failed.csv"), summary["seconds"]
+    retries = ", ".join(f"{cause} {n}" for cause, n in sorted(labeler.retries.items())) or "none"
+    print(f"label: {len(ids)} reports ({summary['cached']} cached, {summary['sent']} sent, "
+          f"{summary['empty']} empty so all 0, {len(failed)} failed) -> {out}\n"
+          f"label: {labeler.counts['requests']} requests, retries: {retries}; "
+          f"{summary['sent'] / seconds:.1f} reports/s over {seconds:.1f} s\n"
+          f"label: {tokens_line(labeler.counts, args)}")
+    for fallback in labeler.fallbacks:
+        print(f"label: response_format fell back {fallback}")
+    failed_path.unlink(missing_ok=True)  # an earlier run's list is stale now
+    if failed:
+        rows = [{args.id_col: i, "reason": why} for i, why in failed.items()]
+        write_csv(failed_path, rows, [args.id_col, "reason"])
+        print(f"label: {len(failed)} reports failed, listed in {failed_path} (the same command again retries "
+              f"just those): {', '.join(list(failed)[:10])}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def print_label_quality(quality):
+    """label_quality's table: a row per finding, then the macro means."""
+    print(f"{'finding':36} {'AUC':>6} {'F1':>6} {'prec':>6} {'recall':>6} {'support':>8}")
+    macro = (f"macro ({quality['reports']} reports)", quality["macro"])
+    for name, m in [*quality["findings"].items(), macro]:
+        print(f"{name:36} {m['auc']:6.3f} {m['f1']:6.3f} {m['precision']:6.3f} {m['recall']:6.3f} "
+              f"{m.get('support', ''):>8}")
+    if undefined := [f for f, m in quality["findings"].items() if math.isnan(m["auc"])]:
+        print(f"AUC undefined (no reference positive or negative), not in the macro: {', '.join(undefined)}")
+
+
+def cmd_label_eval(args):
+    """label --eval: the quality of --pred against --gold, printed, and as JSON in --out."""
+    if not (args.pred and args.gold):
+        raise RadclipError("label --eval needs --pred P.csv and --gold G.csv")
+    if args.out:
+        check_writable(Path(args.out).parent)
+    quality = label_quality(read_labels(args.pred, args.id_col), read_labels(args.gold, args.id_col, True))
+    print_label_quality(quality)
+    if args.out:
+        atomic_write_bytes(args.out, json.dumps(quality, indent=2).encode())
 
 
 def cmd_prep(args):
