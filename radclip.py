@@ -1107,8 +1107,8 @@ def prep_radchestct(data_dir, split, cfg, npz_spacing_mm=RADCHESTCT_SPACING_MM, 
 # ---- 4. The two towers ----
 # The image tower is torchvision's r3d_18 (the paper's 3D ResNet-18) written out in plain
 # PyTorch, with the authors' 1-channel strided stem; parameter names match torchvision's, so all
-# its weights but the stem's and fc's map one to one. The text tower is a small pre-LN Transformer
-# (the paper: CXR-BERT).
+# its weights but the stem's and fc's map one to one. The text tower is a word-level tokenizer and
+# a small pre-LN Transformer (the paper: CXR-BERT and its WordPiece vocabulary).
 # ---------------------------------------------------------------------------------------
 class BasicBlock3d(nn.Module):
     """torchvision's BasicBlock in 3D: two 3x3x3 convolutions and a shortcut (1x1x1 when it strides)."""
